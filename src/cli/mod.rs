@@ -1,0 +1,65 @@
+//! Command-line interface: argument parsing and the subcommands.
+
+mod data;
+mod progress;
+mod train;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use mep::device::{self, DeviceChoice};
+
+/// Equilibrium Propagation with geometry-aware optimizers.
+#[derive(Debug, Parser)]
+#[command(name = "mep", version, about, long_about = None)]
+pub struct Cli {
+    /// Seed for initialisation, shuffling and permutations.
+    #[arg(long, global = true, default_value_t = 42)]
+    seed: u64,
+    /// Device: cpu (fastest CPU backend for the job), cpu:flex, cpu:ndarray, cuda, cuda:N.
+    #[arg(long, global = true, default_value = "cpu")]
+    device: DeviceChoice,
+    /// Worker threads for CPU kernels (0: one per core).
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+    /// Directory of data sets, searched before $MEP_DATA_DIR and the user cache.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List, fetch and check data sets.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// Train a model (currently the backprop baseline with SGD or Adam).
+    Train(train::TrainArgs),
+}
+
+/// Settings every subcommand shares.
+pub struct Globals {
+    /// Seed.
+    pub seed: u64,
+    /// Device choice.
+    pub device: DeviceChoice,
+    /// Explicit data directory.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Parses the command line and runs the subcommand.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    device::set_threads(cli.threads).context("setting up worker threads")?;
+    let globals = Globals {
+        seed: cli.seed,
+        device: cli.device,
+        data_dir: cli.data_dir,
+    };
+    match cli.command {
+        Command::Data(cmd) => data::run(cmd, &globals),
+        Command::Train(args) => train::run(args, &globals),
+    }
+}

@@ -1,0 +1,178 @@
+//! The named data sets mep knows: where they come from and how to check them.
+
+use super::DataError;
+
+/// Which part of a data set a file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRole {
+    /// Training images.
+    TrainImages,
+    /// Training labels.
+    TrainLabels,
+    /// Test images.
+    TestImages,
+    /// Test labels.
+    TestLabels,
+}
+
+/// One downloadable file of a data set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSpec {
+    /// What the file holds.
+    pub role: FileRole,
+    /// File name on the mirrors and on disk (the gzipped name).
+    pub file_name: String,
+    /// SHA-256 of the gzipped file, lower-case hex.
+    pub sha256: String,
+}
+
+/// How a data set comes into being.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Four IDX files, fetched from the first mirror that serves them.
+    Idx {
+        /// Base URLs, tried in order; a file's URL is the base followed by its name.
+        mirrors: Vec<String>,
+        /// The four files (train/test images/labels).
+        files: Vec<FileSpec>,
+    },
+    /// Built into the library (no files).
+    BuiltIn,
+    /// Computed from another named data set.
+    Derived {
+        /// The data set it is computed from.
+        from: String,
+    },
+}
+
+/// A named data set: its source, sizes and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetSpec {
+    /// Name used on the command line (`mnist`, `fashion-mnist`, ...).
+    pub name: String,
+    /// One line for `mep data list`.
+    pub description: String,
+    /// Where its data comes from.
+    pub source: Source,
+    /// Number of training samples.
+    pub train_count: usize,
+    /// Number of test samples.
+    pub test_count: usize,
+    /// Shape of one input as (channels, height, width).
+    pub input_shape: [usize; 3],
+    /// Number of classes.
+    pub classes: usize,
+}
+
+impl DatasetSpec {
+    /// The files of an IDX data set (empty for built-in and derived sets).
+    pub fn files(&self) -> &[FileSpec] {
+        match &self.source {
+            Source::Idx { files, .. } => files,
+            _ => &[],
+        }
+    }
+
+    /// The file that plays `role`, if this is an IDX data set.
+    pub fn file(&self, role: FileRole) -> Option<&FileSpec> {
+        self.files().iter().find(|f| f.role == role)
+    }
+}
+
+fn idx_files(sums: [&str; 4]) -> Vec<FileSpec> {
+    let names = [
+        (FileRole::TrainImages, "train-images-idx3-ubyte.gz"),
+        (FileRole::TrainLabels, "train-labels-idx1-ubyte.gz"),
+        (FileRole::TestImages, "t10k-images-idx3-ubyte.gz"),
+        (FileRole::TestLabels, "t10k-labels-idx1-ubyte.gz"),
+    ];
+    names
+        .iter()
+        .zip(sums)
+        .map(|(&(role, name), sum)| FileSpec {
+            role,
+            file_name: name.to_string(),
+            sha256: sum.to_string(),
+        })
+        .collect()
+}
+
+/// Every data set mep knows, in the order `mep data list` shows them.
+pub fn catalog() -> Vec<DatasetSpec> {
+    vec![
+        DatasetSpec {
+            name: "mnist".into(),
+            description: "MNIST handwritten digits, 28x28 grey, 10 classes".into(),
+            source: Source::Idx {
+                mirrors: vec![
+                    "https://ossci-datasets.s3.amazonaws.com/mnist/".into(),
+                    "https://storage.googleapis.com/cvdf-datasets/mnist/".into(),
+                ],
+                // SHA-256 of the original gzipped distribution files.
+                files: idx_files([
+                    "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+                    "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+                    "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+                    "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+                ]),
+            },
+            train_count: 60_000,
+            test_count: 10_000,
+            input_shape: [1, 28, 28],
+            classes: 10,
+        },
+        DatasetSpec {
+            name: "fashion-mnist".into(),
+            description: "Fashion-MNIST (Zalando) article images, 28x28 grey, 10 classes".into(),
+            source: Source::Idx {
+                mirrors: vec!["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/".into()],
+                files: idx_files([
+                    "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
+                    "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
+                    "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
+                    "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+                ]),
+            },
+            train_count: 60_000,
+            test_count: 10_000,
+            input_shape: [1, 28, 28],
+            classes: 10,
+        },
+        DatasetSpec {
+            name: "xor".into(),
+            description: "XOR truth table, 4 samples of 2 inputs, 2 classes (built in)".into(),
+            source: Source::BuiltIn,
+            train_count: 4,
+            test_count: 4,
+            input_shape: [1, 1, 2],
+            classes: 2,
+        },
+        DatasetSpec {
+            name: "permuted-mnist".into(),
+            description: "MNIST with a seeded pixel permutation per task; `permuted-mnist:K` is task K (task 0 = identity)".into(),
+            source: Source::Derived {
+                from: "mnist".into(),
+            },
+            train_count: 60_000,
+            test_count: 10_000,
+            input_shape: [1, 28, 28],
+            classes: 10,
+        },
+    ]
+}
+
+/// Looks a data set up by name (a `permuted-mnist:K` task suffix is accepted and ignored here).
+pub fn find(name: &str) -> Result<DatasetSpec, DataError> {
+    let base = name.split(':').next().unwrap_or(name);
+    catalog()
+        .into_iter()
+        .find(|d| d.name == base)
+        .ok_or_else(|| DataError::UnknownDataset {
+            name: name.to_string(),
+            known: catalog()
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}

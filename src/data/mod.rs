@@ -1,0 +1,16 @@
+//! Data: IDX files, the catalogue of named data sets, lookup on disk, verified downloads and
+//! mini-batching.
+
+pub mod batch;
+pub mod catalog;
+pub mod dataset;
+pub mod download;
+mod error;
+pub mod idx;
+pub mod locate;
+
+pub use batch::{Batch, Batcher, epoch_order, one_hot_into};
+pub use catalog::{DatasetSpec, FileRole, FileSpec, Source, catalog, find};
+pub use dataset::{Dataset, LoadOptions, Normalization, Split, load};
+pub use error::DataError;
+pub use locate::{DATA_DIR_ENV, DataLocator, LocatedFiles};

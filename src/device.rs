@@ -1,0 +1,172 @@
+//! The tensor stack: burn's runtime-dispatched backend, device selection and threads.
+//!
+//! Every tensor in mep is a [`Tensor`] of burn's `Dispatch` backend; which kernels run is
+//! decided at run time by the [`Device`] it lives on. Two CPU backends are compiled in
+//! (burn's pure-Rust `flex`, built on the `gemm` crate, and `ndarray`), CUDA is behind the
+//! `cuda` cargo feature. `--device cpu` picks the CPU backend measured fastest for the
+//! workload ([`Workload`]); `cpu:flex` and `cpu:ndarray` force one.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The backend type of every tensor in mep.
+pub type Backend = burn::Dispatch;
+/// A device of the dispatch backend (CPU backend variant, CUDA GPU, or an autodiff wrapper).
+pub type Device = burn::DispatchDevice;
+/// A float tensor of rank `D` on the dispatch backend.
+pub type Tensor<const D: usize> = burn::tensor::Tensor<Backend, D>;
+
+/// Errors of device selection and thread setup.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The device string could not be parsed.
+    #[error("unknown device `{0}` (expected cpu, cpu:flex, cpu:ndarray, cuda or cuda:N)")]
+    Unknown(String),
+    /// CUDA was asked for but this binary was built without the `cuda` feature.
+    #[error(
+        "device `{0}` needs CUDA, but this binary was built without it; rebuild with `cargo build --release --features cuda`"
+    )]
+    CudaNotBuilt(String),
+    /// The thread count is invalid or the thread pool was already set up.
+    #[error("cannot use {threads} threads: {reason}")]
+    Threads {
+        /// Threads asked for.
+        threads: usize,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// The CPU backends compiled into mep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuBackend {
+    /// burn-flex: pure Rust, `gemm`-based matrix products.
+    Flex,
+    /// burn-ndarray: `ndarray` with `matrixmultiply`.
+    NdArray,
+}
+
+/// Kinds of work whose fastest CPU backend differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Forward and backward passes through burn's autodiff (the backprop baselines).
+    Backprop,
+    /// Element-wise-heavy state relaxation without autodiff (EP settling).
+    Settle,
+}
+
+impl Workload {
+    /// The CPU backend measured fastest for this workload on the 2-core development machine
+    /// (figures in ARCHITECTURE.md, reproduced by `cargo bench --bench backends`).
+    pub fn default_cpu_backend(self) -> CpuBackend {
+        match self {
+            Workload::Backprop => CpuBackend::Flex,
+            Workload::Settle => CpuBackend::Flex,
+        }
+    }
+}
+
+/// A device as named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The CPU, with a forced backend or (`None`) the fastest one for the workload.
+    Cpu(Option<CpuBackend>),
+    /// CUDA GPU number `N`.
+    Cuda(usize),
+}
+
+impl Default for DeviceChoice {
+    fn default() -> Self {
+        Self::Cpu(None)
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "cpu" => Ok(Self::Cpu(None)),
+            "cpu:flex" | "flex" => Ok(Self::Cpu(Some(CpuBackend::Flex))),
+            "cpu:ndarray" | "ndarray" => Ok(Self::Cpu(Some(CpuBackend::NdArray))),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => match lower.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(DeviceError::Unknown(s.to_string())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu(None) => write!(f, "cpu"),
+            Self::Cpu(Some(CpuBackend::Flex)) => write!(f, "cpu:flex"),
+            Self::Cpu(Some(CpuBackend::NdArray)) => write!(f, "cpu:ndarray"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// The burn device for `workload` (without autodiff).
+    pub fn resolve(self, workload: Workload) -> Result<Device, DeviceError> {
+        match self {
+            Self::Cpu(backend) => Ok(cpu_device(
+                backend.unwrap_or_else(|| workload.default_cpu_backend()),
+            )),
+            Self::Cuda(index) => cuda_device(index, &self),
+        }
+    }
+
+    /// Whether this is a CPU device.
+    pub fn is_cpu(self) -> bool {
+        matches!(self, Self::Cpu(_))
+    }
+}
+
+/// The device of one CPU backend.
+pub fn cpu_device(backend: CpuBackend) -> Device {
+    match backend {
+        CpuBackend::Flex => Device::Flex(burn_flex::FlexDevice),
+        CpuBackend::NdArray => Device::NdArray(burn_ndarray::NdArrayDevice::Cpu),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(index: usize, _choice: &DeviceChoice) -> Result<Device, DeviceError> {
+    Ok(Device::Cuda(burn::backend::cuda::CudaDevice::new(index)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_index: usize, choice: &DeviceChoice) -> Result<Device, DeviceError> {
+    Err(DeviceError::CudaNotBuilt(choice.to_string()))
+}
+
+/// The same device with reverse-mode autodiff enabled.
+pub fn autodiff(device: &Device) -> Device {
+    Device::autodiff(device.clone())
+}
+
+/// Sets the number of worker threads of the CPU kernels (rayon's global pool, which both CPU
+/// backends use). Must be called once, before any tensor work; `0` keeps the default (one
+/// thread per core).
+pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
+    if threads == 0 {
+        return Ok(());
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| DeviceError::Threads {
+            threads,
+            reason: e.to_string(),
+        })
+}
+
+/// Number of worker threads the CPU kernels use.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}

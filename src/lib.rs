@@ -1,0 +1,16 @@
+//! # mep
+//!
+//! Equilibrium Propagation (EP) and geometry-aware optimizers on burn.
+//!
+//! The crate is layered as the data flows: [`data`] (IDX files, named data sets, batching)
+//! → [`model`] (layers and forward passes) → gradient estimators (backprop in [`train`];
+//! EP to come) → [`optim`] (update rules) → [`train`] (loop and metrics). [`device`] holds
+//! the tensor stack. The `mep` binary is the user interface; see ARCHITECTURE.md.
+
+#![warn(missing_docs)]
+
+pub mod data;
+pub mod device;
+pub mod model;
+pub mod optim;
+pub mod train;

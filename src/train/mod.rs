@@ -1,0 +1,61 @@
+//! Training: the loop over epochs and batches, evaluation and per-epoch metrics.
+//!
+//! The library reports progress through a [`TrainObserver`] and never prints; the CLI turns
+//! the callbacks into progress bars and JSON lines.
+
+mod backprop;
+mod metrics;
+
+pub use backprop::{BackpropTrainer, OptimizerKind, TrainConfig, cross_entropy, evaluate};
+pub use metrics::EpochMetrics;
+
+use crate::data::DataError;
+use crate::device::DeviceError;
+use crate::model::ModelError;
+use crate::optim::OptimError;
+
+/// Errors of a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A data problem (batching, options).
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// The model does not fit the data.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// An optimizer option or step failed.
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    /// Device selection failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The loss became NaN or infinite.
+    #[error("training diverged at epoch {epoch}, batch {batch}: loss is {loss}")]
+    Diverged {
+        /// Epoch (1-based).
+        epoch: usize,
+        /// Batch within the epoch (1-based).
+        batch: usize,
+        /// The non-finite loss.
+        loss: f32,
+    },
+    /// A training option is out of range.
+    #[error("invalid training option: {0}")]
+    InvalidOption(String),
+}
+
+/// Receives progress of a training run.
+pub trait TrainObserver {
+    /// Epoch `epoch` (1-based) starts and will run `batches` batches.
+    fn epoch_start(&mut self, _epoch: usize, _batches: usize) {}
+    /// A batch finished with this mean loss and number of correct predictions.
+    fn batch_end(&mut self, _loss: f32, _correct: usize, _samples: usize) {}
+    /// An epoch finished.
+    fn epoch_end(&mut self, _metrics: &EpochMetrics) {}
+}
+
+/// Observer that ignores everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+
+impl TrainObserver for Silent {}

@@ -1,0 +1,206 @@
+//! The `mep` binary: data listing, training, and its error messages.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{data_dir, scratch_dir};
+
+fn mep(args: &[&str], data: Option<&std::path::Path>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mep"));
+    cmd.args(args).env_remove("MEP_DATA_DIR");
+    // Keep the user cache out of the tests.
+    cmd.env("XDG_CACHE_HOME", scratch_dir("cli-cache-home"));
+    if let Some(d) = data {
+        cmd.env("MEP_DATA_DIR", d);
+    }
+    cmd.output().expect("run mep")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn data_list_shows_both_sets_present_from_mep_data_dir() {
+    let out = mep(&["data", "list"], Some(&data_dir()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for name in ["mnist", "fashion-mnist", "permuted-mnist", "xor"] {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no line for {name} in\n{text}"));
+        assert!(line.contains("present"), "{line}");
+    }
+
+    let out = mep(&["data", "list", "--json"], Some(&data_dir()));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sets = v["datasets"].as_array().unwrap();
+    let mnist = sets.iter().find(|s| s["name"] == "mnist").unwrap();
+    assert_eq!(mnist["present"], true);
+    assert_eq!(mnist["train_samples"], 60000);
+}
+
+#[test]
+fn data_list_reports_missing_sets() {
+    let empty = scratch_dir("cli-empty");
+    let out = mep(
+        &["--data-dir", empty.to_str().unwrap(), "data", "list"],
+        None,
+    );
+    assert!(out.status.success());
+    let text = stdout(&out);
+    let line = text.lines().find(|l| l.starts_with("mnist ")).unwrap();
+    assert!(line.contains("missing"), "{line}");
+    assert!(text.contains("mep data fetch"));
+}
+
+#[test]
+fn train_writes_config_and_metrics() {
+    let out_dir = scratch_dir("cli-train");
+    let out = mep(
+        &[
+            "train",
+            "--dataset",
+            "mnist",
+            "--model",
+            "784-32-10",
+            "--optimizer",
+            "sgd",
+            "--epochs",
+            "2",
+            "--train-samples",
+            "640",
+            "--test-samples",
+            "200",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ],
+        Some(&data_dir()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["epochs"].as_array().unwrap().len(), 2);
+    assert_eq!(summary["config"]["optimizer"], "sgd");
+    assert_eq!(summary["config"]["train_samples"], 640);
+    let acc = summary["final_test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.5, "accuracy {acc} after 2 epochs on 640 samples");
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for key in [
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "seconds",
+    ] {
+        assert!(lines[1].get(key).is_some(), "metrics lack {key}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["model"], "784-32-10");
+    assert_eq!(config["seed"], 42);
+}
+
+fn assert_clean_failure(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure");
+    let err = stderr(out);
+    assert!(err.contains(needle), "stderr lacks `{needle}`:\n{err}");
+    assert!(
+        !err.contains("panicked"),
+        "a panic instead of an error:\n{err}"
+    );
+}
+
+#[test]
+fn errors_are_one_clear_line_with_nonzero_exit() {
+    let empty = scratch_dir("cli-err");
+    let d = empty.to_str().unwrap();
+    assert_clean_failure(
+        &mep(
+            &["--data-dir", d, "train", "--dataset", "mnist", "--no-fetch"],
+            None,
+        ),
+        "mep data fetch mnist",
+    );
+    assert_clean_failure(
+        &mep(&["train", "--dataset", "cifar-99"], None),
+        "unknown data set `cifar-99`",
+    );
+    assert_clean_failure(
+        &mep(&["train", "--model", "784-x-10"], None),
+        "invalid model spec",
+    );
+    assert_clean_failure(
+        &mep(&["--device", "tpu", "data", "list"], None),
+        "unknown device `tpu`",
+    );
+    assert_clean_failure(
+        &mep(&["train", "--dataset", "xor", "--model", "784-10"], None),
+        "the model takes 784 inputs, the data has 2",
+    );
+    assert_clean_failure(
+        &mep(
+            &["train", "--dataset", "xor", "--model", "2-4-2", "--lr=-1"],
+            None,
+        ),
+        "invalid optimizer option lr",
+    );
+    if !cfg!(feature = "cuda") {
+        assert_clean_failure(
+            &mep(
+                &[
+                    "--device",
+                    "cuda",
+                    "train",
+                    "--dataset",
+                    "xor",
+                    "--model",
+                    "2-4-2",
+                ],
+                None,
+            ),
+            "built without",
+        );
+    }
+}
+
+#[test]
+fn fetch_with_a_bad_mirror_fails_cleanly_and_leaves_no_file() {
+    let dir = scratch_dir("cli-fetch");
+    // Nothing listens on this port: the fetch must fail with a download error.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mirror = format!("http://127.0.0.1:{port}/");
+    let out = mep(
+        &[
+            "data",
+            "fetch",
+            "mnist",
+            "--mirror",
+            &mirror,
+            "--to",
+            dir.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_clean_failure(&out, "download failed");
+    let leftover: Vec<_> = std::fs::read_dir(dir.join("mnist"))
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftover.is_empty(), "left behind: {leftover:?}");
+}

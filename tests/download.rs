@@ -1,0 +1,261 @@
+//! The downloader against an HTTP server on 127.0.0.1 serving the shared files, a truncated
+//! body and a file with the wrong checksum.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use common::{data_dir, scratch_dir};
+use mep::data::download::{Downloader, NoProgress, sha256_file};
+use mep::data::{self, DataError, DataLocator, DatasetSpec, FileSpec, LoadOptions, Source};
+
+/// What the test server answers for a path.
+#[derive(Clone)]
+enum Reply {
+    /// 200 with this body.
+    Body(Vec<u8>),
+    /// 200 announcing `len` bytes, then only the given prefix and a closed connection.
+    Truncated { body: Vec<u8>, announced: usize },
+}
+
+/// Serves `routes` on 127.0.0.1 for the life of the test process; returns the base URL.
+/// Unknown paths get 404. Each connection is handled on its own thread and closed after one
+/// response; the server only ever talks to loopback clients.
+fn serve(routes: HashMap<String, Reply>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = Arc::new(routes);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let routes = Arc::clone(&routes);
+            thread::spawn(move || {
+                stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    return;
+                }
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .to_string();
+                let (status, body, announced) = match routes.get(&path) {
+                    Some(Reply::Body(b)) => ("200 OK", b.clone(), b.len()),
+                    Some(Reply::Truncated { body, announced }) => {
+                        ("200 OK", body.clone(), *announced)
+                    }
+                    None => ("404 Not Found", b"not found".to_vec(), 9),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {announced}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body);
+                let _ = stream.flush();
+            });
+        }
+    });
+    format!("http://{addr}/")
+}
+
+fn no_temp_files(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().contains(".part")),
+        Err(_) => true,
+    }
+}
+
+/// The shared MNIST files, as a catalogue entry whose checksums are those of the shared copies
+/// (they were re-compressed, so they differ from the original archives'), computed with
+/// sha256sum when the test was written.
+fn shared_mnist_spec(mirror: &str) -> DatasetSpec {
+    let mut spec = data::find("mnist").unwrap();
+    let sums = [
+        "db8f937d487057fb14a9f0fbe97f0bc8d311ab41b750d41e1ff37c43b9e55e19",
+        "51fc562b6747b666fbf6e84ce29d43c3cb5f9c388c664d43b33f02095313405a",
+        "cfeddb84311ecf044fc6a5b0f6ee8a24d265d4e83e388400186eb114082f4209",
+        "e41c74e484045d39b462a7790a4af51301bd9b0b24f0154798d713ec68c45920",
+    ];
+    let files: Vec<FileSpec> = spec
+        .files()
+        .iter()
+        .zip(sums)
+        .map(|(f, s)| FileSpec {
+            sha256: s.into(),
+            ..f.clone()
+        })
+        .collect();
+    spec.source = Source::Idx {
+        mirrors: vec![mirror.into()],
+        files,
+    };
+    spec
+}
+
+fn mnist_routes() -> HashMap<String, Reply> {
+    let dir = data_dir().join("mnist");
+    data::find("mnist")
+        .unwrap()
+        .files()
+        .iter()
+        .map(|f| {
+            (
+                format!("/{}", f.file_name),
+                Reply::Body(std::fs::read(dir.join(&f.file_name)).unwrap()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn fetches_a_whole_data_set_that_then_loads() {
+    let base = serve(mnist_routes());
+    let root = scratch_dir("dl-full");
+    let spec = shared_mnist_spec(&base);
+    let dir = Downloader::default()
+        .fetch_dataset(&spec, None, &root, &mut NoProgress)
+        .unwrap();
+    assert_eq!(dir, root.join("mnist"));
+    for f in spec.files() {
+        assert_eq!(sha256_file(&dir.join(&f.file_name)).unwrap(), f.sha256);
+    }
+    assert!(no_temp_files(&dir));
+    let ds = data::load(
+        "mnist",
+        &DataLocator::new(None, None, Some(root)),
+        &LoadOptions::default(),
+        0,
+    )
+    .unwrap();
+    assert_eq!(ds.train.len(), 60_000);
+    assert_eq!(&ds.test.labels()[..5], &[7, 2, 1, 0, 4]);
+}
+
+#[test]
+fn falls_back_to_the_next_mirror() {
+    let good = serve(mnist_routes());
+    let empty = serve(HashMap::new());
+    let root = scratch_dir("dl-mirrors");
+    let spec = shared_mnist_spec(&good);
+    let mirrors = vec![empty, good];
+    Downloader::default()
+        .fetch_dataset(&spec, Some(&mirrors), &root, &mut NoProgress)
+        .unwrap();
+    assert!(root.join("mnist/t10k-labels-idx1-ubyte.gz").is_file());
+}
+
+#[test]
+fn truncated_body_wrong_checksum_and_404_leave_nothing_behind() {
+    let labels = std::fs::read(data_dir().join("mnist/t10k-labels-idx1-ubyte.gz")).unwrap();
+    let sum = "e41c74e484045d39b462a7790a4af51301bd9b0b24f0154798d713ec68c45920";
+    let mut tampered = labels.clone();
+    tampered[100] ^= 0x55;
+    let base = serve(HashMap::from([
+        ("/good".to_string(), Reply::Body(labels.clone())),
+        (
+            "/short".to_string(),
+            Reply::Truncated {
+                body: labels[..1000].to_vec(),
+                announced: labels.len(),
+            },
+        ),
+        ("/tampered".to_string(), Reply::Body(tampered)),
+    ]));
+    let dir = scratch_dir("dl-bad");
+    let dest = dir.join("t10k-labels-idx1-ubyte.gz");
+    let dl = Downloader::default();
+
+    match dl
+        .fetch_file(&format!("{base}short"), sum, &dest, &mut NoProgress)
+        .unwrap_err()
+    {
+        DataError::Download { url, reason } => {
+            assert!(url.ends_with("/short"));
+            assert!(
+                reason.contains("1000") || reason.contains("connection"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected Download error, got {other:?}"),
+    }
+    assert!(!dest.exists() && no_temp_files(&dir));
+
+    match dl
+        .fetch_file(&format!("{base}tampered"), sum, &dest, &mut NoProgress)
+        .unwrap_err()
+    {
+        DataError::Checksum {
+            expected, actual, ..
+        } => {
+            assert_eq!(expected, sum);
+            assert_ne!(actual, sum);
+        }
+        other => panic!("expected Checksum error, got {other:?}"),
+    }
+    assert!(!dest.exists() && no_temp_files(&dir));
+
+    match dl
+        .fetch_file(&format!("{base}missing"), sum, &dest, &mut NoProgress)
+        .unwrap_err()
+    {
+        DataError::Download { reason, .. } => assert!(reason.contains("404"), "{reason}"),
+        other => panic!("expected Download error, got {other:?}"),
+    }
+    assert!(!dest.exists() && no_temp_files(&dir));
+
+    // A failed download does not disturb a file already in place.
+    dl.fetch_file(&format!("{base}good"), sum, &dest, &mut NoProgress)
+        .unwrap();
+    assert!(
+        dl.fetch_file(&format!("{base}tampered"), sum, &dest, &mut NoProgress)
+            .is_err()
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), labels);
+}
+
+#[test]
+fn unreachable_server_is_a_download_error() {
+    // Bind then drop a listener so the port is (almost certainly) closed.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = scratch_dir("dl-refused");
+    let dest = dir.join("x.gz");
+    let err = Downloader::new(Duration::from_secs(2), Duration::from_secs(5))
+        .fetch_file(
+            &format!("http://127.0.0.1:{port}/x.gz"),
+            "00",
+            &dest,
+            &mut NoProgress,
+        )
+        .unwrap_err();
+    assert!(matches!(err, DataError::Download { .. }), "{err:?}");
+    assert!(!dest.exists() && no_temp_files(&dir));
+}
+
+#[test]
+fn built_in_sets_cannot_be_fetched() {
+    let spec = data::find("xor").unwrap();
+    let err = Downloader::default()
+        .fetch_dataset(&spec, None, &scratch_dir("dl-xor"), &mut NoProgress)
+        .unwrap_err();
+    assert!(matches!(err, DataError::NotDownloadable(_)));
+}
