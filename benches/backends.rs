@@ -39,7 +39,9 @@ fn time_us(iters: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn inputs(dev: &Device) -> (Vec<f32>, Vec<u32>, Tensor<2>) {
-    let x: Vec<f32> = (0..BATCH * 784).map(|i| ((i * 7919) % 256) as f32 / 255.0).collect();
+    let x: Vec<f32> = (0..BATCH * 784)
+        .map(|i| ((i * 7919) % 256) as f32 / 255.0)
+        .collect();
     let labels: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
     let t = Tensor::from_data(TensorData::new(x.clone(), [BATCH, 784]), dev);
     (x, labels, t)
@@ -94,7 +96,10 @@ fn settle_step_us(backend: CpuBackend) -> f64 {
 
 fn main() {
     println!("threads: {}", threads());
-    println!("{:<10} {:>16} {:>16}", "backend", "backprop step", "settle step");
+    println!(
+        "{:<10} {:>16} {:>16}",
+        "backend", "backprop step", "settle step"
+    );
     for (name, backend) in [("flex", CpuBackend::Flex), ("ndarray", CpuBackend::NdArray)] {
         let bp = backprop_step_us(backend);
         let st = settle_step_us(backend);

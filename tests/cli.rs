@@ -157,6 +157,10 @@ fn errors_are_one_clear_line_with_nonzero_exit() {
         ),
         "invalid optimizer option lr",
     );
+    assert_clean_failure(
+        &mep(&["data", "fetch", "xor"], None),
+        "has no files to download",
+    );
     if !cfg!(feature = "cuda") {
         assert_clean_failure(
             &mep(

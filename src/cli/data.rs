@@ -22,7 +22,7 @@ pub enum DataCommand {
     },
     /// Download a data set into the user cache, verifying SHA-256 checksums.
     Fetch {
-        /// Data set name (mnist, fashion-mnist).
+        /// Data set name (mnist, fashion-mnist; permuted-mnist fetches mnist).
         name: String,
         /// Base URL to fetch from instead of the catalogue's mirrors (repeatable).
         #[arg(long = "mirror", value_name = "URL")]
@@ -50,7 +50,11 @@ pub fn run(cmd: DataCommand, globals: &Globals) -> Result<()> {
     match cmd {
         DataCommand::List { json } => list(&locator, json),
         DataCommand::Fetch { name, mirrors, to } => {
-            let spec = data::find(&name)?;
+            let mut spec = data::find(&name)?;
+            // A derived set is fetched by fetching the set it is computed from.
+            if let Source::Derived { from } = &spec.source {
+                spec = data::find(from)?;
+            }
             let root = match to {
                 Some(dir) => dir,
                 None => locator.download_dir()?,
