@@ -12,7 +12,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{data_dir, scratch_dir};
-use mep::data::download::{Downloader, NoProgress, sha256_file};
+use mep::data::download::{DownloadProgress, Downloader, NoProgress, sha256_file};
 use mep::data::{self, DataError, DataLocator, DatasetSpec, FileSpec, LoadOptions, Source};
 
 /// What the test server answers for a path.
@@ -121,6 +121,51 @@ fn mnist_routes() -> HashMap<String, Reply> {
             )
         })
         .collect()
+}
+
+/// Records the progress callbacks.
+#[derive(Default)]
+struct Recorder {
+    starts: Vec<(String, Option<u64>)>,
+    bytes: u64,
+    finishes: usize,
+}
+
+impl DownloadProgress for Recorder {
+    fn start(&mut self, url: &str, total: Option<u64>) {
+        self.starts.push((url.to_string(), total));
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.bytes += bytes;
+    }
+    fn finish(&mut self) {
+        self.finishes += 1;
+    }
+}
+
+#[test]
+fn progress_reports_the_size_and_every_byte() {
+    let labels = std::fs::read(data_dir().join("mnist/train-labels-idx1-ubyte.gz")).unwrap();
+    let base = serve(HashMap::from([(
+        "/l.gz".to_string(),
+        Reply::Body(labels.clone()),
+    )]));
+    let dest = scratch_dir("dl-progress").join("l.gz");
+    let mut rec = Recorder::default();
+    Downloader::default()
+        .fetch_file(
+            &format!("{base}l.gz"),
+            "51fc562b6747b666fbf6e84ce29d43c3cb5f9c388c664d43b33f02095313405a",
+            &dest,
+            &mut rec,
+        )
+        .unwrap();
+    assert_eq!(
+        rec.starts,
+        vec![(format!("{base}l.gz"), Some(labels.len() as u64))]
+    );
+    assert_eq!(rec.bytes, labels.len() as u64);
+    assert_eq!(rec.finishes, 1);
 }
 
 #[test]

@@ -77,7 +77,6 @@ pub struct BackpropTrainer {
     optimizer: Box<dyn Optimizer>,
     device: Device,
     grad_device: Device,
-    targets: Vec<f32>,
 }
 
 impl BackpropTrainer {
@@ -89,7 +88,6 @@ impl BackpropTrainer {
             optimizer,
             device,
             grad_device,
-            targets: Vec::new(),
         }
     }
 
@@ -106,15 +104,14 @@ impl BackpropTrainer {
     ) -> Result<(f32, usize), TrainError> {
         let classes = self.model.spec().output_dim();
         let n = labels.len();
-        one_hot_into(labels, classes, &mut self.targets);
+        // The tensors own their memory: one copy of the batch each, no further clones.
+        let mut targets = Vec::with_capacity(n * classes);
+        one_hot_into(labels, classes, &mut targets);
         let x = Tensor::<2>::from_data(
             TensorData::new(inputs.to_vec(), [n, inputs.len() / n]),
             &self.grad_device,
         );
-        let y = Tensor::<2>::from_data(
-            TensorData::new(self.targets.clone(), [n, classes]),
-            &self.grad_device,
-        );
+        let y = Tensor::<2>::from_data(TensorData::new(targets, [n, classes]), &self.grad_device);
         let tracked: Vec<Tensor<2>> = self
             .model
             .params()
