@@ -255,6 +255,22 @@ fn same_seed_gives_identical_training() {
 }
 
 #[test]
+fn models_from_explicit_parameters_check_shapes() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let spec: ModelSpec = "3-2".parse().unwrap();
+    let good = vec![
+        tensor(vec![0.0; 6], [3, 2], &dev),
+        tensor(vec![1.0, 2.0], [1, 2], &dev),
+    ];
+    let m = Mlp::from_params(spec.clone(), good.clone()).unwrap();
+    let out = to_vec(m.forward(tensor(vec![0.0; 3], [1, 3], &dev)));
+    assert_eq!(out, vec![1.0, 2.0]);
+    let transposed = vec![tensor(vec![0.0; 6], [2, 3], &dev), good[1].clone()];
+    assert!(Mlp::from_params(spec.clone(), transposed).is_err());
+    assert!(Mlp::from_params(spec, good[..1].to_vec()).is_err());
+}
+
+#[test]
 fn model_specs_parse_and_reject_bad_input() {
     assert_eq!(
         "784-256-128-10".parse::<ModelSpec>().unwrap().sizes(),

@@ -5,7 +5,7 @@ use burn::tensor::activation::relu;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
-use super::ModelSpec;
+use super::{ModelError, ModelSpec};
 use crate::device::{Device, Tensor};
 
 /// A fully connected network `x -> W1 -> ReLU -> ... -> Wk -> logits`.
@@ -40,10 +40,22 @@ impl Mlp {
         Self { spec, params }
     }
 
-    /// A network with the given parameters (weight, bias per layer, shapes as documented).
-    pub fn from_params(spec: ModelSpec, params: Vec<Tensor<2>>) -> Self {
-        debug_assert_eq!(params.len(), 2 * (spec.sizes().len() - 1));
-        Self { spec, params }
+    /// A network with the given parameters (weight, bias per layer, shapes as documented);
+    /// a wrong count or shape is an error.
+    pub fn from_params(spec: ModelSpec, params: Vec<Tensor<2>>) -> Result<Self, ModelError> {
+        let expected: Vec<[usize; 2]> = spec
+            .sizes()
+            .windows(2)
+            .flat_map(|p| [[p[0], p[1]], [1, p[1]]])
+            .collect();
+        let found: Vec<[usize; 2]> = params.iter().map(|p| p.dims()).collect();
+        if found != expected {
+            return Err(ModelError::InvalidSpec {
+                spec: spec.to_string(),
+                reason: format!("parameter shapes {found:?} do not match {expected:?}"),
+            });
+        }
+        Ok(Self { spec, params })
     }
 
     /// The model's spec.
@@ -56,8 +68,9 @@ impl Mlp {
         &self.params
     }
 
-    /// Replaces the parameters (same count and shapes).
-    pub fn set_params(&mut self, params: Vec<Tensor<2>>) {
+    /// Replaces the parameters with updated ones of the same count and shapes (the
+    /// optimizers' output).
+    pub(crate) fn set_params(&mut self, params: Vec<Tensor<2>>) {
         debug_assert_eq!(params.len(), self.params.len());
         self.params = params;
     }
