@@ -32,7 +32,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// List, fetch and check data sets.
+    /// List and fetch data sets.
     #[command(subcommand)]
     Data(data::DataCommand),
     /// Train a model (currently the backprop baseline with SGD or Adam).
