@@ -297,6 +297,25 @@ fn unreachable_server_is_a_download_error() {
 }
 
 #[test]
+fn a_derived_set_fetches_its_base_set() {
+    // The server holds the shared MNIST copies, whose checksums differ from the catalogue's
+    // original archives: fetching permuted-mnist must ask for MNIST's first file and reject it.
+    let base = serve(mnist_routes());
+    let root = scratch_dir("dl-derived");
+    let spec = data::find("permuted-mnist").unwrap();
+    let err = Downloader::default()
+        .fetch_dataset(&spec, Some(&[base]), &root, &mut NoProgress)
+        .unwrap_err();
+    match err {
+        DataError::Checksum { url, .. } => {
+            assert!(url.ends_with("/train-images-idx3-ubyte.gz"), "{url}")
+        }
+        other => panic!("expected a checksum error on MNIST's file, got {other:?}"),
+    }
+    assert!(no_temp_files(&root.join("mnist")));
+}
+
+#[test]
 fn built_in_sets_cannot_be_fetched() {
     let spec = data::find("xor").unwrap();
     let err = Downloader::default()

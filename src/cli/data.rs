@@ -50,11 +50,7 @@ pub fn run(cmd: DataCommand, globals: &Globals) -> Result<()> {
     match cmd {
         DataCommand::List { json } => list(&locator, json),
         DataCommand::Fetch { name, mirrors, to } => {
-            let mut spec = data::find(&name)?;
-            // A derived set is fetched by fetching the set it is computed from.
-            if let Source::Derived { from } = &spec.source {
-                spec = data::find(from)?;
-            }
+            let spec = data::find(&name)?;
             let root = match to {
                 Some(dir) => dir,
                 None => locator.download_dir()?,

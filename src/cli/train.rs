@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use mep::data::{self, DataError, DataLocator, LoadOptions, Normalization, Source};
+use mep::data::{self, DataError, DataLocator, LoadOptions, Normalization};
 use mep::device::Workload;
 use mep::model::{Mlp, ModelSpec};
 use mep::train::{BackpropTrainer, OptimizerKind, TrainConfig};
@@ -213,9 +213,6 @@ fn load_or_fetch(
     match data::load(name, locator, options, seed) {
         Err(DataError::Missing { dataset, .. }) if fetch => {
             let spec = data::find(&dataset)?;
-            if !matches!(spec.source, Source::Idx { .. }) {
-                anyhow::bail!("data set `{dataset}` is missing and cannot be downloaded");
-            }
             eprintln!("data set `{dataset}` not found locally; downloading it");
             super::data::fetch(&spec, None, &locator.download_dir()?)?;
             data::load(name, locator, options, seed)

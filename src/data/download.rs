@@ -13,7 +13,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::DataError;
-use super::catalog::{DatasetSpec, FileSpec, Source};
+use super::catalog::{self, DatasetSpec, FileSpec, Source};
 
 /// Receives progress of a download; the library never prints, the caller shows a bar.
 pub trait DownloadProgress {
@@ -149,7 +149,8 @@ impl Downloader {
 
     /// Fetches every file of `spec` into `root/<name>/`, trying each mirror in turn (the
     /// catalogue's, or `mirrors` when given). Files already present with the right checksum
-    /// are kept. Returns the directory that now holds the data set.
+    /// are kept. A derived set fetches the set it is computed from. Returns the directory that
+    /// now holds the files.
     pub fn fetch_dataset(
         &self,
         spec: &DatasetSpec,
@@ -157,12 +158,12 @@ impl Downloader {
         root: &Path,
         progress: &mut dyn DownloadProgress,
     ) -> Result<PathBuf, DataError> {
-        let Source::Idx {
-            mirrors: catalogue_mirrors,
-            files,
-        } = &spec.source
-        else {
-            return Err(DataError::NotDownloadable(spec.name.clone()));
+        let (catalogue_mirrors, files) = match &spec.source {
+            Source::Idx { mirrors, files } => (mirrors, files),
+            Source::Derived { from } => {
+                return self.fetch_dataset(&catalog::find(from)?, mirrors, root, progress);
+            }
+            Source::BuiltIn => return Err(DataError::NotDownloadable(spec.name.clone())),
         };
         let mirrors = mirrors.unwrap_or(catalogue_mirrors);
         let dir = root.join(&spec.name);
