@@ -11,6 +11,9 @@
 
 pub mod data;
 pub mod device;
+pub mod ep;
+pub mod estimate;
+pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod train;

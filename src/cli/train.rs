@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use mep::data::{self, DataError, DataLocator, LoadOptions, Normalization};
 use mep::device::Workload;
-use mep::model::{Mlp, ModelSpec};
+use mep::model::{ModelSpec, Shape};
 use mep::train::{BackpropTrainer, OptimizerKind, TrainConfig};
 use serde::Serialize;
 
@@ -121,7 +121,10 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     let kind: OptimizerKind = args.optimizer.into();
     let lr = args.lr.unwrap_or(kind.default_lr());
     let optimizer = kind.build(lr, args.momentum, args.weight_decay)?;
-    let model = Mlp::new(args.model.clone(), globals.seed, &device);
+    let model = args
+        .model
+        .builder(Shape::from_chw(dataset.input_shape))?
+        .build(globals.seed, &device)?;
     let config = TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch,

@@ -1,18 +1,30 @@
-//! Models: the layer chain, its parameters and its forward pass.
+//! Models: explicitly declared layer chains, their parameters, forward passes and
+//! vector-Jacobian products.
 //!
-//! This module currently holds the fully connected ReLU network ([`Mlp`]) used by the
-//! backprop baseline and its spec grammar ([`ModelSpec`]); the EP energy models build on it.
+//! A [`Network`] is built either from the compact grammar ([`ModelSpec`], e.g.
+//! `784-256-128-10` or `conv32k5-pool2-conv64k5-pool2-fc10`) or layer by layer with a
+//! [`NetworkBuilder`]. Sizes are inferred and checked at build time. The outputs of
+//! linear, convolution and attention layers (pre-activation) are the EP states.
 
-mod mlp;
+mod activation;
+mod layer;
+mod network;
+mod shape;
 mod spec;
 
-pub use mlp::Mlp;
-pub use spec::ModelSpec;
+pub use activation::Activation;
+pub use layer::{Layer, LayerOp};
+pub(crate) use layer::{Aux, NormStats};
+pub use network::{
+    BatchMoments, LayerKind, Network, NetworkBuilder, ParamInfo, ParamKind, RunningStats, Skip,
+};
+pub use shape::Shape;
+pub use spec::{ModelSpec, NAMED_MODELS};
 
 /// Errors in building a model.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModelError {
-    /// The spec string is not in the grammar.
+    /// The spec string is not in the grammar, or the layers do not fit together.
     #[error("invalid model spec `{spec}`: {reason}")]
     InvalidSpec {
         /// The spec given.

@@ -8,7 +8,7 @@ use burn::tensor::{Int, TensorData};
 use super::{EpochMetrics, TrainError, TrainObserver};
 use crate::data::{Batcher, Dataset, Split, one_hot_into};
 use crate::device::{Device, Tensor, autodiff};
-use crate::model::{Mlp, ModelError};
+use crate::model::{ModelError, Network};
 use crate::optim::{Adam, Optimizer, Sgd};
 
 /// First-order optimizers available to the backprop baseline.
@@ -71,28 +71,38 @@ impl TrainConfig {
     }
 }
 
-/// Trains an [`Mlp`] by backpropagation with a first-order optimizer.
+/// Trains a [`Network`] by backpropagation with a first-order optimizer.
 pub struct BackpropTrainer {
-    model: Mlp,
+    model: Network,
     optimizer: Box<dyn Optimizer>,
     device: Device,
     grad_device: Device,
+    steps: u64,
+    seed: u64,
 }
 
 impl BackpropTrainer {
     /// A trainer for `model` (whose parameters live on `device`).
-    pub fn new(model: Mlp, optimizer: Box<dyn Optimizer>, device: Device) -> Self {
+    pub fn new(model: Network, optimizer: Box<dyn Optimizer>, device: Device) -> Self {
         let grad_device = autodiff(&device);
         Self {
             model,
             optimizer,
             device,
             grad_device,
+            steps: 0,
+            seed: 0,
         }
     }
 
+    /// Seeds the dropout masks (step `k` draws from a generator seeded by `seed` and `k`).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
     /// The model as trained so far.
-    pub fn model(&self) -> &Mlp {
+    pub fn model(&self) -> &Network {
         &self.model
     }
 
@@ -102,7 +112,7 @@ impl BackpropTrainer {
         inputs: &[f32],
         labels: &[u32],
     ) -> Result<(f32, usize), TrainError> {
-        let classes = self.model.spec().output_dim();
+        let classes = self.model.output_shape().numel();
         let n = labels.len();
         // The tensors own their memory: one copy of the batch each, no further clones.
         let mut targets = Vec::with_capacity(n * classes);
@@ -118,7 +128,9 @@ impl BackpropTrainer {
             .iter()
             .map(|p| Tensor::from_inner(p.clone()).require_grad())
             .collect();
-        let logits = Mlp::forward_with(&tracked, x);
+        self.steps += 1;
+        let dropout_seed = crate::data::dataset::mix(self.seed, self.steps);
+        let (logits, moments) = self.model.forward_train(&tracked, x, Some(dropout_seed));
         let correct = count_correct(logits.clone().inner(), labels);
         let loss = cross_entropy(logits, y);
         let loss_value = loss.clone().into_scalar();
@@ -132,7 +144,8 @@ impl BackpropTrainer {
             .collect();
         let params = self.model.params().to_vec();
         let updated = self.optimizer.step(params, grads)?;
-        self.model.set_params(updated);
+        self.model.set_params(updated)?;
+        self.model.update_running_stats(&moments, n);
         Ok((loss_value, correct))
     }
 
@@ -186,24 +199,22 @@ impl BackpropTrainer {
 }
 
 /// Checks that the model's input and output widths match the data set.
-pub(crate) fn check_fits(model: &Mlp, dataset: &Dataset) -> Result<(), ModelError> {
-    let spec = model.spec();
+pub(crate) fn check_fits(model: &Network, dataset: &Dataset) -> Result<(), ModelError> {
+    let (inputs, outputs) = (model.input_shape().numel(), model.output_shape().numel());
     let mismatch = |reason: String| ModelError::Mismatch {
-        model: spec.to_string(),
+        model: format!("{} -> {}", model.input_shape(), model.output_shape()),
         dataset: dataset.name.clone(),
         reason,
     };
-    if spec.input_dim() != dataset.input_dim() {
+    if inputs != dataset.input_dim() {
         return Err(mismatch(format!(
-            "the model takes {} inputs, the data has {}",
-            spec.input_dim(),
+            "the model takes {inputs} inputs, the data has {}",
             dataset.input_dim()
         )));
     }
-    if spec.output_dim() != dataset.classes {
+    if outputs != dataset.classes {
         return Err(mismatch(format!(
-            "the model has {} outputs, the data has {} classes",
-            spec.output_dim(),
+            "the model has {outputs} outputs, the data has {} classes",
             dataset.classes
         )));
     }
@@ -231,7 +242,7 @@ fn count_correct(logits: Tensor<2>, labels: &[u32]) -> usize {
 }
 
 /// Accuracy of `model` on `split`, in [0, 1], evaluated in batches of `batch_size`.
-pub fn evaluate(model: &Mlp, split: &Split, batch_size: usize) -> Result<f64, TrainError> {
+pub fn evaluate(model: &Network, split: &Split, batch_size: usize) -> Result<f64, TrainError> {
     let device = model.params()[0].device();
     let mut batches = Batcher::new(split, batch_size, 0, 0, false)?;
     let mut correct = 0;

@@ -1,0 +1,595 @@
+//! The layered prediction-error energy and its analytic gradients.
+//!
+//! For a network whose state-producing layers (linear, conv, attention) have outputs
+//! `s_1..s_L`, each state has a prediction `h_i = f_i(s_{i-1})`: the state layer applied
+//! to the previous state after the non-state layers in between (activations, pooling,
+//! norms, flatten; dropout is the identity), plus a residual skip when the layer ends a
+//! residual block. Per sample,
+//!
+//! `E(s) = sum_i 1/2 ||h_i - s_i||^2 + beta * L(g(s_L), y)`
+//!
+//! where `g` is the chain of layers after the last state and `L` the [`Loss`]. State
+//! dynamics are per sample (nothing is divided by the batch size); weight gradients are
+//! averaged over the batch by the estimators. With `beta = 0` the minimiser is the forward
+//! pass, where every prediction error is exactly zero: the free phase *is* the forward pass.
+//!
+//! Batch norm inside the energy uses the statistics of the forward pass of the batch, held
+//! constant while settling, so samples stay independent and running statistics are updated
+//! once per batch, by the trainer, from [`BatchContext::moments`].
+
+use burn::tensor::TensorData;
+
+use crate::device::{Device, Tensor, autodiff};
+use crate::loss::Loss;
+use crate::model::{Aux, BatchMoments, LayerOp, Network, NormStats};
+
+/// Where a residual skip's value comes from: position `position` (0 = the segment's input)
+/// of segment `segment`'s layer chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SkipSource {
+    segment: usize,
+    position: usize,
+}
+
+/// One state's prediction: non-state layers `prefix`, then state layer `layer`.
+#[derive(Debug, Clone, PartialEq)]
+struct Segment {
+    prefix: Vec<usize>,
+    layer: usize,
+    skip: Option<SkipSource>,
+    /// Skips read from this segment's chain: `(position, receiving segment)`.
+    injections: Vec<(usize, usize)>,
+}
+
+impl Segment {
+    fn chain(&self) -> impl DoubleEndedIterator<Item = usize> + '_ {
+        self.prefix.iter().copied().chain(std::iter::once(self.layer))
+    }
+}
+
+/// The energy of a network: its state structure and the loss of its nudge.
+#[derive(Debug, Clone)]
+pub struct EnergyModel {
+    segments: Vec<Segment>,
+    suffix: Vec<usize>,
+    loss: Loss,
+    names: Vec<String>,
+}
+
+/// Inputs and backward records of a chain of layers.
+#[derive(Debug, Clone)]
+pub(crate) struct Tape {
+    inputs: Vec<Tensor<2>>,
+    aux: Vec<Aux>,
+}
+
+/// Everything the gradients need at one point of state space.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    tapes: Vec<Tape>,
+    errors: Vec<Tensor<2>>,
+    suffix: Tape,
+    output: Tensor<2>,
+}
+
+impl Evaluation {
+    /// Prediction errors `h_i - s_i`, one per state.
+    pub fn errors(&self) -> &[Tensor<2>] {
+        &self.errors
+    }
+
+    /// The network output `g(s_L)`.
+    pub fn output(&self) -> &Tensor<2> {
+        &self.output
+    }
+}
+
+/// What stays fixed for one batch: inputs, targets, batch-norm statistics, and the first
+/// state's prediction (it depends only on the input, so it is computed once).
+#[derive(Debug, Clone)]
+pub struct BatchContext {
+    x: Tensor<2>,
+    targets: Tensor<2>,
+    norm: Vec<NormStats>,
+    first: (Tape, Tensor<2>),
+    moments: BatchMoments,
+}
+
+impl BatchContext {
+    /// Per-channel batch moments of each batch-norm layer (for the running statistics).
+    pub fn moments(&self) -> &BatchMoments {
+        &self.moments
+    }
+
+    /// The one-hot targets.
+    pub fn targets(&self) -> &Tensor<2> {
+        &self.targets
+    }
+
+    /// The input batch.
+    pub fn input(&self) -> &Tensor<2> {
+        &self.x
+    }
+
+    /// Number of samples.
+    pub fn batch_size(&self) -> usize {
+        self.x.dims()[0]
+    }
+}
+
+fn host_vec(t: Tensor<3>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data")
+}
+
+impl EnergyModel {
+    /// The energy of `net` with nudge loss `loss`.
+    pub fn new(net: &Network, loss: Loss) -> Self {
+        let layers = net.layers();
+        let mut segments: Vec<Segment> = Vec::new();
+        let mut pending = Vec::new();
+        for (i, layer) in layers.iter().enumerate() {
+            if layer.is_state() {
+                segments.push(Segment {
+                    prefix: std::mem::take(&mut pending),
+                    layer: i,
+                    skip: None,
+                    injections: Vec::new(),
+                });
+            } else {
+                pending.push(i);
+            }
+        }
+        for skip in net.skips() {
+            // The first segment whose chain reaches the block's start holds the skip value.
+            let (src, seg) = segments
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.layer >= skip.start)
+                .expect("a block ends with a state layer");
+            let position = seg.prefix.iter().filter(|&&p| p < skip.start).count();
+            let receiver = segments
+                .iter()
+                .position(|s| s.layer == skip.end)
+                .expect("a block ends with a state layer");
+            segments[receiver].skip = Some(SkipSource {
+                segment: src,
+                position,
+            });
+            segments[src].injections.push((position, receiver));
+        }
+        Self {
+            names: segments.iter().map(|s| layers[s.layer].name.clone()).collect(),
+            segments,
+            suffix: pending,
+            loss,
+        }
+    }
+
+    /// Number of states.
+    pub fn num_states(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// The state-producing layer's name for each state.
+    pub fn state_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The nudge loss.
+    pub fn loss(&self) -> Loss {
+        self.loss
+    }
+
+    /// Runs `layers` on `input`, recording a tape. Batch-norm statistics missing from
+    /// `norm` are taken from the values seen (the free phase).
+    fn run_chain(
+        net: &Network,
+        layers: impl Iterator<Item = usize>,
+        input: Tensor<2>,
+        norm: &mut [Option<NormStats>],
+        moments: &mut BatchMoments,
+    ) -> (Tape, Tensor<2>) {
+        let mut tape = Tape {
+            inputs: Vec::new(),
+            aux: Vec::new(),
+        };
+        let mut v = input;
+        for index in layers {
+            let layer = &net.layers()[index];
+            if let LayerOp::BatchNorm { eps, .. } = layer.op
+                && norm[index].is_none()
+            {
+                let (mean, var) = layer.batch_moments(&v);
+                moments.push((host_vec(mean.clone()), host_vec(var.clone())));
+                norm[index] = Some(NormStats::Fixed {
+                    mean,
+                    inv_std: var.add_scalar(eps).sqrt().recip(),
+                });
+            }
+            let stats = norm[index].clone().unwrap_or(NormStats::Batch);
+            let (out, aux) = layer.forward_taped(layer.params(net.params()), &v, &stats);
+            tape.inputs.push(v);
+            tape.aux.push(aux);
+            v = out;
+        }
+        (tape, v)
+    }
+
+    fn skip_value(&self, i: usize, tapes: &[Tape], own: &[Tensor<2>]) -> Option<Tensor<2>> {
+        self.segments[i].skip.map(|src| {
+            if src.segment == i {
+                own[src.position].clone()
+            } else {
+                tapes[src.segment].inputs[src.position].clone()
+            }
+        })
+    }
+
+    /// The free phase: the forward pass of `x`, whose states are the energy's minimiser at
+    /// `beta = 0`. Returns the batch context and the free states.
+    pub fn free_phase(
+        &self,
+        net: &Network,
+        x: Tensor<2>,
+        targets: Tensor<2>,
+    ) -> (BatchContext, Vec<Tensor<2>>, Evaluation) {
+        let mut norm: Vec<Option<NormStats>> = vec![None; net.layers().len()];
+        let mut moments = BatchMoments::new();
+        let mut tapes: Vec<Tape> = Vec::with_capacity(self.segments.len());
+        let mut states: Vec<Tensor<2>> = Vec::with_capacity(self.segments.len());
+        for (i, seg) in self.segments.iter().enumerate() {
+            let input = if i == 0 {
+                x.clone()
+            } else {
+                states[i - 1].clone()
+            };
+            let (tape, h) = self.segment_forward(net, i, seg, input, &tapes, &mut norm, &mut moments);
+            tapes.push(tape);
+            states.push(h);
+        }
+        let (suffix, output) = Self::run_chain(
+            net,
+            self.suffix.iter().copied(),
+            states.last().expect("at least one state").clone(),
+            &mut norm,
+            &mut moments,
+        );
+        let zeros = states.iter().map(Tensor::zeros_like).collect();
+        let norm: Vec<NormStats> = norm
+            .into_iter()
+            .map(|n| n.unwrap_or(NormStats::Batch))
+            .collect();
+        let ctx = BatchContext {
+            x,
+            targets,
+            norm,
+            first: (tapes[0].clone(), states[0].clone()),
+            moments,
+        };
+        let eval = Evaluation {
+            tapes,
+            errors: zeros,
+            suffix,
+            output,
+        };
+        (ctx, states, eval)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn segment_forward(
+        &self,
+        net: &Network,
+        i: usize,
+        seg: &Segment,
+        input: Tensor<2>,
+        tapes: &[Tape],
+        norm: &mut [Option<NormStats>],
+        moments: &mut BatchMoments,
+    ) -> (Tape, Tensor<2>) {
+        let (tape, out) = Self::run_chain(net, seg.chain(), input, norm, moments);
+        let h = match self.skip_value(i, tapes, &tape.inputs) {
+            Some(skip) => out + skip,
+            None => out,
+        };
+        (tape, h)
+    }
+
+    /// Predictions, errors and tapes at `states`.
+    pub fn evaluate(&self, net: &Network, ctx: &BatchContext, states: &[Tensor<2>]) -> Evaluation {
+        let mut norm: Vec<Option<NormStats>> = ctx.norm.iter().cloned().map(Some).collect();
+        let mut moments = BatchMoments::new();
+        let mut tapes: Vec<Tape> = Vec::with_capacity(self.segments.len());
+        let mut errors = Vec::with_capacity(self.segments.len());
+        for (i, seg) in self.segments.iter().enumerate() {
+            let (tape, h) = if i == 0 {
+                ctx.first.clone()
+            } else {
+                self.segment_forward(
+                    net,
+                    i,
+                    seg,
+                    states[i - 1].clone(),
+                    &tapes,
+                    &mut norm,
+                    &mut moments,
+                )
+            };
+            tapes.push(tape);
+            errors.push(h - states[i].clone());
+        }
+        let (suffix, output) = Self::run_chain(
+            net,
+            self.suffix.iter().copied(),
+            states.last().expect("at least one state").clone(),
+            &mut norm,
+            &mut moments,
+        );
+        Evaluation {
+            tapes,
+            errors,
+            suffix,
+            output,
+        }
+    }
+
+    /// Backward through segment `j`'s chain from its prediction error. Returns the
+    /// gradient with respect to the segment's input when `want_input`, and adds parameter
+    /// gradients (summed over the batch) into `params` when given.
+    fn segment_backward(
+        &self,
+        net: &Network,
+        j: usize,
+        eval: &Evaluation,
+        want_input: bool,
+        mut params: Option<&mut [Option<Tensor<2>>]>,
+        injections: bool,
+    ) -> Option<Tensor<2>> {
+        let seg = &self.segments[j];
+        let tape = &eval.tapes[j];
+        let chain: Vec<usize> = seg.chain().collect();
+        let mut g = eval.errors[j].clone();
+        let inject = |g: Tensor<2>, position: usize| {
+            seg.injections
+                .iter()
+                .filter(|(p, _)| injections && *p == position)
+                .fold(g, |g, (_, m)| g + eval.errors[*m].clone())
+        };
+        for (pos, &index) in chain.iter().enumerate().rev() {
+            let layer = &net.layers()[index];
+            let p = layer.params(net.params());
+            if let Some(out) = params.as_deref_mut() {
+                for (k, grad) in layer
+                    .vjp_params(p, &tape.inputs[pos], &tape.aux[pos], &g)
+                    .into_iter()
+                    .enumerate()
+                {
+                    accumulate(&mut out[layer.first_param + k], grad);
+                }
+            }
+            let params_below = chain[..pos]
+                .iter()
+                .any(|&i| net.layers()[i].num_params > 0);
+            if !want_input && !params_below {
+                break;
+            }
+            g = layer.vjp_input(p, &tape.inputs[pos], &tape.aux[pos], g);
+            g = inject(g, pos);
+        }
+        want_input.then_some(g)
+    }
+
+    /// Gradient of the energy with respect to each state at `eval`, per sample.
+    pub fn state_gradients(
+        &self,
+        net: &Network,
+        ctx: &BatchContext,
+        eval: &Evaluation,
+        beta: f32,
+    ) -> Vec<Tensor<2>> {
+        let n = self.segments.len();
+        let mut grads = Vec::with_capacity(n);
+        for i in 0..n {
+            let own = eval.errors[i].clone().neg();
+            let g = if i + 1 < n {
+                own + self
+                    .segment_backward(net, i + 1, eval, true, None, true)
+                    .expect("input gradient asked for")
+            } else if beta != 0.0 {
+                own + self.nudge_backward(net, ctx, eval, beta, None)
+            } else {
+                own
+            };
+            grads.push(g);
+        }
+        grads
+    }
+
+    /// `beta * dL/ds_L` through the layers after the last state; adds the parameter
+    /// gradient `beta * dL/dtheta` (summed over the batch) into `params` when given.
+    fn nudge_backward(
+        &self,
+        net: &Network,
+        ctx: &BatchContext,
+        eval: &Evaluation,
+        beta: f32,
+        mut params: Option<&mut [Option<Tensor<2>>]>,
+    ) -> Tensor<2> {
+        let mut g = self
+            .loss
+            .gradient(eval.output.clone(), ctx.targets.clone())
+            .mul_scalar(beta);
+        for (pos, &index) in self.suffix.iter().enumerate().rev() {
+            let layer = &net.layers()[index];
+            let p = layer.params(net.params());
+            if let Some(out) = params.as_deref_mut() {
+                for (k, grad) in layer
+                    .vjp_params(p, &eval.suffix.inputs[pos], &eval.suffix.aux[pos], &g)
+                    .into_iter()
+                    .enumerate()
+                {
+                    accumulate(&mut out[layer.first_param + k], grad);
+                }
+            }
+            g = layer.vjp_input(p, &eval.suffix.inputs[pos], &eval.suffix.aux[pos], g);
+        }
+        g
+    }
+
+    /// Gradient of the total energy (summed over the batch) with respect to every
+    /// parameter, states held fixed.
+    pub fn param_gradients(
+        &self,
+        net: &Network,
+        ctx: &BatchContext,
+        eval: &Evaluation,
+        beta: f32,
+    ) -> Vec<Tensor<2>> {
+        let mut out: Vec<Option<Tensor<2>>> = vec![None; net.params().len()];
+        for j in 0..self.segments.len() {
+            self.segment_backward(net, j, eval, false, Some(&mut out), true);
+        }
+        if beta != 0.0 && self.suffix.iter().any(|&i| net.layers()[i].num_params > 0) {
+            self.nudge_backward(net, ctx, eval, beta, Some(&mut out));
+        }
+        out.into_iter()
+            .zip(net.params())
+            .map(|(g, p)| g.unwrap_or_else(|| Tensor::zeros(p.dims(), &p.device())))
+            .collect()
+    }
+
+    /// Local EP's parameter term at `states` (summed over the batch): every segment's
+    /// prediction is recomputed from its own input, and its parameters receive the
+    /// gradient of its own term `1/2 ||h_i - s_i||^2` only (no other layer's error); the
+    /// layers after the last state receive `beta * dL/dtheta`.
+    pub fn local_param_gradients(
+        &self,
+        net: &Network,
+        ctx: &BatchContext,
+        states: &[Tensor<2>],
+        beta: f32,
+    ) -> Vec<Tensor<2>> {
+        let eval = self.evaluate(net, ctx, states);
+        let mut out: Vec<Option<Tensor<2>>> = vec![None; net.params().len()];
+        for j in 0..self.segments.len() {
+            self.segment_backward(net, j, &eval, false, Some(&mut out), false);
+        }
+        if beta != 0.0 && self.suffix.iter().any(|&i| net.layers()[i].num_params > 0) {
+            self.nudge_backward(net, ctx, &eval, beta, Some(&mut out));
+        }
+        out.into_iter()
+            .zip(net.params())
+            .map(|(g, p)| g.unwrap_or_else(|| Tensor::zeros(p.dims(), &p.device())))
+            .collect()
+    }
+
+    /// Per-sample energy `[batch, 1]` at `eval`.
+    pub fn per_sample_energy(&self, ctx: &BatchContext, eval: &Evaluation, beta: f32) -> Tensor<2> {
+        let mut e = eval
+            .errors
+            .iter()
+            .map(|err| err.clone().square().sum_dim(1))
+            .reduce(|a, b| a + b)
+            .expect("at least one state")
+            .mul_scalar(0.5);
+        if beta != 0.0 {
+            e = e + self
+                .loss
+                .per_sample(eval.output.clone(), ctx.targets.clone())
+                .mul_scalar(beta);
+        }
+        e
+    }
+
+    /// The energy and its gradients with respect to states and parameters computed by
+    /// burn's autodiff from the energy's definition (the independent reference path):
+    /// `(total energy over the batch, state gradients, parameter gradients)`.
+    pub fn autodiff_reference(
+        &self,
+        net: &Network,
+        ctx: &BatchContext,
+        states: &[Tensor<2>],
+        beta: f32,
+    ) -> (f32, Vec<Tensor<2>>, Vec<Tensor<2>>) {
+        let device: Device = ctx.x.device();
+        let ad = autodiff(&device);
+        let lift = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &ad);
+        let lift3 = |t: &Tensor<3>| Tensor::<3>::from_data(t.to_data(), &ad);
+        let params: Vec<Tensor<2>> = net.params().iter().map(|p| lift(p).require_grad()).collect();
+        let s: Vec<Tensor<2>> = states.iter().map(|t| lift(t).require_grad()).collect();
+        let norm: Vec<NormStats> = ctx
+            .norm
+            .iter()
+            .map(|n| match n {
+                NormStats::Fixed { mean, inv_std } => NormStats::Fixed {
+                    mean: lift3(mean),
+                    inv_std: lift3(inv_std),
+                },
+                NormStats::Batch => NormStats::Batch,
+            })
+            .collect();
+        let run = |chain: &[usize], input: Tensor<2>| -> Vec<Tensor<2>> {
+            let mut values = vec![input];
+            for &i in chain {
+                let layer = &net.layers()[i];
+                let v = values.last().expect("non-empty").clone();
+                values.push(layer.apply(layer.params(&params), v, &norm[i]));
+            }
+            values
+        };
+        let x = lift(&ctx.x);
+        let mut chains: Vec<Vec<Tensor<2>>> = Vec::new();
+        let mut total: Option<Tensor<1>> = None;
+        for (i, seg) in self.segments.iter().enumerate() {
+            let input = if i == 0 { x.clone() } else { s[i - 1].clone() };
+            let chain: Vec<usize> = seg.chain().collect();
+            let values = run(&chain, input);
+            let mut h = values.last().expect("non-empty").clone();
+            if let Some(src) = seg.skip {
+                let skip = if src.segment == i {
+                    values[src.position].clone()
+                } else {
+                    chains[src.segment][src.position].clone()
+                };
+                h = h + skip;
+            }
+            let term = (h - s[i].clone()).square().sum().mul_scalar(0.5);
+            total = Some(match total {
+                Some(t) => t + term,
+                None => term,
+            });
+            chains.push(values);
+        }
+        let mut total = total.expect("at least one state");
+        if beta != 0.0 {
+            let out = run(&self.suffix, s.last().expect("non-empty").clone())
+                .pop()
+                .expect("non-empty");
+            let targets = lift(&ctx.targets);
+            total = total + self.loss.per_sample(out, targets).sum().mul_scalar(beta);
+        }
+        let value: f32 = total.clone().into_scalar();
+        let grads = total.backward();
+        let back = |t: &Tensor<2>| {
+            let g = t.grad(&grads).map(|g| g.to_data());
+            Tensor::<2>::from_data(
+                g.unwrap_or_else(|| TensorData::zeros::<f32, _>(t.dims())),
+                &device,
+            )
+        };
+        (
+            value,
+            s.iter().map(back).collect(),
+            params.iter().map(back).collect(),
+        )
+    }
+}
+
+fn accumulate(slot: &mut Option<Tensor<2>>, grad: Tensor<2>) {
+    *slot = Some(match slot.take() {
+        Some(g) => g + grad,
+        None => grad,
+    });
+}

@@ -1,0 +1,15 @@
+//! Equilibrium propagation's physics: the energy of a network, settling in state space, and
+//! the classic Hopfield-energy EqProp of Scellier & Bengio (2017).
+//!
+//! The gradient estimators built on these live in [`crate::estimate`].
+
+mod energy;
+mod eqprop;
+mod settle;
+
+pub use energy::{BatchContext, EnergyModel, Evaluation};
+pub use eqprop::{EqPropConfig, EqPropInit, EqPropModel, EqPropNetworkError};
+pub use settle::{
+    ADAPTIVE_GROWTH, ADAPTIVE_MAX_FACTOR, ADAPTIVE_SHRINK, BLOWUP_FACTOR, SettleConfig,
+    SettleError, SettleStats, Settled, Settler,
+};

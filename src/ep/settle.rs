@@ -1,0 +1,266 @@
+//! Settling: heavy-ball descent of the energy in state space.
+
+use super::energy::{BatchContext, EnergyModel, Evaluation};
+use crate::device::Tensor;
+use crate::model::Network;
+
+/// Growth of a sample's step after an accepted adaptive step.
+pub const ADAPTIVE_GROWTH: f32 = 1.1;
+/// Shrink of a sample's step after a rejected adaptive step.
+pub const ADAPTIVE_SHRINK: f32 = 0.5;
+/// Largest adaptive step, as a multiple of `lr`.
+pub const ADAPTIVE_MAX_FACTOR: f32 = 2.0;
+/// Settling counts as diverged when the largest per-sample state-gradient norm grows past
+/// this multiple of its value at the start.
+pub const BLOWUP_FACTOR: f32 = 1e3;
+
+/// Settling options.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SettleConfig {
+    /// Step size on the states (`settle_lr`), per sample.
+    pub lr: f32,
+    /// Most descent steps (`settle_steps`).
+    pub steps: usize,
+    /// Heavy-ball momentum (`m <- momentum * m + grad; s <- s - lr * m`).
+    pub momentum: f32,
+    /// Stop when the largest per-sample state-gradient norm is below `tol * |beta|` (the
+    /// EP gradient divides by beta, so this is a relative accuracy). 0 never stops early.
+    pub tol: f32,
+    /// Check convergence (one host read) every this many steps.
+    pub check_every: usize,
+    /// Per-sample adaptive step: a step that raises a sample's energy is undone for that
+    /// sample, its momentum reset and its step multiplied by [`ADAPTIVE_SHRINK`]; an
+    /// accepted step grows it by [`ADAPTIVE_GROWTH`] up to [`ADAPTIVE_MAX_FACTOR`]` * lr`.
+    /// Costs one extra energy evaluation and one host read per step.
+    pub adaptive: bool,
+}
+
+impl Default for SettleConfig {
+    /// 30 steps at lr 0.3, momentum 0.5, tol 1e-3, checked every 5 steps, not adaptive.
+    fn default() -> Self {
+        Self {
+            lr: 0.3,
+            steps: 30,
+            momentum: 0.5,
+            tol: 1e-3,
+            check_every: 5,
+            adaptive: false,
+        }
+    }
+}
+
+impl SettleConfig {
+    /// Checks every option's range.
+    pub fn validate(&self) -> Result<(), SettleError> {
+        let bad = |what: String| Err(SettleError::InvalidOption(what));
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("settle_lr must be positive, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad(format!(
+                "settle momentum must be in [0, 1), got {}",
+                self.momentum
+            ));
+        }
+        if !(self.tol.is_finite() && self.tol >= 0.0) {
+            return bad(format!("settle tol must be >= 0, got {}", self.tol));
+        }
+        if self.check_every == 0 {
+            return bad("settle check interval must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Errors of settling.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum SettleError {
+    /// The states ran away (non-finite, or the gradient blew up).
+    #[error(
+        "settling diverged at step {step}: the state gradient of layer {layer} reached {norm:e}; try a smaller settle_lr (now {lr}) or beta (now {beta})"
+    )]
+    Diverged {
+        /// The layer whose state ran away the most.
+        layer: String,
+        /// Step at which it was detected.
+        step: usize,
+        /// Its largest per-sample gradient norm.
+        norm: f32,
+        /// The step size used.
+        lr: f32,
+        /// The nudge used.
+        beta: f32,
+    },
+    /// An option is out of range.
+    #[error("invalid settling option: {0}")]
+    InvalidOption(String),
+}
+
+/// What a settle did.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SettleStats {
+    /// Descent steps taken.
+    pub steps: usize,
+    /// Largest per-sample state-gradient norm at the last check.
+    pub residual: f32,
+    /// Whether it stopped because the residual fell under the tolerance.
+    pub converged: bool,
+    /// Adaptive steps rejected (summed over samples).
+    pub rejected: usize,
+}
+
+/// Settled states with their evaluation.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    /// The states.
+    pub states: Vec<Tensor<2>>,
+    /// Predictions and errors at them.
+    pub eval: Evaluation,
+    /// What the settle did.
+    pub stats: SettleStats,
+}
+
+/// Heavy-ball state descent on an [`EnergyModel`].
+#[derive(Debug, Clone)]
+pub struct Settler {
+    config: SettleConfig,
+}
+
+fn host(t: Tensor<2>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data")
+}
+
+impl Settler {
+    /// A settler with validated options.
+    pub fn new(config: SettleConfig) -> Result<Self, SettleError> {
+        config.validate()?;
+        Ok(Self { config })
+    }
+
+    /// Its options.
+    pub fn config(&self) -> &SettleConfig {
+        &self.config
+    }
+
+    /// Per-layer largest per-sample squared norm `[1, L]` and the largest per-sample total.
+    fn norms(grads: &[Tensor<2>]) -> (Vec<f32>, f32) {
+        let per_layer: Vec<Tensor<2>> = grads.iter().map(|g| g.clone().square().sum_dim(1)).collect();
+        let stacked = Tensor::cat(per_layer, 1);
+        let total = stacked.clone().sum_dim(1).max_dim(0);
+        let layer_max = stacked.max_dim(0);
+        let mut values = host(Tensor::cat(vec![layer_max, total], 1));
+        let total = values.pop().expect("one total").sqrt();
+        (values.into_iter().map(f32::sqrt).collect(), total)
+    }
+
+    /// Descends the energy at nudge `beta` from `start` (whose evaluation is `start_eval`).
+    pub fn settle(
+        &self,
+        model: &EnergyModel,
+        net: &Network,
+        ctx: &BatchContext,
+        start: &[Tensor<2>],
+        start_eval: &Evaluation,
+        beta: f32,
+    ) -> Result<Settled, SettleError> {
+        let c = &self.config;
+        let mut states = start.to_vec();
+        let mut eval = start_eval.clone();
+        let mut momentum: Vec<Tensor<2>> = states.iter().map(Tensor::zeros_like).collect();
+        let threshold = c.tol * beta.abs();
+        let mut initial: Option<f32> = None;
+        let mut stats = SettleStats::default();
+        let batch = ctx.batch_size();
+        let device = ctx.input().device();
+        let mut step_size = c
+            .adaptive
+            .then(|| Tensor::<2>::full([batch, 1], c.lr, &device));
+        let mut energy = c
+            .adaptive
+            .then(|| model.per_sample_energy(ctx, &eval, beta));
+        loop {
+            let grads = model.state_gradients(net, ctx, &eval, beta);
+            if stats.steps % c.check_every == 0 {
+                let (layers, total) = Self::norms(&grads);
+                stats.residual = total;
+                let reference = *initial.get_or_insert(total);
+                if !total.is_finite() || total > BLOWUP_FACTOR * reference.max(1e-6) {
+                    let worst = layers
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| {
+                            let key = |v: f32| if v.is_finite() { v } else { f32::INFINITY };
+                            key(*a.1).total_cmp(&key(*b.1))
+                        })
+                        .map_or(0, |(i, _)| i);
+                    return Err(SettleError::Diverged {
+                        layer: model.state_names()[worst].clone(),
+                        step: stats.steps,
+                        norm: layers.get(worst).copied().unwrap_or(total),
+                        lr: c.lr,
+                        beta,
+                    });
+                }
+                if total <= threshold {
+                    stats.converged = true;
+                    break;
+                }
+            }
+            if stats.steps >= c.steps {
+                break;
+            }
+            for (m, g) in momentum.iter_mut().zip(grads) {
+                *m = m.clone().mul_scalar(c.momentum) + g;
+            }
+            match (&mut step_size, &mut energy) {
+                (Some(lr), Some(e_prev)) => {
+                    let proposal: Vec<Tensor<2>> = states
+                        .iter()
+                        .zip(&momentum)
+                        .map(|(s, m)| s.clone() - m.clone() * lr.clone())
+                        .collect();
+                    let new_eval = model.evaluate(net, ctx, &proposal);
+                    let e_new = model.per_sample_energy(ctx, &new_eval, beta);
+                    let accept = e_new.clone().lower_equal(e_prev.clone()).float();
+                    let rejected = batch - host(accept.clone().sum_dim(0))[0].round() as usize;
+                    let grown = lr
+                        .clone()
+                        .mul_scalar(ADAPTIVE_GROWTH)
+                        .clamp_max(c.lr * ADAPTIVE_MAX_FACTOR);
+                    let shrunk = lr.clone().mul_scalar(ADAPTIVE_SHRINK);
+                    let reject = accept.clone().neg().add_scalar(1.0);
+                    *lr = grown * accept.clone() + shrunk * reject.clone();
+                    if rejected == 0 {
+                        states = proposal;
+                        eval = new_eval;
+                        *e_prev = e_new;
+                    } else {
+                        stats.rejected += rejected;
+                        for ((s, p), m) in states.iter_mut().zip(proposal).zip(momentum.iter_mut())
+                        {
+                            *s = s.clone() + (p - s.clone()) * accept.clone();
+                            *m = m.clone() * accept.clone();
+                        }
+                        *e_prev = e_new * accept + e_prev.clone() * reject;
+                        eval = model.evaluate(net, ctx, &states);
+                    }
+                }
+                _ => {
+                    for (s, m) in states.iter_mut().zip(&momentum) {
+                        *s = s.clone() - m.clone().mul_scalar(c.lr);
+                    }
+                    eval = model.evaluate(net, ctx, &states);
+                }
+            }
+            stats.steps += 1;
+        }
+        Ok(Settled {
+            states,
+            eval,
+            stats,
+        })
+    }
+}

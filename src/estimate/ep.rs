@@ -1,0 +1,212 @@
+//! Equilibrium propagation on the layered prediction-error energy.
+
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+use super::{Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar};
+use crate::device::Tensor;
+use crate::ep::{BatchContext, EnergyModel, Evaluation, SettleConfig, Settler};
+use crate::loss::Loss;
+use crate::model::Network;
+
+/// How the nudged phases are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Nudging {
+    /// One phase at `+beta`: `dE/dtheta(s^beta) / beta` (bias O(beta)).
+    OneSided,
+    /// One phase at `+beta` or `-beta`, sign drawn per batch (unbiased on average).
+    RandomSign,
+    /// Phases at `+beta` and `-beta`: `(dE/dtheta(s^+) - dE/dtheta(s^-)) / 2 beta`
+    /// (bias O(beta^2); unstable at large beta because the `-beta` phase is concave in the
+    /// output).
+    Centered,
+}
+
+impl std::str::FromStr for Nudging {
+    type Err = EstimateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "one-sided" | "positive" => Ok(Self::OneSided),
+            "random" | "random-sign" => Ok(Self::RandomSign),
+            "centered" | "symmetric" => Ok(Self::Centered),
+            other => Err(EstimateError::InvalidOption(format!(
+                "unknown nudging `{other}` (expected one-sided, random or centered)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Nudging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::OneSided => "one-sided",
+            Self::RandomSign => "random",
+            Self::Centered => "centered",
+        })
+    }
+}
+
+/// EP options.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpConfig {
+    /// Nudge strength (> 0).
+    pub beta: f32,
+    /// Nudging mode.
+    pub nudging: Nudging,
+    /// The nudge loss.
+    pub loss: Loss,
+    /// Settling options.
+    pub settle: SettleConfig,
+    /// Seed of the random nudge signs.
+    pub seed: u64,
+}
+
+impl Default for EpConfig {
+    /// The paper's beta 0.5, one-sided, MSE (1/2 convention), default settling.
+    fn default() -> Self {
+        Self {
+            beta: 0.5,
+            nudging: Nudging::OneSided,
+            loss: Loss::default(),
+            settle: SettleConfig::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// The EP gradient estimator (global contrast, or layer-local with [`EpEstimator::local`]).
+#[derive(Debug, Clone)]
+pub struct EpEstimator {
+    config: EpConfig,
+    energy: EnergyModel,
+    settler: Settler,
+    rng: Xoshiro256PlusPlus,
+    local: bool,
+}
+
+impl EpEstimator {
+    /// EP for `net` (whose structure it compiles once) with validated options.
+    pub fn new(net: &Network, config: EpConfig) -> Result<Self, EstimateError> {
+        if !(config.beta.is_finite() && config.beta > 0.0) {
+            return Err(EstimateError::InvalidOption(format!(
+                "beta must be positive, got {}",
+                config.beta
+            )));
+        }
+        config.loss.validate()?;
+        Ok(Self {
+            energy: EnergyModel::new(net, config.loss),
+            settler: Settler::new(config.settle)?,
+            rng: Xoshiro256PlusPlus::seed_from_u64(config.seed),
+            config,
+            local: false,
+        })
+    }
+
+    /// Local EP: the same settling, then each state layer's parameters are updated from
+    /// their own input activity and their own nudged and free prediction errors only,
+    /// layer by layer (no global energy gradient): a parameter inside a residual block's
+    /// prefix does not see the errors of the layers the skip feeds. On layered networks
+    /// this equals EP.
+    pub fn local(net: &Network, config: EpConfig) -> Result<Self, EstimateError> {
+        let mut e = Self::new(net, config)?;
+        e.local = true;
+        Ok(e)
+    }
+
+    /// Its options.
+    pub fn config(&self) -> &EpConfig {
+        &self.config
+    }
+
+    /// The energy it settles.
+    pub fn energy(&self) -> &EnergyModel {
+        &self.energy
+    }
+
+    /// `sum_batch dE/dtheta` at a settled evaluation (global or local).
+    fn contrast_term(
+        &self,
+        net: &Network,
+        ctx: &BatchContext,
+        states: &[Tensor<2>],
+        eval: &Evaluation,
+        beta: f32,
+    ) -> Vec<Tensor<2>> {
+        if self.local {
+            self.energy.local_param_gradients(net, ctx, states, beta)
+        } else {
+            self.energy.param_gradients(net, ctx, eval, beta)
+        }
+    }
+}
+
+impl GradientEstimator for EpEstimator {
+    fn name(&self) -> &'static str {
+        if self.local { "local-ep" } else { "ep" }
+    }
+
+    fn estimate(&mut self, net: &Network, batch: &TensorBatch) -> Result<Estimate, EstimateError> {
+        check_batch(net, batch)?;
+        let (ctx, free, free_eval) =
+            self.energy
+                .free_phase(net, batch.x.clone(), batch.targets.clone());
+        let loss = scalar(
+            self.config
+                .loss
+                .mean(free_eval.output().clone(), batch.targets.clone()),
+        );
+        let n = batch.len() as f32;
+        let beta = self.config.beta;
+        let mut settle = Vec::new();
+        let sign = match self.config.nudging {
+            Nudging::RandomSign if !self.rng.random::<bool>() => -1.0,
+            _ => 1.0,
+        };
+        let this = &*self;
+        let mut phase = |sign: f32| -> Result<Vec<Tensor<2>>, EstimateError> {
+            let b = sign * beta;
+            let settled = this
+                .settler
+                .settle(&this.energy, net, &ctx, &free, &free_eval, b)?;
+            settle.push(settled.stats);
+            let mut g = this.contrast_term(net, &ctx, &settled.states, &settled.eval, b);
+            if this.local {
+                // The free-phase local errors (exactly zero at the forward states, computed
+                // as the definition says).
+                let free_term = this.energy.local_param_gradients(net, &ctx, &free, 0.0);
+                g = g.into_iter().zip(free_term).map(|(a, f)| a - f).collect();
+            }
+            Ok(g)
+        };
+        let grads: Vec<Tensor<2>> = match self.config.nudging {
+            Nudging::OneSided => phase(1.0)?
+                .into_iter()
+                .map(|g| g.div_scalar(beta * n))
+                .collect(),
+            Nudging::RandomSign => {
+                phase(sign)?
+                    .into_iter()
+                    .map(|g| g.div_scalar(sign * beta * n))
+                    .collect()
+            }
+            Nudging::Centered => {
+                let plus = phase(1.0)?;
+                let minus = phase(-1.0)?;
+                plus.into_iter()
+                    .zip(minus)
+                    .map(|(p, m)| (p - m).div_scalar(2.0 * beta * n))
+                    .collect()
+            }
+        };
+        Ok(Estimate {
+            grads,
+            loss,
+            output: free_eval.output().clone(),
+            settle,
+            moments: ctx.moments().clone(),
+        })
+    }
+}

@@ -1,0 +1,105 @@
+//! Classic EqProp as a gradient estimator.
+
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+use super::{Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar};
+use crate::device::Tensor;
+use crate::ep::{EqPropConfig, EqPropModel};
+use crate::loss::Loss;
+use crate::model::Network;
+
+/// EqProp (Scellier & Bengio 2017): free phase, nudged phase warm-started from it, and the
+/// contrast of the Hopfield energy's parameter gradients.
+#[derive(Debug, Clone)]
+pub struct EqPropEstimator {
+    model: EqPropModel,
+    rng: Xoshiro256PlusPlus,
+    samples: usize,
+}
+
+impl EqPropEstimator {
+    /// EqProp over `net` (a `Linear (hsig Linear)*` chain); `samples` is the training-split
+    /// size (for persistent states), `seed` drives the random nudge signs.
+    pub fn new(
+        net: &Network,
+        config: EqPropConfig,
+        samples: usize,
+        seed: u64,
+    ) -> Result<Self, EstimateError> {
+        if !(config.beta.is_finite() && config.beta > 0.0) {
+            return Err(EstimateError::InvalidOption(format!(
+                "beta must be positive, got {}",
+                config.beta
+            )));
+        }
+        if !(config.step > 0.0 && config.step <= 1.0) {
+            return Err(EstimateError::InvalidOption(format!(
+                "eqprop step must be in (0, 1], got {}",
+                config.step
+            )));
+        }
+        Ok(Self {
+            model: EqPropModel::new(net, config)?,
+            rng: Xoshiro256PlusPlus::seed_from_u64(seed),
+            samples,
+        })
+    }
+
+    /// The Hopfield model.
+    pub fn model(&self) -> &EqPropModel {
+        &self.model
+    }
+
+    /// The free phase of a batch (from its initial states).
+    pub fn free_phase(&self, net: &Network, batch: &TensorBatch) -> Vec<Tensor<2>> {
+        let c = self.model.config();
+        let s0 = self
+            .model
+            .initial_states(&batch.x, batch.indices.as_deref());
+        self.model
+            .relax(net, &batch.x, &batch.targets, s0, 0.0, c.free_steps)
+    }
+}
+
+impl GradientEstimator for EqPropEstimator {
+    fn name(&self) -> &'static str {
+        "eqprop"
+    }
+
+    fn estimate(&mut self, net: &Network, batch: &TensorBatch) -> Result<Estimate, EstimateError> {
+        check_batch(net, batch)?;
+        let c = *self.model.config();
+        let free = self.free_phase(net, batch);
+        if let Some(idx) = &batch.indices {
+            self.model.remember(&free, idx, self.samples);
+        }
+        let beta = if c.random_sign && self.rng.random::<bool>() {
+            -c.beta
+        } else {
+            c.beta
+        };
+        let nudged = self.model.relax(
+            net,
+            &batch.x,
+            &batch.targets,
+            free.clone(),
+            beta,
+            c.nudged_steps,
+        );
+        let grads = EqPropModel::contrast(&batch.x, &free, &nudged, beta);
+        let output = free.last().expect("one state").clone();
+        let loss = scalar(Loss::default().mean(output.clone(), batch.targets.clone()));
+        Ok(Estimate {
+            grads,
+            loss,
+            output,
+            settle: Vec::new(),
+            moments: Vec::new(),
+        })
+    }
+
+    fn predict(&self, net: &Network, x: Tensor<2>) -> Tensor<2> {
+        self.model.predict(net, &x)
+    }
+}

@@ -1,0 +1,143 @@
+//! Element-wise activation functions and their derivatives.
+
+use std::fmt;
+
+use burn::tensor::activation;
+
+use crate::device::Tensor;
+
+/// An element-wise activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// `max(x, 0)`.
+    Relu,
+    /// `x` for `x > 0`, `slope * x` otherwise.
+    LeakyRelu {
+        /// Slope of the negative side.
+        slope: f32,
+    },
+    /// `1 / (1 + e^-x)`.
+    Sigmoid,
+    /// `tanh(x)`.
+    Tanh,
+    /// `clip(x, 0, 1)`, the hard sigmoid of Scellier & Bengio (2017).
+    HardSigmoid,
+    /// `clip(x, 0, cap)`.
+    ClippedRelu {
+        /// Upper clip.
+        cap: f32,
+    },
+    /// `x * Phi(x)` with the exact normal CDF.
+    Gelu,
+    /// `x * sigmoid(x)`.
+    Silu,
+}
+
+impl Activation {
+    /// The spec-grammar names, with what each means.
+    pub const NAMES: &'static [(&'static str, &'static str)] = &[
+        ("relu", "max(x, 0)"),
+        ("lrelu", "leaky ReLU, slope 0.01"),
+        ("sigmoid", "logistic sigmoid"),
+        ("tanh", "hyperbolic tangent"),
+        ("hsig", "hard sigmoid clip(x, 0, 1)"),
+        ("crelu", "clipped ReLU clip(x, 0, 1)"),
+        ("gelu", "GELU (exact)"),
+        ("silu", "SiLU / swish"),
+    ];
+
+    /// Parses a grammar name (see [`Activation::NAMES`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "relu" => Self::Relu,
+            "lrelu" => Self::LeakyRelu { slope: 0.01 },
+            "sigmoid" => Self::Sigmoid,
+            "tanh" => Self::Tanh,
+            "hsig" | "hardsigmoid" => Self::HardSigmoid,
+            "crelu" => Self::ClippedRelu { cap: 1.0 },
+            "gelu" => Self::Gelu,
+            "silu" => Self::Silu,
+            _ => return None,
+        })
+    }
+
+    /// Applies the activation.
+    pub fn apply<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match *self {
+            Self::Relu => activation::relu(x),
+            Self::LeakyRelu { slope } => activation::leaky_relu(x, slope as f64),
+            Self::Sigmoid => activation::sigmoid(x),
+            Self::Tanh => activation::tanh(x),
+            Self::HardSigmoid => x.clamp(0.0, 1.0),
+            Self::ClippedRelu { cap } => x.clamp(0.0, cap),
+            Self::Gelu => activation::gelu(x),
+            Self::Silu => activation::silu(x),
+        }
+    }
+
+    /// The vector-Jacobian product `grad * f'(x)` at input `x`.
+    pub fn vjp<const D: usize>(&self, x: &Tensor<D>, grad: Tensor<D>) -> Tensor<D> {
+        match *self {
+            Self::Relu => grad.mask_fill(x.clone().lower_equal_elem(0.0), 0.0),
+            Self::LeakyRelu { slope } => {
+                let scaled = grad.clone().mul_scalar(slope);
+                grad.mask_where(x.clone().lower_equal_elem(0.0), scaled)
+            }
+            Self::Sigmoid => {
+                let s = activation::sigmoid(x.clone());
+                grad * s.clone() * s.neg().add_scalar(1.0)
+            }
+            Self::Tanh => {
+                let t = activation::tanh(x.clone());
+                grad * t.square().neg().add_scalar(1.0)
+            }
+            Self::HardSigmoid => Self::clip_vjp(x, grad, 1.0),
+            Self::ClippedRelu { cap } => Self::clip_vjp(x, grad, cap),
+            Self::Gelu => {
+                // d/dx x Phi(x) = Phi(x) + x phi(x).
+                let cdf = x
+                    .clone()
+                    .mul_scalar(std::f32::consts::FRAC_1_SQRT_2)
+                    .erf()
+                    .add_scalar(1.0)
+                    .mul_scalar(0.5);
+                let pdf = x
+                    .clone()
+                    .square()
+                    .mul_scalar(-0.5)
+                    .exp()
+                    .mul_scalar(0.398_942_3);
+                grad * (cdf + x.clone() * pdf)
+            }
+            Self::Silu => {
+                // d/dx x s(x) = s(x) (1 + x (1 - s(x))).
+                let s = activation::sigmoid(x.clone());
+                let inner = x.clone() * s.clone().neg().add_scalar(1.0);
+                grad * s * inner.add_scalar(1.0)
+            }
+        }
+    }
+
+    fn clip_vjp<const D: usize>(x: &Tensor<D>, grad: Tensor<D>, cap: f32) -> Tensor<D> {
+        let outside = x
+            .clone()
+            .lower_equal_elem(0.0)
+            .bool_or(x.clone().greater_equal_elem(cap));
+        grad.mask_fill(outside, 0.0)
+    }
+}
+
+impl fmt::Display for Activation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Relu => write!(f, "relu"),
+            Self::LeakyRelu { slope } => write!(f, "lrelu({slope})"),
+            Self::Sigmoid => write!(f, "sigmoid"),
+            Self::Tanh => write!(f, "tanh"),
+            Self::HardSigmoid => write!(f, "hsig"),
+            Self::ClippedRelu { cap } => write!(f, "crelu({cap})"),
+            Self::Gelu => write!(f, "gelu"),
+            Self::Silu => write!(f, "silu"),
+        }
+    }
+}

@@ -1,0 +1,717 @@
+//! A network: an explicitly declared chain of layers, its parameters and its forward pass.
+
+use burn::tensor::TensorData;
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+use super::layer::{Layer, LayerOp, NormStats};
+use super::{Activation, ModelError, Shape};
+use crate::device::{Device, Tensor};
+
+/// A layer as declared by a user; sizes are inferred from the layer before it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerKind {
+    /// Fully connected layer to `outputs` features (needs a flat input).
+    Linear {
+        /// Output width.
+        outputs: usize,
+    },
+    /// 2-D convolution (needs an image input).
+    Conv2d {
+        /// Output channels.
+        channels: usize,
+        /// Square kernel size.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+        /// Zero padding on every side.
+        padding: usize,
+    },
+    /// Element-wise activation.
+    Activation(Activation),
+    /// Max pooling.
+    MaxPool2d {
+        /// Window.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+    },
+    /// Average pooling.
+    AvgPool2d {
+        /// Window.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+    },
+    /// Image or sequence to flat vector.
+    Flatten,
+    /// Flat vector to `tokens` tokens of equal width.
+    Tokens {
+        /// Number of tokens.
+        tokens: usize,
+    },
+    /// Layer normalisation (eps 1e-5).
+    LayerNorm,
+    /// Batch normalisation (eps 1e-5, running-statistics momentum 0.1).
+    BatchNorm,
+    /// Dropout with drop probability `p` in `[0, 1)`.
+    Dropout {
+        /// Drop probability.
+        p: f32,
+    },
+    /// Multi-head self-attention with `heads` heads (needs a sequence input whose width
+    /// divides by `heads`).
+    Attention {
+        /// Number of heads.
+        heads: usize,
+    },
+    /// A residual block: its input is added to the output of its last layer, which must be
+    /// state-producing (linear, conv, attention) and keep the input's shape. No nesting.
+    Residual(Vec<LayerKind>),
+}
+
+/// A residual skip: the input of layer `start` is added to the output of layer `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Skip {
+    /// First layer of the block.
+    pub start: usize,
+    /// Last layer of the block (state-producing).
+    pub end: usize,
+}
+
+/// What a parameter is, for optimizers that treat matrices and vectors differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// A weight matrix: `fan_in` inputs to `fan_out` outputs (conv kernels count
+    /// `in * k * k` inputs). `out_major` says whether it is stored `[fan_out, fan_in]`
+    /// (conv) or `[fan_in, fan_out]` (linear, attention).
+    Matrix {
+        /// Inputs.
+        fan_in: usize,
+        /// Outputs.
+        fan_out: usize,
+        /// Stored as `[fan_out, fan_in]`.
+        out_major: bool,
+    },
+    /// A bias or normalisation gain, stored `[1, n]`.
+    Vector,
+}
+
+/// Name and kind of one parameter tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamInfo {
+    /// `layer.role`, e.g. `fc1.weight`, `ln2.gain`, `attn1.wq`.
+    pub name: String,
+    /// Matrix or vector.
+    pub kind: ParamKind,
+}
+
+/// Running statistics of one batch-norm layer (host copies, per channel).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningStats {
+    /// Running mean.
+    pub mean: Vec<f32>,
+    /// Running (unbiased) variance.
+    pub var: Vec<f32>,
+}
+
+/// Per-channel batch moments of each batch-norm layer seen in a training forward pass.
+pub type BatchMoments = Vec<(Vec<f32>, Vec<f32>)>;
+
+/// Builds a [`Network`] layer by layer; every size is checked when [`NetworkBuilder::build`]
+/// runs.
+#[derive(Debug, Clone)]
+pub struct NetworkBuilder {
+    input: Shape,
+    layers: Vec<LayerKind>,
+}
+
+impl NetworkBuilder {
+    /// A builder for inputs of this per-sample shape.
+    pub fn new(input: Shape) -> Self {
+        Self {
+            input,
+            layers: Vec::new(),
+        }
+    }
+
+    /// Appends a layer.
+    pub fn add(mut self, layer: LayerKind) -> Self {
+        self.layers.push(layer);
+        self
+    }
+
+    /// Appends a linear layer.
+    pub fn linear(self, outputs: usize) -> Self {
+        self.add(LayerKind::Linear { outputs })
+    }
+
+    /// Appends a convolution.
+    pub fn conv2d(self, channels: usize, kernel: usize, stride: usize, padding: usize) -> Self {
+        self.add(LayerKind::Conv2d {
+            channels,
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
+    /// Appends an activation.
+    pub fn activation(self, a: Activation) -> Self {
+        self.add(LayerKind::Activation(a))
+    }
+
+    /// Appends a ReLU.
+    pub fn relu(self) -> Self {
+        self.activation(Activation::Relu)
+    }
+
+    /// The declared layers so far.
+    pub fn layers(&self) -> &[LayerKind] {
+        &self.layers
+    }
+
+    /// The input shape.
+    pub fn input(&self) -> Shape {
+        self.input
+    }
+
+    /// Resolves sizes, checks shapes and initialises parameters from `seed`: He-uniform
+    /// for linear and conv weights (`U(-sqrt(6/fan_in), sqrt(6/fan_in))`), Xavier-uniform
+    /// for attention projections, zero biases, unit gains. The same seed gives the same
+    /// weights on every device.
+    pub fn build(&self, seed: u64, device: &Device) -> Result<Network, ModelError> {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let mut net = Network {
+            input: self.input,
+            layers: Vec::new(),
+            skips: Vec::new(),
+            params: Vec::new(),
+            info: Vec::new(),
+            running: Vec::new(),
+        };
+        let mut shape = self.input;
+        let mut counter = Counter::default();
+        for kind in &self.layers {
+            match kind {
+                LayerKind::Residual(inner) => {
+                    let start = net.layers.len();
+                    let block_in = shape;
+                    if inner.is_empty() {
+                        return Err(invalid("a residual block needs at least one layer"));
+                    }
+                    for k in inner {
+                        if matches!(k, LayerKind::Residual(_)) {
+                            return Err(invalid("residual blocks cannot be nested"));
+                        }
+                        shape =
+                            net.push(k, shape, &mut counter, &mut rng, device)?;
+                    }
+                    let end = net.layers.len() - 1;
+                    if !net.layers[end].is_state() {
+                        return Err(invalid(&format!(
+                            "a residual block must end with a state-producing layer (linear, conv, attention), not {}",
+                            net.layers[end].name
+                        )));
+                    }
+                    if shape != block_in {
+                        return Err(invalid(&format!(
+                            "a residual block must keep its input shape: {block_in} in, {shape} out"
+                        )));
+                    }
+                    net.skips.push(Skip { start, end });
+                }
+                k => shape = net.push(k, shape, &mut counter, &mut rng, device)?,
+            }
+        }
+        if !net.layers.iter().any(Layer::is_state) {
+            return Err(invalid(
+                "a network needs at least one linear, conv or attention layer",
+            ));
+        }
+        Ok(net)
+    }
+}
+
+fn invalid(reason: &str) -> ModelError {
+    ModelError::InvalidSpec {
+        spec: "network".into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Default)]
+struct Counter {
+    counts: std::collections::HashMap<&'static str, usize>,
+}
+
+impl Counter {
+    fn next(&mut self, prefix: &'static str) -> String {
+        let n = self.counts.entry(prefix).or_insert(0);
+        *n += 1;
+        format!("{prefix}{n}")
+    }
+}
+
+fn uniform(rng: &mut Xoshiro256PlusPlus, n: usize, bound: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+}
+
+/// A network: layers in forward order, residual skips, parameters and batch-norm running
+/// statistics.
+#[derive(Debug, Clone)]
+pub struct Network {
+    input: Shape,
+    layers: Vec<Layer>,
+    skips: Vec<Skip>,
+    params: Vec<Tensor<2>>,
+    info: Vec<ParamInfo>,
+    running: Vec<RunningStats>,
+}
+
+impl Network {
+    fn push(
+        &mut self,
+        kind: &LayerKind,
+        input: Shape,
+        counter: &mut Counter,
+        rng: &mut Xoshiro256PlusPlus,
+        device: &Device,
+    ) -> Result<Shape, ModelError> {
+        let first_param = self.params.len();
+        let position = self.layers.len() + 1;
+        let need_image = |what: &str| {
+            invalid(&format!(
+                "layer {position} ({what}) needs an image input, got {input}"
+            ))
+        };
+        let (op, output, name) = match *kind {
+            LayerKind::Linear { outputs } => {
+                let Shape::Flat(inputs) = input else {
+                    return Err(invalid(&format!(
+                        "layer {position} (linear) needs a flat input, got {input}; add a flatten layer first"
+                    )));
+                };
+                if outputs == 0 {
+                    return Err(invalid("a linear layer needs at least one output"));
+                }
+                let name = counter.next("fc");
+                let bound = (6.0 / inputs as f64).sqrt() as f32;
+                self.add_param(
+                    format!("{name}.weight"),
+                    ParamKind::Matrix {
+                        fan_in: inputs,
+                        fan_out: outputs,
+                        out_major: false,
+                    },
+                    uniform(rng, inputs * outputs, bound),
+                    [inputs, outputs],
+                    device,
+                );
+                self.add_param(
+                    format!("{name}.bias"),
+                    ParamKind::Vector,
+                    vec![0.0; outputs],
+                    [1, outputs],
+                    device,
+                );
+                (
+                    LayerOp::Linear { inputs, outputs },
+                    Shape::Flat(outputs),
+                    name,
+                )
+            }
+            LayerKind::Conv2d {
+                channels,
+                kernel,
+                stride,
+                padding,
+            } => {
+                let Shape::Image { c, h, w } = input else {
+                    return Err(need_image("conv"));
+                };
+                if channels == 0 || kernel == 0 || stride == 0 {
+                    return Err(invalid(
+                        "conv channels, kernel and stride must be positive",
+                    ));
+                }
+                if h + 2 * padding < kernel || w + 2 * padding < kernel {
+                    return Err(invalid(&format!(
+                        "layer {position}: kernel {kernel} does not fit a {input} input with padding {padding}"
+                    )));
+                }
+                let oh = (h + 2 * padding - kernel) / stride + 1;
+                let ow = (w + 2 * padding - kernel) / stride + 1;
+                let name = counter.next("conv");
+                let fan_in = c * kernel * kernel;
+                let bound = (6.0 / fan_in as f64).sqrt() as f32;
+                self.add_param(
+                    format!("{name}.weight"),
+                    ParamKind::Matrix {
+                        fan_in,
+                        fan_out: channels,
+                        out_major: true,
+                    },
+                    uniform(rng, fan_in * channels, bound),
+                    [channels, fan_in],
+                    device,
+                );
+                self.add_param(
+                    format!("{name}.bias"),
+                    ParamKind::Vector,
+                    vec![0.0; channels],
+                    [1, channels],
+                    device,
+                );
+                (
+                    LayerOp::Conv2d {
+                        in_channels: c,
+                        out_channels: channels,
+                        kernel,
+                        stride,
+                        padding,
+                    },
+                    Shape::Image {
+                        c: channels,
+                        h: oh,
+                        w: ow,
+                    },
+                    name,
+                )
+            }
+            LayerKind::Activation(a) => {
+                let base: &'static str = match a {
+                    Activation::Relu => "relu",
+                    Activation::LeakyRelu { .. } => "lrelu",
+                    Activation::Sigmoid => "sigmoid",
+                    Activation::Tanh => "tanh",
+                    Activation::HardSigmoid => "hsig",
+                    Activation::ClippedRelu { .. } => "crelu",
+                    Activation::Gelu => "gelu",
+                    Activation::Silu => "silu",
+                };
+                (LayerOp::Activation(a), input, counter.next(base))
+            }
+            LayerKind::MaxPool2d { kernel, stride } | LayerKind::AvgPool2d { kernel, stride } => {
+                let Shape::Image { c, h, w } = input else {
+                    return Err(need_image("pool"));
+                };
+                if kernel == 0 || stride == 0 || kernel > h || kernel > w {
+                    return Err(invalid(&format!(
+                        "layer {position}: pooling window {kernel} (stride {stride}) does not fit a {input} input"
+                    )));
+                }
+                let out = Shape::Image {
+                    c,
+                    h: (h - kernel) / stride + 1,
+                    w: (w - kernel) / stride + 1,
+                };
+                if matches!(kind, LayerKind::MaxPool2d { .. }) {
+                    (
+                        LayerOp::MaxPool2d { kernel, stride },
+                        out,
+                        counter.next("maxpool"),
+                    )
+                } else {
+                    (
+                        LayerOp::AvgPool2d { kernel, stride },
+                        out,
+                        counter.next("avgpool"),
+                    )
+                }
+            }
+            LayerKind::Flatten => (
+                LayerOp::Flatten,
+                Shape::Flat(input.numel()),
+                counter.next("flatten"),
+            ),
+            LayerKind::Tokens { tokens } => {
+                let Shape::Flat(n) = input else {
+                    return Err(invalid(&format!(
+                        "layer {position} (tokens) needs a flat input, got {input}"
+                    )));
+                };
+                if tokens == 0 || n % tokens != 0 {
+                    return Err(invalid(&format!(
+                        "layer {position}: {n} features do not split into {tokens} equal tokens"
+                    )));
+                }
+                (
+                    LayerOp::Tokens { tokens },
+                    Shape::Seq {
+                        t: tokens,
+                        d: n / tokens,
+                    },
+                    counter.next("tokens"),
+                )
+            }
+            LayerKind::LayerNorm | LayerKind::BatchNorm => {
+                let channels = match (kind, input) {
+                    (LayerKind::BatchNorm, Shape::Image { c, .. }) => c,
+                    (_, Shape::Seq { d, .. }) => d,
+                    (_, s) => s.numel(),
+                };
+                let (op, name) = if matches!(kind, LayerKind::LayerNorm) {
+                    (LayerOp::LayerNorm { eps: 1e-5 }, counter.next("ln"))
+                } else {
+                    self.running.push(RunningStats {
+                        mean: vec![0.0; channels],
+                        var: vec![1.0; channels],
+                    });
+                    (
+                        LayerOp::BatchNorm {
+                            eps: 1e-5,
+                            momentum: 0.1,
+                            slot: self.running.len() - 1,
+                        },
+                        counter.next("bn"),
+                    )
+                };
+                self.add_param(
+                    format!("{name}.gain"),
+                    ParamKind::Vector,
+                    vec![1.0; channels],
+                    [1, channels],
+                    device,
+                );
+                self.add_param(
+                    format!("{name}.bias"),
+                    ParamKind::Vector,
+                    vec![0.0; channels],
+                    [1, channels],
+                    device,
+                );
+                (op, input, name)
+            }
+            LayerKind::Dropout { p } => {
+                if !(0.0..1.0).contains(&p) {
+                    return Err(invalid(&format!(
+                        "dropout probability must be in [0, 1), got {p}"
+                    )));
+                }
+                (LayerOp::Dropout { p }, input, counter.next("dropout"))
+            }
+            LayerKind::Attention { heads } => {
+                let Shape::Seq { d, .. } = input else {
+                    return Err(invalid(&format!(
+                        "layer {position} (attention) needs a token sequence, got {input}; add a tokens layer first"
+                    )));
+                };
+                if heads == 0 || d % heads != 0 {
+                    return Err(invalid(&format!(
+                        "layer {position}: token width {d} does not split into {heads} heads"
+                    )));
+                }
+                let name = counter.next("attn");
+                let bound = (6.0 / (2 * d) as f64).sqrt() as f32;
+                for role in ["wq", "wk", "wv", "wo"] {
+                    self.add_param(
+                        format!("{name}.{role}"),
+                        ParamKind::Matrix {
+                            fan_in: d,
+                            fan_out: d,
+                            out_major: false,
+                        },
+                        uniform(rng, d * d, bound),
+                        [d, d],
+                        device,
+                    );
+                }
+                (LayerOp::Attention { heads }, input, name)
+            }
+            LayerKind::Residual(_) => unreachable!("handled by the builder"),
+        };
+        self.layers.push(Layer {
+            op,
+            name,
+            input,
+            output,
+            first_param,
+            num_params: self.params.len() - first_param,
+        });
+        Ok(output)
+    }
+
+    fn add_param(
+        &mut self,
+        name: String,
+        kind: ParamKind,
+        values: Vec<f32>,
+        shape: [usize; 2],
+        device: &Device,
+    ) {
+        self.params
+            .push(Tensor::from_data(TensorData::new(values, shape), device));
+        self.info.push(ParamInfo { name, kind });
+    }
+
+    /// Per-sample input shape.
+    pub fn input_shape(&self) -> Shape {
+        self.input
+    }
+
+    /// Per-sample output shape.
+    pub fn output_shape(&self) -> Shape {
+        self.layers.last().map_or(self.input, |l| l.output)
+    }
+
+    /// Layers in forward order.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// Residual skips.
+    pub fn skips(&self) -> &[Skip] {
+        &self.skips
+    }
+
+    /// Parameter tensors, in layer order.
+    pub fn params(&self) -> &[Tensor<2>] {
+        &self.params
+    }
+
+    /// Name and kind of each parameter.
+    pub fn param_info(&self) -> &[ParamInfo] {
+        &self.info
+    }
+
+    /// Number of scalar parameters.
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|p| p.dims()[0] * p.dims()[1]).sum()
+    }
+
+    /// Batch-norm running statistics, one entry per batch-norm layer.
+    pub fn running_stats(&self) -> &[RunningStats] {
+        &self.running
+    }
+
+    /// Replaces the parameters with tensors of the same count and shapes.
+    pub fn set_params(&mut self, params: Vec<Tensor<2>>) -> Result<(), ModelError> {
+        let expected: Vec<[usize; 2]> = self.params.iter().map(|p| p.dims()).collect();
+        let found: Vec<[usize; 2]> = params.iter().map(|p| p.dims()).collect();
+        if expected != found {
+            return Err(invalid(&format!(
+                "parameter shapes {found:?} do not match {expected:?}"
+            )));
+        }
+        self.params = params;
+        Ok(())
+    }
+
+    /// Folds one training batch's moments into the running statistics (once per batch).
+    pub fn update_running_stats(&mut self, moments: &BatchMoments, batch: usize) {
+        for (layer, stats) in self.layers.iter().filter_map(|l| match l.op {
+            LayerOp::BatchNorm { momentum, slot, .. } => Some((momentum, slot)),
+            _ => None,
+        }).zip(moments)
+        {
+            let (momentum, slot) = layer;
+            let (mean, var) = stats;
+            let unbias = if batch > 1 {
+                batch as f32 / (batch as f32 - 1.0)
+            } else {
+                1.0
+            };
+            let r = &mut self.running[slot];
+            for (rm, m) in r.mean.iter_mut().zip(mean) {
+                *rm = (1.0 - momentum) * *rm + momentum * m;
+            }
+            for (rv, v) in r.var.iter_mut().zip(var) {
+                *rv = (1.0 - momentum) * *rv + momentum * v * unbias;
+            }
+        }
+    }
+
+    /// Statistics of batch-norm layer `layer` for inference: its running mean and variance
+    /// as fixed statistics.
+    pub(crate) fn running_norm(&self, layer: &Layer, device: &Device) -> NormStats {
+        let LayerOp::BatchNorm { eps, slot, .. } = layer.op else {
+            return NormStats::Batch;
+        };
+        let r = &self.running[slot];
+        let c = r.mean.len();
+        let inv: Vec<f32> = r.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        NormStats::Fixed {
+            mean: Tensor::from_data(TensorData::new(r.mean.clone(), [1, c, 1]), device),
+            inv_std: Tensor::from_data(TensorData::new(inv, [1, c, 1]), device),
+        }
+    }
+
+    /// Inference: batch norm with running statistics, dropout off.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let device = x.device();
+        let stats: Vec<NormStats> = self
+            .layers
+            .iter()
+            .map(|l| self.running_norm(l, &device))
+            .collect();
+        self.run(&self.params, x, |i, _| stats[i].clone(), &mut |_, x| x)
+    }
+
+    /// The training forward pass with explicit parameters (e.g. autodiff-tracked copies):
+    /// batch norm with batch statistics, dropout drawn from `dropout_seed` when given (off
+    /// otherwise). Returns the output and each batch-norm layer's batch moments.
+    pub fn forward_train(
+        &self,
+        params: &[Tensor<2>],
+        x: Tensor<2>,
+        dropout_seed: Option<u64>,
+    ) -> (Tensor<2>, BatchMoments) {
+        let mut moments = BatchMoments::new();
+        let mut rng = dropout_seed.map(Xoshiro256PlusPlus::seed_from_u64);
+        let out = self.run(
+            params,
+            x,
+            |i, x: &Tensor<2>| {
+                if let LayerOp::BatchNorm { .. } = self.layers[i].op {
+                    let (mean, var) = self.layers[i].batch_moments(x);
+                    moments.push((host(mean), host(var)));
+                }
+                NormStats::Batch
+            },
+            &mut |i, x: Tensor<2>| match (self.layers[i].op.clone(), rng.as_mut()) {
+                (LayerOp::Dropout { p }, Some(rng)) if p > 0.0 => {
+                    let [b, n] = x.dims();
+                    let keep = 1.0 / (1.0 - p);
+                    let mask: Vec<f32> = (0..b * n)
+                        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+                        .collect();
+                    let mask = Tensor::<2>::from_data(TensorData::new(mask, [b, n]), &x.device());
+                    x * mask
+                }
+                _ => x,
+            },
+        );
+        (out, moments)
+    }
+
+    fn run(
+        &self,
+        params: &[Tensor<2>],
+        x: Tensor<2>,
+        mut stats: impl FnMut(usize, &Tensor<2>) -> NormStats,
+        dropout: &mut dyn FnMut(usize, Tensor<2>) -> Tensor<2>,
+    ) -> Tensor<2> {
+        let mut h = x;
+        let mut saved: Option<Tensor<2>> = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if self.skips.iter().any(|s| s.start == i) {
+                saved = Some(h.clone());
+            }
+            let st = stats(i, &h);
+            h = layer.apply(layer.params(params), h, &st);
+            h = dropout(i, h);
+            if self.skips.iter().any(|s| s.end == i) {
+                h = h + saved.take().expect("a skip ends after it starts");
+            }
+        }
+        h
+    }
+}
+
+fn host(t: Tensor<3>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data")
+}
