@@ -9,7 +9,12 @@ use clap::Args;
 use mep::data::{self, DataError, DataLocator, LoadOptions, Normalization};
 use mep::device::Workload;
 use mep::model::{ModelSpec, Shape};
-use mep::train::{BackpropTrainer, OptimizerKind, TrainConfig};
+use mep::ep::{EqPropConfig, EqPropInit, SettleConfig};
+use mep::estimate::{
+    BackpropEstimator, EpConfig, EpEstimator, EqPropEstimator, GradientEstimator, Nudging,
+};
+use mep::loss::Loss;
+use mep::train::{OptimizerKind, TrainConfig, Trainer};
 use serde::Serialize;
 
 use super::Globals;
@@ -20,12 +25,22 @@ pub struct TrainArgs {
     /// Data set: mnist, fashion-mnist, xor, permuted-mnist[:K].
     #[arg(long, default_value = "mnist")]
     dataset: String,
-    /// Model spec: widths joined by '-' (784-256-128-10) or mlp-small / mlp.
+    /// Model spec (784-256-128-10, conv32k5-pool2-conv64k5-pool2-fc10, mlp-small, mlp,
+    /// cnn, ...; the grammar is in the README).
     #[arg(long, default_value = "784-256-128-10")]
     model: ModelSpec,
-    /// Optimizer of the backprop baseline.
+    /// Gradient estimator.
+    #[arg(long, value_enum, default_value = "backprop")]
+    estimator: EstimatorArg,
+    /// Optimizer.
     #[arg(long, value_enum, default_value = "adam")]
     optimizer: OptimizerArg,
+    /// Loss: mse (1/2 ||o - y||^2), mse-reference (no 1/2), ce, or ce:SMOOTHING
+    /// (default: ce for backprop, mse for EP).
+    #[arg(long)]
+    loss: Option<Loss>,
+    #[command(flatten)]
+    ep: EpArgs,
     /// Epochs.
     #[arg(long, default_value_t = 1)]
     epochs: usize,
@@ -61,6 +76,130 @@ pub struct TrainArgs {
     json: bool,
 }
 
+/// Options of the EP estimators.
+#[derive(Debug, Clone, Args)]
+pub struct EpArgs {
+    /// EP nudge strength.
+    #[arg(long, default_value_t = 0.5)]
+    pub beta: f32,
+    /// EP nudging: one-sided, random or centered.
+    #[arg(long, default_value = "one-sided", value_parser = parse_nudging)]
+    pub nudging: Nudging,
+    /// Most settle steps per phase.
+    #[arg(long, default_value_t = 30)]
+    pub settle_steps: usize,
+    /// Settle step size (per sample).
+    #[arg(long, default_value_t = 0.3)]
+    pub settle_lr: f32,
+    /// Stop settling when the largest per-sample state-gradient norm is under TOL * beta.
+    #[arg(long, default_value_t = 1e-3)]
+    pub settle_tol: f32,
+    /// Check convergence every K settle steps.
+    #[arg(long, default_value_t = 5, value_name = "K")]
+    pub settle_check: usize,
+    /// Per-sample adaptive settle step (accept/reject by energy).
+    #[arg(long)]
+    pub adaptive: bool,
+    /// EqProp: free-phase steps.
+    #[arg(long, default_value_t = 40)]
+    pub eqprop_free_steps: usize,
+    /// EqProp: nudged-phase steps.
+    #[arg(long, default_value_t = 4)]
+    pub eqprop_nudged_steps: usize,
+    /// EqProp: state step size.
+    #[arg(long, default_value_t = 0.5)]
+    pub eqprop_step: f32,
+    /// EqProp: start each training sample's free phase from its previous states.
+    #[arg(long)]
+    pub persistent: bool,
+}
+
+pub fn parse_nudging(s: &str) -> Result<Nudging, String> {
+    s.parse().map_err(|e: mep::estimate::EstimateError| e.to_string())
+}
+
+impl EpArgs {
+    /// The settling options.
+    pub fn settle(&self) -> SettleConfig {
+        SettleConfig {
+            lr: self.settle_lr,
+            steps: self.settle_steps,
+            tol: self.settle_tol,
+            check_every: self.settle_check,
+            adaptive: self.adaptive,
+            ..SettleConfig::default()
+        }
+    }
+
+    /// The EP options with this loss and seed.
+    pub fn ep(&self, loss: Loss, seed: u64) -> EpConfig {
+        EpConfig {
+            beta: self.beta,
+            nudging: self.nudging,
+            loss,
+            settle: self.settle(),
+            seed,
+        }
+    }
+
+    /// The EqProp options.
+    pub fn eqprop(&self) -> EqPropConfig {
+        EqPropConfig {
+            beta: self.beta,
+            random_sign: self.nudging == Nudging::RandomSign,
+            step: self.eqprop_step,
+            free_steps: self.eqprop_free_steps,
+            nudged_steps: self.eqprop_nudged_steps,
+            init: if self.persistent {
+                EqPropInit::Persistent
+            } else {
+                EqPropInit::Zero
+            },
+        }
+    }
+}
+
+/// Gradient estimators selectable on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EstimatorArg {
+    /// Backpropagation (burn autodiff).
+    Backprop,
+    /// Equilibrium propagation on the layered energy.
+    Ep,
+    /// Layer-local EP.
+    LocalEp,
+    /// Classic EqProp (Hopfield energy; needs a Linear-hsig-Linear chain).
+    Eqprop,
+}
+
+impl EstimatorArg {
+    /// The default loss of this estimator.
+    pub fn default_loss(self) -> Loss {
+        match self {
+            Self::Backprop => Loss::CrossEntropy { smoothing: 0.0 },
+            _ => Loss::default(),
+        }
+    }
+
+    /// Builds the estimator for `net`.
+    pub fn build(
+        self,
+        net: &mep::model::Network,
+        loss: Loss,
+        ep: &EpArgs,
+        samples: usize,
+        seed: u64,
+    ) -> Result<Box<dyn GradientEstimator>> {
+        Ok(match self {
+            Self::Backprop => Box::new(BackpropEstimator::new(loss)?.with_dropout_seed(seed)),
+            Self::Ep => Box::new(EpEstimator::new(net, ep.ep(loss, seed))?),
+            Self::LocalEp => Box::new(EpEstimator::local(net, ep.ep(loss, seed))?),
+            Self::Eqprop => Box::new(EqPropEstimator::new(net, ep.eqprop(), samples, seed)?),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum OptimizerArg {
     Sgd,
@@ -87,6 +226,12 @@ fn parse_mean_std(s: &str) -> Result<(f32, f32), String> {
 struct RunConfig<'a> {
     dataset: &'a str,
     model: String,
+    estimator: EstimatorArg,
+    loss: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ep: Option<EpConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eqprop: Option<EqPropConfig>,
     optimizer: OptimizerKind,
     lr: f64,
     momentum: f64,
@@ -133,18 +278,32 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("results/train").join(
             format!(
-                "{}-{}-{:?}-seed{}",
+                "{}-{}-{:?}-{:?}-seed{}",
                 dataset.name.replace(':', "_"),
                 args.model,
+                args.estimator,
                 kind,
                 globals.seed
             )
             .to_lowercase(),
         )
     });
+    let loss = args.loss.unwrap_or(args.estimator.default_loss());
+    let estimator = args.estimator.build(
+        &model,
+        loss,
+        &args.ep,
+        dataset.train.len(),
+        globals.seed,
+    )?;
     let run_config = RunConfig {
         dataset: &dataset.name,
         model: args.model.to_string(),
+        estimator: args.estimator,
+        loss: loss.to_string(),
+        ep: matches!(args.estimator, EstimatorArg::Ep | EstimatorArg::LocalEp)
+            .then(|| args.ep.ep(loss, globals.seed)),
+        eqprop: (args.estimator == EstimatorArg::Eqprop).then(|| args.ep.eqprop()),
         optimizer: kind,
         lr,
         momentum: args.momentum,
@@ -162,19 +321,20 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     )?;
 
     eprintln!(
-        "training {} ({} parameters) on {} ({} train / {} test) with backprop+{:?}, lr {lr}, {} epochs, batch {}, device {}, {} threads",
+        "training {} ({} parameters) on {} ({} train / {} test) with {}+{:?} ({loss} loss), lr {lr}, {} epochs, batch {}, device {}, {} threads",
         args.model,
         model.num_params(),
         dataset.name,
         dataset.train.len(),
         dataset.test.len(),
+        estimator.name(),
         kind,
         config.epochs,
         config.batch_size,
         globals.device,
         mep::device::threads()
     );
-    let mut trainer = BackpropTrainer::new(model, optimizer, device);
+    let mut trainer = Trainer::new(model, estimator, optimizer, device);
     let mut bar = EpochBar::new(config.epochs, false);
     let history = trainer.fit(&dataset, &config, &mut bar)?;
 

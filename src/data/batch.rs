@@ -26,6 +26,8 @@ pub struct Batch {
     pub inputs: Vec<f32>,
     /// `len` class labels.
     pub labels: Vec<u32>,
+    /// `len` indices of the samples in their split.
+    pub indices: Vec<usize>,
 }
 
 impl Batch {
@@ -77,6 +79,7 @@ impl<'a> Batcher<'a> {
             batch: Batch {
                 inputs: Vec::with_capacity(batch_size * split.dim()),
                 labels: Vec::with_capacity(batch_size),
+                indices: Vec::with_capacity(batch_size),
             },
         })
     }
@@ -95,7 +98,9 @@ impl<'a> Batcher<'a> {
         let end = (self.pos + self.batch_size).min(self.order.len());
         self.batch.inputs.clear();
         self.batch.labels.clear();
+        self.batch.indices.clear();
         for &i in &self.order[self.pos..end] {
+            self.batch.indices.push(i);
             self.batch.inputs.extend_from_slice(self.split.input(i));
             self.batch.labels.push(self.split.labels()[i]);
         }

@@ -18,4 +18,13 @@ pub struct EpochMetrics {
     pub seconds: f64,
     /// Training samples per second.
     pub samples_per_second: f64,
+    /// Mean settle steps per phase (EP estimators only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_steps_mean: Option<f64>,
+    /// Mean final settle residual (largest per-sample state-gradient norm) per phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_residual_mean: Option<f64>,
+    /// Phases that used their whole step budget without reaching the tolerance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_unconverged: Option<usize>,
 }

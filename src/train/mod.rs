@@ -3,10 +3,10 @@
 //! The library reports progress through a [`TrainObserver`] and never prints; the CLI turns
 //! the callbacks into progress bars and JSON lines.
 
-mod backprop;
 mod metrics;
+mod trainer;
 
-pub use backprop::{BackpropTrainer, OptimizerKind, TrainConfig, cross_entropy, evaluate};
+pub use trainer::{OptimizerKind, StepOutcome, TrainConfig, Trainer};
 pub use metrics::EpochMetrics;
 
 use crate::data::DataError;
@@ -26,6 +26,9 @@ pub enum TrainError {
     /// An optimizer option or step failed.
     #[error(transparent)]
     Optim(#[from] OptimError),
+    /// Gradient estimation failed (for example settling diverged).
+    #[error(transparent)]
+    Estimate(#[from] crate::estimate::EstimateError),
     /// Device selection failed.
     #[error(transparent)]
     Device(#[from] DeviceError),

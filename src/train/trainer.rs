@@ -1,13 +1,14 @@
-//! The backprop baseline: forward pass, cross-entropy, burn autodiff, first-order optimizer.
+//! The training loop: any gradient estimator, any optimizer, per-epoch evaluation.
 
 use std::time::Instant;
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, TensorData};
 
 use super::{EpochMetrics, TrainError, TrainObserver};
-use crate::data::{Batcher, Dataset, Split, one_hot_into};
-use crate::device::{Device, Tensor, autodiff};
+use crate::data::{Batcher, Dataset, Split};
+use crate::device::{Device, Tensor};
+use crate::ep::SettleStats;
+use crate::estimate::{GradientEstimator, TensorBatch};
 use crate::model::{ModelError, Network};
 use crate::optim::{Adam, Optimizer, Sgd};
 
@@ -71,34 +72,39 @@ impl TrainConfig {
     }
 }
 
-/// Trains a [`Network`] by backpropagation with a first-order optimizer.
-pub struct BackpropTrainer {
+/// Trains a [`Network`] with any [`GradientEstimator`] and any [`Optimizer`].
+pub struct Trainer {
     model: Network,
+    estimator: Box<dyn GradientEstimator>,
     optimizer: Box<dyn Optimizer>,
     device: Device,
-    grad_device: Device,
-    steps: u64,
-    seed: u64,
 }
 
-impl BackpropTrainer {
+/// What one training step did.
+#[derive(Debug, Clone, Default)]
+pub struct StepOutcome {
+    /// Mean loss of the prediction on the batch (before the update).
+    pub loss: f32,
+    /// Correct predictions on the batch (before the update).
+    pub correct: usize,
+    /// What each settle did (EP estimators).
+    pub settle: Vec<SettleStats>,
+}
+
+impl Trainer {
     /// A trainer for `model` (whose parameters live on `device`).
-    pub fn new(model: Network, optimizer: Box<dyn Optimizer>, device: Device) -> Self {
-        let grad_device = autodiff(&device);
+    pub fn new(
+        model: Network,
+        estimator: Box<dyn GradientEstimator>,
+        optimizer: Box<dyn Optimizer>,
+        device: Device,
+    ) -> Self {
         Self {
             model,
+            estimator,
             optimizer,
             device,
-            grad_device,
-            steps: 0,
-            seed: 0,
         }
-    }
-
-    /// Seeds the dropout masks (step `k` draws from a generator seeded by `seed` and `k`).
-    pub fn with_seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
-        self
     }
 
     /// The model as trained so far.
@@ -106,47 +112,32 @@ impl BackpropTrainer {
         &self.model
     }
 
-    /// One optimizer step on a batch; returns the batch's mean loss and correct predictions.
+    /// The gradient estimator.
+    pub fn estimator(&self) -> &dyn GradientEstimator {
+        self.estimator.as_ref()
+    }
+
+    /// One optimizer step on a host batch.
     pub fn train_step(
         &mut self,
         inputs: &[f32],
         labels: &[u32],
-    ) -> Result<(f32, usize), TrainError> {
+        indices: Option<&[usize]>,
+    ) -> Result<StepOutcome, TrainError> {
         let classes = self.model.output_shape().numel();
-        let n = labels.len();
-        // The tensors own their memory: one copy of the batch each, no further clones.
-        let mut targets = Vec::with_capacity(n * classes);
-        one_hot_into(labels, classes, &mut targets);
-        let x = Tensor::<2>::from_data(
-            TensorData::new(inputs.to_vec(), [n, inputs.len() / n]),
-            &self.grad_device,
-        );
-        let y = Tensor::<2>::from_data(TensorData::new(targets, [n, classes]), &self.grad_device);
-        let tracked: Vec<Tensor<2>> = self
-            .model
-            .params()
-            .iter()
-            .map(|p| Tensor::from_inner(p.clone()).require_grad())
-            .collect();
-        self.steps += 1;
-        let dropout_seed = crate::data::dataset::mix(self.seed, self.steps);
-        let (logits, moments) = self.model.forward_train(&tracked, x, Some(dropout_seed));
-        let correct = count_correct(logits.clone().inner(), labels);
-        let loss = cross_entropy(logits, y);
-        let loss_value = loss.clone().into_scalar();
-        let grads = loss.backward();
-        let grads: Vec<Tensor<2>> = tracked
-            .iter()
-            .map(|p| {
-                p.grad(&grads)
-                    .unwrap_or_else(|| Tensor::zeros(p.shape(), &self.device))
-            })
-            .collect();
+        let mut batch = TensorBatch::new(inputs, labels, classes, &self.device);
+        batch.indices = indices.map(<[usize]>::to_vec);
+        let estimate = self.estimator.estimate(&self.model, &batch)?;
+        let correct = count_correct(estimate.output.clone(), labels);
         let params = self.model.params().to_vec();
-        let updated = self.optimizer.step(params, grads)?;
+        let updated = self.optimizer.step(params, estimate.grads)?;
         self.model.set_params(updated)?;
-        self.model.update_running_stats(&moments, n);
-        Ok((loss_value, correct))
+        self.model.update_running_stats(&estimate.moments, labels.len());
+        Ok(StepOutcome {
+            loss: estimate.loss,
+            correct,
+            settle: estimate.settle,
+        })
     }
 
     /// Trains for `config.epochs` epochs, evaluating on the test split after each.
@@ -165,24 +156,26 @@ impl BackpropTrainer {
             observer.epoch_start(epoch, batches.num_batches());
             let start = Instant::now();
             let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+            let mut settle = SettleSummary::default();
             let mut index = 0;
             while let Some(batch) = batches.next_batch() {
                 index += 1;
-                let (loss, right) = self.train_step(&batch.inputs, &batch.labels)?;
-                if !loss.is_finite() {
+                let outcome = self.train_step(&batch.inputs, &batch.labels, Some(&batch.indices))?;
+                if !outcome.loss.is_finite() {
                     return Err(TrainError::Diverged {
                         epoch,
                         batch: index,
-                        loss,
+                        loss: outcome.loss,
                     });
                 }
-                loss_sum += loss as f64 * batch.len() as f64;
-                correct += right;
+                settle.add(&outcome.settle);
+                loss_sum += outcome.loss as f64 * batch.len() as f64;
+                correct += outcome.correct;
                 seen += batch.len();
-                observer.batch_end(loss, right, batch.len());
+                observer.batch_end(outcome.loss, outcome.correct, batch.len());
             }
             let seconds = start.elapsed().as_secs_f64();
-            let test_accuracy = evaluate(&self.model, &dataset.test, config.batch_size.max(256))?;
+            let test_accuracy = self.evaluate(&dataset.test, config.batch_size.max(256))?;
             let metrics = EpochMetrics {
                 epoch,
                 train_loss: loss_sum / seen as f64,
@@ -190,11 +183,58 @@ impl BackpropTrainer {
                 test_accuracy,
                 seconds,
                 samples_per_second: seen as f64 / seconds.max(1e-9),
+                settle_steps_mean: settle.mean_steps(),
+                settle_residual_mean: settle.mean_residual(),
+                settle_unconverged: settle.phases.then_some(settle.unconverged),
             };
             observer.epoch_end(&metrics);
             history.push(metrics);
         }
         Ok(history)
+    }
+
+    /// Accuracy of the estimator's prediction on `split`, in [0, 1].
+    pub fn evaluate(&self, split: &Split, batch_size: usize) -> Result<f64, TrainError> {
+        let mut batches = Batcher::new(split, batch_size, 0, 0, false)?;
+        let mut correct = 0;
+        while let Some(batch) = batches.next_batch() {
+            let x = Tensor::<2>::from_data(
+                TensorData::new(batch.inputs.clone(), [batch.len(), split.dim()]),
+                &self.device,
+            );
+            correct += count_correct(self.estimator.predict(&self.model, x), &batch.labels);
+        }
+        Ok(correct as f64 / split.len() as f64)
+    }
+}
+
+/// Settle statistics summed over an epoch.
+#[derive(Debug, Default)]
+struct SettleSummary {
+    phases: bool,
+    count: usize,
+    steps: usize,
+    residual: f64,
+    unconverged: usize,
+}
+
+impl SettleSummary {
+    fn add(&mut self, stats: &[SettleStats]) {
+        for s in stats {
+            self.phases = true;
+            self.count += 1;
+            self.steps += s.steps;
+            self.residual += s.residual as f64;
+            self.unconverged += usize::from(!s.converged);
+        }
+    }
+
+    fn mean_steps(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.steps as f64 / self.count as f64)
+    }
+
+    fn mean_residual(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.residual / self.count as f64)
     }
 }
 
@@ -221,14 +261,6 @@ pub(crate) fn check_fits(model: &Network, dataset: &Dataset) -> Result<(), Model
     Ok(())
 }
 
-/// Mean cross-entropy of softmax(`logits`) against one-hot (or soft) `targets`.
-pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
-    let [n, _] = logits.dims();
-    (targets * log_softmax(logits, 1))
-        .sum()
-        .mul_scalar(-1.0 / n as f32)
-}
-
 fn count_correct(logits: Tensor<2>, labels: &[u32]) -> usize {
     let predicted: burn::tensor::Tensor<crate::device::Backend, 2, Int> = logits.argmax(1);
     let predicted = predicted.into_data().convert::<i64>();
@@ -239,19 +271,4 @@ fn count_correct(logits: Tensor<2>, labels: &[u32]) -> usize {
         .zip(labels)
         .filter(|&(&p, &l)| p == l as i64)
         .count()
-}
-
-/// Accuracy of `model` on `split`, in [0, 1], evaluated in batches of `batch_size`.
-pub fn evaluate(model: &Network, split: &Split, batch_size: usize) -> Result<f64, TrainError> {
-    let device = model.params()[0].device();
-    let mut batches = Batcher::new(split, batch_size, 0, 0, false)?;
-    let mut correct = 0;
-    while let Some(batch) = batches.next_batch() {
-        let x = Tensor::<2>::from_data(
-            TensorData::new(batch.inputs.clone(), [batch.len(), split.dim()]),
-            &device,
-        );
-        correct += count_correct(model.forward(x), &batch.labels);
-    }
-    Ok(correct as f64 / split.len() as f64)
 }
