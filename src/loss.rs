@@ -44,7 +44,9 @@ impl Default for Loss {
 
 /// A loss option that is out of range.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid loss `{0}` (expected mse, mse-reference, ce, or ce:SMOOTHING with 0 <= SMOOTHING < 1)")]
+#[error(
+    "invalid loss `{0}` (expected mse, mse-reference, ce, or ce:SMOOTHING with 0 <= SMOOTHING < 1)"
+)]
 pub struct LossError(pub String);
 
 impl Loss {
@@ -117,7 +119,7 @@ impl fmt::Display for Loss {
             Self::Mse {
                 scale: MseScale::Reference,
             } => write!(f, "mse-reference"),
-            Self::CrossEntropy { smoothing } if smoothing == 0.0 => write!(f, "ce"),
+            Self::CrossEntropy { smoothing: 0.0 } => write!(f, "ce"),
             Self::CrossEntropy { smoothing } => write!(f, "ce:{smoothing}"),
         }
     }

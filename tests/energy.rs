@@ -46,7 +46,7 @@ fn zoo(dev: &Device) -> Vec<(&'static str, Network)> {
         .activation(Activation::LeakyRelu { slope: 0.1 })
         .linear(4)
         .activation(Activation::Relu)
-        .add(K::Dropout { p: 0.3 })
+        .layer(K::Dropout { p: 0.3 })
         .linear(3);
     let clipped = NetworkBuilder::new(Shape::Flat(6))
         .linear(6)
@@ -56,35 +56,38 @@ fn zoo(dev: &Device) -> Vec<(&'static str, Network)> {
         .linear(3);
     let cnn = NetworkBuilder::new(Shape::Image { c: 2, h: 8, w: 8 })
         .conv2d(3, 3, 1, 1)
-        .add(K::BatchNorm)
+        .layer(K::BatchNorm)
         .activation(Activation::Tanh)
-        .add(K::MaxPool2d {
+        .layer(K::MaxPool2d {
             kernel: 2,
             stride: 2,
         })
         .conv2d(4, 3, 2, 1)
         .activation(Activation::Gelu)
-        .add(K::AvgPool2d {
+        .layer(K::AvgPool2d {
             kernel: 2,
             stride: 1,
         })
-        .add(K::Flatten)
-        .add(K::LayerNorm)
+        .layer(K::Flatten)
+        .layer(K::LayerNorm)
         .linear(3);
     let attention = NetworkBuilder::new(Shape::Flat(12))
-        .add(K::Tokens { tokens: 3 })
-        .add(K::Attention { heads: 2 })
-        .add(K::LayerNorm)
+        .layer(K::Tokens { tokens: 3 })
+        .layer(K::Attention { heads: 2 })
+        .layer(K::LayerNorm)
         .activation(Activation::Tanh)
-        .add(K::Attention { heads: 1 })
-        .add(K::Flatten)
+        .layer(K::Attention { heads: 1 })
+        .layer(K::Flatten)
         .linear(3)
-        .add(K::LayerNorm);
+        .layer(K::LayerNorm);
     let residual = NetworkBuilder::new(Shape::Flat(6))
         .linear(8)
-        .add(K::Residual(vec![act(Activation::Tanh), K::Linear { outputs: 8 }]))
-        .add(K::LayerNorm)
-        .add(K::Residual(vec![
+        .layer(K::Residual(vec![
+            act(Activation::Tanh),
+            K::Linear { outputs: 8 },
+        ]))
+        .layer(K::LayerNorm)
+        .layer(K::Residual(vec![
             act(Activation::Silu),
             K::Linear { outputs: 5 },
             act(Activation::Tanh),
@@ -128,7 +131,10 @@ fn free_energy_at_the_forward_states_is_zero_for_every_layer_type() {
         let (forward, _) = net.forward_train(net.params(), x, None);
         let (a, b) = (to_vec(free_eval.output()), to_vec(&forward));
         for (p, q) in a.iter().zip(&b) {
-            assert!((p - q).abs() < 1e-5, "{name}: free output {p} vs forward {q}");
+            assert!(
+                (p - q).abs() < 1e-5,
+                "{name}: free output {p} vs forward {q}"
+            );
         }
         // Re-evaluating the energy at those states from scratch gives zero errors.
         let eval = energy.evaluate(&net, &ctx, &free);
@@ -139,7 +145,10 @@ fn free_energy_at_the_forward_states_is_zero_for_every_layer_type() {
         );
         let g = energy.state_gradients(&net, &ctx, &eval, 0.0);
         for s in &g {
-            assert!(to_vec(s).iter().all(|v| v.abs() < 1e-5), "{name}: free gradient");
+            assert!(
+                to_vec(s).iter().all(|v| v.abs() < 1e-5),
+                "{name}: free gradient"
+            );
         }
     }
 }
@@ -199,7 +208,14 @@ fn analytic_gradients_match_autodiff_of_the_energy_for_every_layer_type() {
     }
 }
 
-fn total_energy(net: &Network, energy: &EnergyModel, x: &Tensor<2>, y: &Tensor<2>, states: &[Tensor<2>], beta: f32) -> f64 {
+fn total_energy(
+    net: &Network,
+    energy: &EnergyModel,
+    x: &Tensor<2>,
+    y: &Tensor<2>,
+    states: &[Tensor<2>],
+    beta: f32,
+) -> f64 {
     // Batch statistics are those of the (unperturbed) forward pass of `net`.
     let (ctx, _, _) = energy.free_phase(net, x.clone(), y.clone());
     let eval = energy.evaluate(net, &ctx, states);

@@ -93,7 +93,12 @@ fn centered_ep_matches_backprop_on_an_mlp_at_batch_64() {
     report("mlp centered", &rows);
     for r in &rows {
         assert!(r.cosine >= 0.999, "{}: cosine {}", r.name, r.cosine);
-        assert!((r.norm_ratio - 1.0).abs() <= 0.02, "{}: ratio {}", r.name, r.norm_ratio);
+        assert!(
+            (r.norm_ratio - 1.0).abs() <= 0.02,
+            "{}: ratio {}",
+            r.name,
+            r.norm_ratio
+        );
     }
 }
 
@@ -106,7 +111,12 @@ fn centered_ep_matches_backprop_on_a_cnn_at_batch_64() {
     report("cnn centered", &rows);
     for r in &rows {
         assert!(r.cosine >= 0.999, "{}: cosine {}", r.name, r.cosine);
-        assert!((r.norm_ratio - 1.0).abs() <= 0.02, "{}: ratio {}", r.name, r.norm_ratio);
+        assert!(
+            (r.norm_ratio - 1.0).abs() <= 0.02,
+            "{}: ratio {}",
+            r.name,
+            r.norm_ratio
+        );
     }
 }
 
@@ -141,7 +151,12 @@ fn gradients_overwrite_and_never_accumulate() {
     let second = ep.estimate(&net, &batch).unwrap().grads;
     let rows = compare(&net, &second, &first);
     for r in rows {
-        assert!((r.norm_ratio - 1.0).abs() < 1e-6, "{}: {}", r.name, r.norm_ratio);
+        assert!(
+            (r.norm_ratio - 1.0).abs() < 1e-6,
+            "{}: {}",
+            r.name,
+            r.norm_ratio
+        );
         assert!(r.cosine > 1.0 - 1e-6);
     }
     let _: &[Tensor<2>] = &first;

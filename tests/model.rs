@@ -79,7 +79,14 @@ fn specs_expand_to_the_documented_layer_chains() {
 #[test]
 fn invalid_specs_and_shape_mismatches_are_typed_errors() {
     for bad in [
-        "784", "784-x-10", "784-0-10", "", "784--10", "res[256", "784-res[10]]-2", "conv0k3",
+        "784",
+        "784-x-10",
+        "784-0-10",
+        "",
+        "784--10",
+        "res[256",
+        "784-res[10]]-2",
+        "conv0k3",
         "784-drop1.5x-10",
     ] {
         assert!(
@@ -117,7 +124,7 @@ fn invalid_specs_and_shape_mismatches_are_typed_errors() {
     let e = NetworkBuilder::new(MNIST).linear(10).build(0, &dev);
     assert!(matches!(e, Err(ModelError::InvalidSpec { .. })));
     let e = NetworkBuilder::new(Shape::Flat(4))
-        .add(LayerKind::Residual(vec![LayerKind::Residual(vec![])]))
+        .layer(LayerKind::Residual(vec![LayerKind::Residual(vec![])]))
         .build(0, &dev);
     assert!(e.is_err());
 }
@@ -125,13 +132,19 @@ fn invalid_specs_and_shape_mismatches_are_typed_errors() {
 #[test]
 fn parameters_are_replaced_only_with_matching_shapes() {
     let dev = cpu_device(CpuBackend::Flex);
-    let mut net = NetworkBuilder::new(Shape::Flat(3)).linear(2).build(0, &dev).unwrap();
+    let mut net = NetworkBuilder::new(Shape::Flat(3))
+        .linear(2)
+        .build(0, &dev)
+        .unwrap();
     let w = Tensor::<2>::from_data(TensorData::new(vec![0.0f32; 6], [3, 2]), &dev);
     let b = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 2.0], [1, 2]), &dev);
     net.set_params(vec![w.clone(), b.clone()]).unwrap();
     let x = Tensor::<2>::from_data(TensorData::new(vec![0.5f32; 3], [1, 3]), &dev);
     assert_eq!(to_vec(net.forward(x)), vec![1.0, 2.0]);
-    assert!(net.set_params(vec![w.clone().transpose(), b.clone()]).is_err());
+    assert!(
+        net.set_params(vec![w.clone().transpose(), b.clone()])
+            .is_err()
+    );
     assert!(net.set_params(vec![w]).is_err());
 }
 
@@ -139,14 +152,11 @@ fn parameters_are_replaced_only_with_matching_shapes() {
 fn batch_norm_running_statistics_move_once_per_update_and_serve_inference() {
     let dev = cpu_device(CpuBackend::Flex);
     let mut net = NetworkBuilder::new(Shape::Flat(2))
-        .add(LayerKind::BatchNorm)
+        .layer(LayerKind::BatchNorm)
         .linear(1)
         .build(0, &dev)
         .unwrap();
-    let x = Tensor::<2>::from_data(
-        TensorData::new(vec![1.0f32, 10.0, 3.0, 20.0], [2, 2]),
-        &dev,
-    );
+    let x = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 10.0, 3.0, 20.0], [2, 2]), &dev);
     let (_, moments) = net.forward_train(net.params(), x, None);
     assert_eq!(moments.len(), 1);
     assert_eq!(moments[0].0, vec![2.0, 15.0]);
@@ -162,7 +172,7 @@ fn batch_norm_running_statistics_move_once_per_update_and_serve_inference() {
 fn dropout_is_active_only_in_seeded_training_forward_passes() {
     let dev = cpu_device(CpuBackend::Flex);
     let net = NetworkBuilder::new(Shape::Flat(1000))
-        .add(LayerKind::Dropout { p: 0.5 })
+        .layer(LayerKind::Dropout { p: 0.5 })
         .linear(1)
         .build(0, &dev)
         .unwrap();
@@ -176,7 +186,10 @@ fn dropout_is_active_only_in_seeded_training_forward_passes() {
     assert_eq!(sum_through(None), 1000.0);
     let dropped = sum_through(Some(3));
     // Survivors are scaled by 2: the sum stays near 1000 but is not exactly 1000.
-    assert!(dropped != 1000.0 && (dropped - 1000.0).abs() < 200.0, "{dropped}");
+    assert!(
+        dropped != 1000.0 && (dropped - 1000.0).abs() < 200.0,
+        "{dropped}"
+    );
     assert_eq!(sum_through(Some(3)), dropped);
     assert_eq!(to_vec(net.forward(x.clone())).len(), 1);
 }

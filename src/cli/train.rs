@@ -8,12 +8,12 @@ use anyhow::{Context, Result};
 use clap::Args;
 use mep::data::{self, DataError, DataLocator, LoadOptions, Normalization};
 use mep::device::Workload;
-use mep::model::{ModelSpec, Shape};
 use mep::ep::{EqPropConfig, EqPropInit, SettleConfig};
 use mep::estimate::{
     BackpropEstimator, EpConfig, EpEstimator, EqPropEstimator, GradientEstimator, Nudging,
 };
 use mep::loss::Loss;
+use mep::model::{ModelSpec, Shape};
 use mep::train::{OptimizerKind, TrainConfig, Trainer};
 use serde::Serialize;
 
@@ -79,9 +79,9 @@ pub struct TrainArgs {
 /// Options of the EP estimators.
 #[derive(Debug, Clone, Args)]
 pub struct EpArgs {
-    /// EP nudge strength.
-    #[arg(long, default_value_t = 0.5)]
-    pub beta: f32,
+    /// Nudge strength (default 0.5 for EP, 1.0 for EqProp).
+    #[arg(long)]
+    pub beta: Option<f32>,
     /// EP nudging: one-sided, random or centered.
     #[arg(long, default_value = "one-sided", value_parser = parse_nudging)]
     pub nudging: Nudging,
@@ -115,7 +115,8 @@ pub struct EpArgs {
 }
 
 pub fn parse_nudging(s: &str) -> Result<Nudging, String> {
-    s.parse().map_err(|e: mep::estimate::EstimateError| e.to_string())
+    s.parse()
+        .map_err(|e: mep::estimate::EstimateError| e.to_string())
 }
 
 impl EpArgs {
@@ -134,7 +135,7 @@ impl EpArgs {
     /// The EP options with this loss and seed.
     pub fn ep(&self, loss: Loss, seed: u64) -> EpConfig {
         EpConfig {
-            beta: self.beta,
+            beta: self.beta.unwrap_or(0.5),
             nudging: self.nudging,
             loss,
             settle: self.settle(),
@@ -145,7 +146,7 @@ impl EpArgs {
     /// The EqProp options.
     pub fn eqprop(&self) -> EqPropConfig {
         EqPropConfig {
-            beta: self.beta,
+            beta: self.beta.unwrap_or(1.0),
             random_sign: self.nudging == Nudging::RandomSign,
             step: self.eqprop_step,
             free_steps: self.eqprop_free_steps,
@@ -289,13 +290,9 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         )
     });
     let loss = args.loss.unwrap_or(args.estimator.default_loss());
-    let estimator = args.estimator.build(
-        &model,
-        loss,
-        &args.ep,
-        dataset.train.len(),
-        globals.seed,
-    )?;
+    let estimator =
+        args.estimator
+            .build(&model, loss, &args.ep, dataset.train.len(), globals.seed)?;
     let run_config = RunConfig {
         dataset: &dataset.name,
         model: args.model.to_string(),

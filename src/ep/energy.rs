@@ -43,7 +43,10 @@ struct Segment {
 
 impl Segment {
     fn chain(&self) -> impl DoubleEndedIterator<Item = usize> + '_ {
-        self.prefix.iter().copied().chain(std::iter::once(self.layer))
+        self.prefix
+            .iter()
+            .copied()
+            .chain(std::iter::once(self.layer))
     }
 }
 
@@ -161,7 +164,10 @@ impl EnergyModel {
             segments[src].injections.push((position, receiver));
         }
         Self {
-            names: segments.iter().map(|s| layers[s.layer].name.clone()).collect(),
+            names: segments
+                .iter()
+                .map(|s| layers[s.layer].name.clone())
+                .collect(),
             segments,
             suffix: pending,
             loss,
@@ -246,7 +252,8 @@ impl EnergyModel {
             } else {
                 states[i - 1].clone()
             };
-            let (tape, h) = self.segment_forward(net, i, seg, input, &tapes, &mut norm, &mut moments);
+            let (tape, h) =
+                self.segment_forward(net, i, seg, input, &tapes, &mut norm, &mut moments);
             tapes.push(tape);
             states.push(h);
         }
@@ -369,9 +376,7 @@ impl EnergyModel {
                     accumulate(&mut out[layer.first_param + k], grad);
                 }
             }
-            let params_below = chain[..pos]
-                .iter()
-                .any(|&i| net.layers()[i].num_params > 0);
+            let params_below = chain[..pos].iter().any(|&i| net.layers()[i].num_params > 0);
             if !want_input && !params_below {
                 break;
             }
@@ -517,7 +522,11 @@ impl EnergyModel {
         let ad = autodiff(&device);
         let lift = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &ad);
         let lift3 = |t: &Tensor<3>| Tensor::<3>::from_data(t.to_data(), &ad);
-        let params: Vec<Tensor<2>> = net.params().iter().map(|p| lift(p).require_grad()).collect();
+        let params: Vec<Tensor<2>> = net
+            .params()
+            .iter()
+            .map(|p| lift(p).require_grad())
+            .collect();
         let s: Vec<Tensor<2>> = states.iter().map(|t| lift(t).require_grad()).collect();
         let norm: Vec<NormStats> = ctx
             .norm

@@ -47,11 +47,11 @@ pub struct EqPropConfig {
 }
 
 impl Default for EqPropConfig {
-    /// The paper's MNIST settings for one hidden layer, with zero-initialised free phase:
-    /// beta 0.5 of random sign, eps 0.5, 40 free steps, 4 nudged steps.
+    /// Beta 1 of random sign, eps 0.5, 40 free steps from zero, 4 nudged steps (the paper's
+    /// eps and nudged steps; more free steps because they start from zero).
     fn default() -> Self {
         Self {
-            beta: 0.5,
+            beta: 1.0,
             random_sign: true,
             step: 0.5,
             free_steps: 40,
@@ -100,7 +100,7 @@ impl EqPropModel {
                 }
             }
         }
-        if net.layers().len() % 2 == 0 || !net.skips().is_empty() {
+        if net.layers().len().is_multiple_of(2) || !net.skips().is_empty() {
             return Err(EqPropNetworkError(
                 "it must end with a linear layer and have no residual blocks".into(),
             ));
@@ -156,9 +156,7 @@ impl EqPropModel {
             s = s
                 .into_iter()
                 .zip(d)
-                .map(|(si, di)| {
-                    (si.clone() - (si - di).mul_scalar(eps)).clamp(0.0, 1.0)
-                })
+                .map(|(si, di)| (si.clone() - (si - di).mul_scalar(eps)).clamp(0.0, 1.0))
                 .collect();
         }
         s
@@ -198,7 +196,11 @@ impl EqPropModel {
             return;
         }
         if self.persistent.is_empty() {
-            self.persistent = self.widths.iter().map(|&w| vec![0.0; samples * w]).collect();
+            self.persistent = self
+                .widths
+                .iter()
+                .map(|&w| vec![0.0; samples * w])
+                .collect();
         }
         for ((&w, store), s) in self.widths.iter().zip(&mut self.persistent).zip(states) {
             let values = host(s.clone());
@@ -284,7 +286,11 @@ impl EqPropModel {
         let batch = x.dims()[0] as f32;
         let mut out = Vec::with_capacity(2 * n);
         for i in 0..n {
-            let below = if i == 0 { x.clone() } else { free[i - 1].clone() };
+            let below = if i == 0 {
+                x.clone()
+            } else {
+                free[i - 1].clone()
+            };
             let mut gw = below.transpose().matmul(lambda[i].clone());
             if i > 0 {
                 gw = gw + lambda[i - 1].clone().transpose().matmul(free[i].clone());
@@ -299,7 +305,10 @@ impl EqPropModel {
     pub fn predict(&self, net: &Network, x: &Tensor<2>) -> Tensor<2> {
         let batch = x.dims()[0];
         let s = self.zero_states(batch, x);
-        let dummy = Tensor::zeros([batch, *self.widths.last().expect("one layer")], &x.device());
+        let dummy = Tensor::zeros(
+            [batch, *self.widths.last().expect("one layer")],
+            &x.device(),
+        );
         self.relax(net, x, &dummy, s, 0.0, self.config.free_steps)
             .pop()
             .expect("one state")

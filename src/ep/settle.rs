@@ -147,7 +147,10 @@ impl Settler {
 
     /// Per-layer largest per-sample squared norm `[1, L]` and the largest per-sample total.
     fn norms(grads: &[Tensor<2>]) -> (Vec<f32>, f32) {
-        let per_layer: Vec<Tensor<2>> = grads.iter().map(|g| g.clone().square().sum_dim(1)).collect();
+        let per_layer: Vec<Tensor<2>> = grads
+            .iter()
+            .map(|g| g.clone().square().sum_dim(1))
+            .collect();
         let stacked = Tensor::cat(per_layer, 1);
         let total = stacked.clone().sum_dim(1).max_dim(0);
         let layer_max = stacked.max_dim(0);
@@ -183,7 +186,7 @@ impl Settler {
             .then(|| model.per_sample_energy(ctx, &eval, beta));
         loop {
             let grads = model.state_gradients(net, ctx, &eval, beta);
-            if stats.steps % c.check_every == 0 {
+            if stats.steps.is_multiple_of(c.check_every) {
                 let (layers, total) = Self::norms(&grads);
                 stats.residual = total;
                 let reference = *initial.get_or_insert(total);

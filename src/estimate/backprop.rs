@@ -1,7 +1,7 @@
 //! Backprop: burn autodiff of the mean loss through the training forward pass.
 
 use super::{Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar};
-use crate::device::{Tensor, autodiff};
+use crate::device::Tensor;
 use crate::loss::Loss;
 use crate::model::Network;
 
@@ -41,9 +41,12 @@ impl GradientEstimator for BackpropEstimator {
         check_batch(net, batch)?;
         self.calls += 1;
         let device = batch.x.device();
-        let ad = autodiff(&device);
-        let lift = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &ad);
-        let params: Vec<Tensor<2>> = net.params().iter().map(|p| lift(p).require_grad()).collect();
+        let lift = |t: &Tensor<2>| Tensor::<2>::from_inner(t.clone());
+        let params: Vec<Tensor<2>> = net
+            .params()
+            .iter()
+            .map(|p| lift(p).require_grad())
+            .collect();
         let seed = self
             .dropout_seed
             .map(|s| crate::data::dataset::mix(s, self.calls));
@@ -54,17 +57,14 @@ impl GradientEstimator for BackpropEstimator {
         let grads = params
             .iter()
             .map(|p| {
-                let g = p.grad(&grads).map(|g| g.to_data());
-                match g {
-                    Some(d) => Tensor::<2>::from_data(d, &device),
-                    None => Tensor::zeros(p.dims(), &device),
-                }
+                p.grad(&grads)
+                    .unwrap_or_else(|| Tensor::zeros(p.dims(), &device))
             })
             .collect();
         Ok(Estimate {
             grads,
             loss: value,
-            output: Tensor::from_data(out.to_data(), &device),
+            output: out.inner(),
             settle: Vec::new(),
             moments,
         })

@@ -186,12 +186,10 @@ impl GradientEstimator for EpEstimator {
                 .into_iter()
                 .map(|g| g.div_scalar(beta * n))
                 .collect(),
-            Nudging::RandomSign => {
-                phase(sign)?
-                    .into_iter()
-                    .map(|g| g.div_scalar(sign * beta * n))
-                    .collect()
-            }
+            Nudging::RandomSign => phase(sign)?
+                .into_iter()
+                .map(|g| g.div_scalar(sign * beta * n))
+                .collect(),
             Nudging::Centered => {
                 let plus = phase(1.0)?;
                 let minus = phase(-1.0)?;

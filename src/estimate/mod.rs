@@ -11,8 +11,8 @@
 //! overwrite, they never accumulate across calls.
 
 mod backprop;
-mod eqprop;
 mod ep;
+mod eqprop;
 mod fidelity;
 
 pub use backprop::BackpropEstimator;

@@ -109,6 +109,7 @@ pub struct Layer {
 
 /// How a batch-norm layer normalises.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per layer per batch
 pub enum NormStats {
     /// With these per-channel statistics, held constant (`mean`, `inv_std`, both `[1, C, 1]`).
     Fixed {
@@ -123,6 +124,7 @@ pub enum NormStats {
 
 /// What a layer's backward needs from its forward, beyond its input.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per layer and settle step; boxing would allocate
 pub enum Aux {
     /// Nothing more.
     None,
@@ -336,7 +338,9 @@ impl Layer {
                 let q = self.attention_heads(rows.clone().matmul(p[0].clone()), b);
                 let k = self.attention_heads(rows.clone().matmul(p[1].clone()), b);
                 let v = self.attention_heads(rows.matmul(p[2].clone()), b);
-                let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.attention_scale());
+                let scores = q
+                    .matmul(k.swap_dims(2, 3))
+                    .mul_scalar(self.attention_scale());
                 let a = activation::softmax(scores, 3);
                 let o = self.merge_heads(a.matmul(v));
                 o.matmul(p[3].clone()).reshape([b, self.output.numel()])
@@ -408,7 +412,10 @@ impl Layer {
                     .mul_scalar(self.attention_scale());
                 let a = activation::softmax(scores, 3);
                 let o = self.merge_heads(a.clone().matmul(v.clone()));
-                let y = o.clone().matmul(p[3].clone()).reshape([b, self.output.numel()]);
+                let y = o
+                    .clone()
+                    .matmul(p[3].clone())
+                    .reshape([b, self.output.numel()]);
                 (y, Aux::Attention { q, k, v, a, o })
             }
             _ => (self.apply(p, x.clone(), stats), Aux::None),
@@ -584,10 +591,7 @@ impl Layer {
                         (gv.clone() * xhat.clone()).sum_dim(2).sum_dim(0),
                         gv.sum_dim(2).sum_dim(0),
                     ),
-                    _ => (
-                        (gv.clone() * xhat.clone()).sum_dim(0),
-                        gv.sum_dim(0),
-                    ),
+                    _ => ((gv.clone() * xhat.clone()).sum_dim(0), gv.sum_dim(0)),
                 };
                 vec![gain.reshape([1, n]), bias.reshape([1, n])]
             }
@@ -596,7 +600,10 @@ impl Layer {
                     unreachable!()
                 };
                 let (dq, dk, dv, o) = self.attention_backward(p, aux, g);
-                let rows_t = x.clone().reshape([b * self.input.numel() / d, d]).transpose();
+                let rows_t = x
+                    .clone()
+                    .reshape([b * self.input.numel() / d, d])
+                    .transpose();
                 let g_rows = g.clone().reshape([b * self.output.numel() / d, d]);
                 vec![
                     rows_t.clone().matmul(dq),

@@ -13,8 +13,8 @@ mod shape;
 mod spec;
 
 pub use activation::Activation;
-pub use layer::{Layer, LayerOp};
 pub(crate) use layer::{Aux, NormStats};
+pub use layer::{Layer, LayerOp};
 pub use network::{
     BatchMoments, LayerKind, Network, NetworkBuilder, ParamInfo, ParamKind, RunningStats, Skip,
 };

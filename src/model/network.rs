@@ -136,19 +136,19 @@ impl NetworkBuilder {
     }
 
     /// Appends a layer.
-    pub fn add(mut self, layer: LayerKind) -> Self {
+    pub fn layer(mut self, layer: LayerKind) -> Self {
         self.layers.push(layer);
         self
     }
 
     /// Appends a linear layer.
     pub fn linear(self, outputs: usize) -> Self {
-        self.add(LayerKind::Linear { outputs })
+        self.layer(LayerKind::Linear { outputs })
     }
 
     /// Appends a convolution.
     pub fn conv2d(self, channels: usize, kernel: usize, stride: usize, padding: usize) -> Self {
-        self.add(LayerKind::Conv2d {
+        self.layer(LayerKind::Conv2d {
             channels,
             kernel,
             stride,
@@ -158,7 +158,7 @@ impl NetworkBuilder {
 
     /// Appends an activation.
     pub fn activation(self, a: Activation) -> Self {
-        self.add(LayerKind::Activation(a))
+        self.layer(LayerKind::Activation(a))
     }
 
     /// Appends a ReLU.
@@ -204,8 +204,7 @@ impl NetworkBuilder {
                         if matches!(k, LayerKind::Residual(_)) {
                             return Err(invalid("residual blocks cannot be nested"));
                         }
-                        shape =
-                            net.push(k, shape, &mut counter, &mut rng, device)?;
+                        shape = net.push(k, shape, &mut counter, &mut rng, device)?;
                     }
                     let end = net.layers.len() - 1;
                     if !net.layers[end].is_state() {
@@ -331,9 +330,7 @@ impl Network {
                     return Err(need_image("conv"));
                 };
                 if channels == 0 || kernel == 0 || stride == 0 {
-                    return Err(invalid(
-                        "conv channels, kernel and stride must be positive",
-                    ));
+                    return Err(invalid("conv channels, kernel and stride must be positive"));
                 }
                 if h + 2 * padding < kernel || w + 2 * padding < kernel {
                     return Err(invalid(&format!(
@@ -600,10 +597,14 @@ impl Network {
 
     /// Folds one training batch's moments into the running statistics (once per batch).
     pub fn update_running_stats(&mut self, moments: &BatchMoments, batch: usize) {
-        for (layer, stats) in self.layers.iter().filter_map(|l| match l.op {
-            LayerOp::BatchNorm { momentum, slot, .. } => Some((momentum, slot)),
-            _ => None,
-        }).zip(moments)
+        for (layer, stats) in self
+            .layers
+            .iter()
+            .filter_map(|l| match l.op {
+                LayerOp::BatchNorm { momentum, slot, .. } => Some((momentum, slot)),
+                _ => None,
+            })
+            .zip(moments)
         {
             let (momentum, slot) = layer;
             let (mean, var) = stats;

@@ -122,9 +122,7 @@ fn conv(token: &str) -> Option<LayerKind> {
     let mut tail = &rest[kernel_end..];
     while !tail.is_empty() {
         let key = tail.as_bytes()[0];
-        let end = tail[1..]
-            .find(['s', 'p'])
-            .map_or(tail.len(), |i| i + 1);
+        let end = tail[1..].find(['s', 'p']).map_or(tail.len(), |i| i + 1);
         let value = number(&tail[1..end])?;
         match key {
             b's' => stride = value,
@@ -314,7 +312,7 @@ impl ModelSpec {
         expander.expand(rest, &mut layers)?;
         Ok(layers
             .into_iter()
-            .fold(NetworkBuilder::new(input), NetworkBuilder::add))
+            .fold(NetworkBuilder::new(input), NetworkBuilder::layer))
     }
 
     /// The layer chain with the spec's own declared input (an error if it declares none).

@@ -6,8 +6,8 @@
 mod metrics;
 mod trainer;
 
-pub use trainer::{OptimizerKind, StepOutcome, TrainConfig, Trainer};
 pub use metrics::EpochMetrics;
+pub use trainer::{OptimizerKind, StepOutcome, TrainConfig, Trainer};
 
 use crate::data::DataError;
 use crate::device::DeviceError;

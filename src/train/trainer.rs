@@ -132,7 +132,8 @@ impl Trainer {
         let params = self.model.params().to_vec();
         let updated = self.optimizer.step(params, estimate.grads)?;
         self.model.set_params(updated)?;
-        self.model.update_running_stats(&estimate.moments, labels.len());
+        self.model
+            .update_running_stats(&estimate.moments, labels.len());
         Ok(StepOutcome {
             loss: estimate.loss,
             correct,
@@ -160,7 +161,8 @@ impl Trainer {
             let mut index = 0;
             while let Some(batch) = batches.next_batch() {
                 index += 1;
-                let outcome = self.train_step(&batch.inputs, &batch.labels, Some(&batch.indices))?;
+                let outcome =
+                    self.train_step(&batch.inputs, &batch.labels, Some(&batch.indices))?;
                 if !outcome.loss.is_finite() {
                     return Err(TrainError::Diverged {
                         epoch,

@@ -1,0 +1,209 @@
+//! Settling: per-sample dynamics, early stopping, divergence, the adaptive step, options.
+
+mod common;
+
+use burn::tensor::TensorData;
+use mep::data::{DataLocator, LoadOptions, load};
+use mep::device::{CpuBackend, Device, Tensor, cpu_device};
+use mep::ep::{EnergyModel, SettleConfig, SettleError, Settler};
+use mep::estimate::{EpConfig, EpEstimator, EstimateError, GradientEstimator, TensorBatch};
+use mep::loss::Loss;
+use mep::model::{ModelSpec, Network, Shape};
+
+fn to_vec(t: &Tensor<2>) -> Vec<f32> {
+    t.to_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+fn mnist(n: usize, dev: &Device) -> TensorBatch {
+    let locator = DataLocator::new(Some(common::data_dir()), None, None);
+    let opts = LoadOptions {
+        train_samples: Some(n),
+        test_samples: Some(1),
+        ..Default::default()
+    };
+    let data = load("mnist", &locator, &opts, 0).unwrap();
+    TensorBatch::new(data.train.inputs(), data.train.labels(), 10, dev)
+}
+
+fn net(spec: &str, dev: &Device) -> Network {
+    spec.parse::<ModelSpec>()
+        .unwrap()
+        .builder(Shape::Flat(784))
+        .unwrap()
+        .build(3, dev)
+        .unwrap()
+}
+
+fn settle(
+    net: &Network,
+    batch: &TensorBatch,
+    config: SettleConfig,
+    beta: f32,
+) -> Result<mep::ep::Settled, SettleError> {
+    let energy = EnergyModel::new(net, Loss::default());
+    let (ctx, free, eval) = energy.free_phase(net, batch.x.clone(), batch.targets.clone());
+    Settler::new(config)?.settle(&energy, net, &ctx, &free, &eval, beta)
+}
+
+fn row(t: &Tensor<2>, r: usize) -> Vec<f32> {
+    let w = t.dims()[1];
+    to_vec(t)[r * w..(r + 1) * w].to_vec()
+}
+
+/// The reference divided the energy by the batch size, so a sample's relaxation depended on
+/// how many others shared its batch. Here a sample settles the same alone or among 64.
+#[test]
+fn a_sample_settles_the_same_alone_or_in_a_batch_of_64() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let big = mnist(64, &dev);
+    let net = net("784-128-64-10", &dev);
+    let config = SettleConfig {
+        steps: 20,
+        tol: 0.0,
+        ..SettleConfig::default()
+    };
+    let together = settle(&net, &big, config, 0.5).unwrap();
+    for r in [0usize, 37] {
+        let alone_batch = TensorBatch {
+            x: big.x.clone().slice([r..r + 1, 0..784]),
+            targets: big.targets.clone().slice([r..r + 1, 0..10]),
+            labels: vec![big.labels[r]],
+            indices: None,
+        };
+        let alone = settle(&net, &alone_batch, config, 0.5).unwrap();
+        for (a, t) in alone.states.iter().zip(&together.states) {
+            let (a, t) = (row(a, 0), row(t, r));
+            let moved: f32 = a.iter().map(|v| v.abs()).sum();
+            for (p, q) in a.iter().zip(&t) {
+                assert!(
+                    (p - q).abs() < 1e-4,
+                    "sample {r}: {p} alone vs {q} in batch"
+                );
+            }
+            assert!(moved > 0.0);
+        }
+    }
+}
+
+#[test]
+fn smooth_energies_stop_early_at_a_check_and_zero_steps_keep_the_free_states() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let batch = mnist(32, &dev);
+    let net = net("784-64-tanh-32-tanh-10", &dev);
+    let config = SettleConfig {
+        steps: 500,
+        tol: 1e-3,
+        check_every: 7,
+        ..SettleConfig::default()
+    };
+    let s = settle(&net, &batch, config, 0.5).unwrap();
+    assert!(s.stats.converged, "{:?}", s.stats);
+    assert!(
+        s.stats.steps < 500 && s.stats.steps.is_multiple_of(7),
+        "{:?}",
+        s.stats
+    );
+    assert!(s.stats.residual <= 1e-3 * 0.5);
+    // With no steps the nudged phase is exactly its warm start, the free states.
+    let energy = EnergyModel::new(&net, Loss::default());
+    let (_, free, _) = energy.free_phase(&net, batch.x.clone(), batch.targets.clone());
+    let zero = settle(&net, &batch, SettleConfig { steps: 0, ..config }, 0.5).unwrap();
+    assert_eq!(zero.stats.steps, 0);
+    for (a, b) in zero.states.iter().zip(&free) {
+        assert_eq!(to_vec(a), to_vec(b));
+    }
+}
+
+#[test]
+fn divergence_is_a_typed_error_naming_a_layer_and_the_adaptive_step_prevents_it() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let batch = mnist(16, &dev);
+    let net = net("784-128-64-10", &dev);
+    let config = SettleConfig {
+        lr: 2.5,
+        steps: 200,
+        tol: 0.0,
+        check_every: 5,
+        ..SettleConfig::default()
+    };
+    let err = settle(&net, &batch, config, 0.5).unwrap_err();
+    match &err {
+        SettleError::Diverged { layer, lr, .. } => {
+            assert!(layer.starts_with("fc"), "{layer}");
+            assert_eq!(*lr, 2.5);
+        }
+        other => panic!("expected divergence, got {other:?}"),
+    }
+    assert!(err.to_string().contains("smaller settle_lr"), "{err}");
+    // The same step size with per-sample accept/reject stays bounded and lowers the energy.
+    let adaptive = settle(
+        &net,
+        &batch,
+        SettleConfig {
+            adaptive: true,
+            ..config
+        },
+        0.5,
+    )
+    .unwrap();
+    assert!(adaptive.stats.rejected > 0, "{:?}", adaptive.stats);
+    assert!(adaptive.stats.residual.is_finite());
+    let energy = EnergyModel::new(&net, Loss::default());
+    let (ctx, _, free_eval) = energy.free_phase(&net, batch.x.clone(), batch.targets.clone());
+    let before: f32 = to_vec(&energy.per_sample_energy(&ctx, &free_eval, 0.5))
+        .iter()
+        .sum();
+    let after: f32 = to_vec(&energy.per_sample_energy(&ctx, &adaptive.eval, 0.5))
+        .iter()
+        .sum();
+    assert!(after < before, "energy {before} -> {after}");
+}
+
+#[test]
+fn out_of_range_options_are_rejected() {
+    let ok = SettleConfig::default();
+    for bad in [
+        SettleConfig { lr: 0.0, ..ok },
+        SettleConfig { lr: f32::NAN, ..ok },
+        SettleConfig {
+            momentum: 1.0,
+            ..ok
+        },
+        SettleConfig { tol: -1.0, ..ok },
+        SettleConfig {
+            check_every: 0,
+            ..ok
+        },
+    ] {
+        assert!(matches!(
+            Settler::new(bad),
+            Err(SettleError::InvalidOption(_))
+        ));
+    }
+    let dev = cpu_device(CpuBackend::Flex);
+    let net = net("784-16-10", &dev);
+    for beta in [0.0, -0.5, f32::INFINITY] {
+        let e = EpEstimator::new(
+            &net,
+            EpConfig {
+                beta,
+                ..EpConfig::default()
+            },
+        );
+        assert!(matches!(e, Err(EstimateError::InvalidOption(_))));
+    }
+    assert!("sideways".parse::<mep::estimate::Nudging>().is_err());
+    assert!("ce:1.5".parse::<Loss>().is_err());
+    // A batch that does not fit the network is an error, not a panic.
+    let mut ep = EpEstimator::new(&net, EpConfig::default()).unwrap();
+    let wrong = TensorBatch {
+        x: Tensor::from_data(TensorData::new(vec![0.0f32; 20], [2, 10]), &dev),
+        targets: Tensor::zeros([2, 10], &dev),
+        labels: vec![0, 1],
+        indices: None,
+    };
+    assert!(matches!(
+        ep.estimate(&net, &wrong),
+        Err(EstimateError::Batch(_))
+    ));
+}
