@@ -148,7 +148,7 @@ fn errors_are_one_clear_line_with_nonzero_exit() {
     );
     assert_clean_failure(
         &mep(&["train", "--dataset", "xor", "--model", "784-10"], None),
-        "the model takes 784 inputs, the data has 2",
+        "the spec's input has 784 features, the data 2",
     );
     assert_clean_failure(
         &mep(
@@ -207,4 +207,145 @@ fn fetch_with_a_bad_mirror_fails_cleanly_and_leaves_no_file() {
         .map(|r| r.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(leftover.is_empty(), "left behind: {leftover:?}");
+}
+
+#[test]
+fn check_gradient_prints_cosine_and_norm_ratio_per_parameter() {
+    let out = mep(
+        &[
+            "check-gradient",
+            "--model",
+            "784-32-10",
+            "--batch",
+            "16",
+            "--beta",
+            "0.01",
+            "--nudging",
+            "centered",
+            "--steps",
+            "150",
+            "--json",
+        ],
+        Some(&data_dir()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let params = v["params"].as_array().unwrap();
+    let names: Vec<&str> = params.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
+    for p in params {
+        let cosine = p["cosine"].as_f64().unwrap();
+        let ratio = p["norm_ratio"].as_f64().unwrap();
+        assert!(cosine > 0.999 && (ratio - 1.0).abs() < 0.02, "{p}");
+    }
+    // The table form names the reference.
+    let out = mep(
+        &[
+            "check-gradient",
+            "--model",
+            "784-16-10",
+            "--batch",
+            "4",
+            "--steps",
+            "20",
+        ],
+        Some(&data_dir()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("vs backprop"), "{}", stdout(&out));
+    assert_clean_failure(
+        &mep(
+            &[
+                "check-gradient",
+                "--estimator",
+                "eqprop",
+                "--model",
+                "784-16-10",
+            ],
+            Some(&data_dir()),
+        ),
+        "hard-sigmoid",
+    );
+    assert_clean_failure(
+        &mep(
+            &["check-gradient", "--nudging", "sideways"],
+            Some(&data_dir()),
+        ),
+        "unknown nudging",
+    );
+}
+
+#[test]
+fn ep_training_records_settle_statistics_and_bench_settle_writes_results() {
+    let out_dir = scratch_dir("cli-train-ep");
+    let out = mep(
+        &[
+            "train",
+            "--estimator",
+            "ep",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.2",
+            "--epochs",
+            "3",
+            "--model",
+            "784-32-10",
+            "--train-samples",
+            "640",
+            "--test-samples",
+            "200",
+            "--settle-steps",
+            "10",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ],
+        Some(&data_dir()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let epoch = &summary["epochs"][2];
+    assert!(
+        epoch["settle_steps_mean"].as_f64().unwrap() <= 10.0,
+        "{epoch}"
+    );
+    assert!(epoch["settle_residual_mean"].as_f64().is_some());
+    assert_eq!(summary["config"]["estimator"], "ep");
+    assert_eq!(summary["config"]["ep"]["beta"], 0.5);
+    // Measured 43% after three epochs of ten steps (chance is 10%).
+    let acc = summary["final_test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.3, "accuracy {acc}");
+
+    let bench_dir = scratch_dir("cli-bench-settle");
+    let out = mep(
+        &[
+            "bench",
+            "settle",
+            "--models",
+            "784-32-10",
+            "--steps",
+            "3",
+            "--repeats",
+            "1",
+            "--out",
+            bench_dir.to_str().unwrap(),
+            "--json",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &v["rows"][0];
+    for key in [
+        "settle_step_us",
+        "settle_gflops",
+        "matmul_gflops",
+        "ep_gradient_ms",
+    ] {
+        assert!(row[key].as_f64().unwrap() > 0.0, "{key}: {row}");
+    }
+    // Cost model: fc2 forward and its transpose, 2 * 2 * 64 * 32 * 10 FLOPs.
+    assert!((row["settle_step_mflop"].as_f64().unwrap() - 0.08192).abs() < 1e-9);
+    assert!(bench_dir.join("results.json").is_file());
 }

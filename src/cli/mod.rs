@@ -1,5 +1,7 @@
 //! Command-line interface: argument parsing and the subcommands.
 
+mod bench;
+mod check;
 mod data;
 mod progress;
 mod train;
@@ -35,8 +37,13 @@ enum Command {
     /// List and fetch data sets.
     #[command(subcommand)]
     Data(data::DataCommand),
-    /// Train a model (currently the backprop baseline with SGD or Adam).
+    /// Train a model with backprop, EP, local EP or EqProp.
     Train(train::TrainArgs),
+    /// Compare an EP gradient with the backprop gradient of the same loss.
+    CheckGradient(check::CheckArgs),
+    /// Benchmark suites.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Settings every subcommand shares.
@@ -61,5 +68,7 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Data(cmd) => data::run(cmd, &globals),
         Command::Train(args) => train::run(args, &globals),
+        Command::CheckGradient(args) => check::run(args, &globals),
+        Command::Bench(cmd) => bench::run(cmd, &globals),
     }
 }

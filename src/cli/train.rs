@@ -363,7 +363,7 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
 
 /// Loads a data set; if its files are missing and it can be downloaded, fetches it into the
 /// user cache first (unless `fetch` is false).
-fn load_or_fetch(
+pub(super) fn load_or_fetch(
     name: &str,
     locator: &DataLocator,
     options: &LoadOptions,
@@ -383,7 +383,7 @@ fn load_or_fetch(
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(bytes)?;

@@ -490,6 +490,25 @@ impl EnergyModel {
             .collect()
     }
 
+    /// FLOPs of the matrix products of one settle step on `batch` samples: each state
+    /// layer after the first runs its forward (prediction) and its input VJP (feedback),
+    /// which cost the same; the first layer's prediction is cached. Element-wise work is
+    /// not counted.
+    pub fn settle_step_flops(&self, net: &Network, batch: usize) -> f64 {
+        self.segments[1..]
+            .iter()
+            .map(|s| 2.0 * net.layers()[s.layer].forward_flops(batch))
+            .sum()
+    }
+
+    /// FLOPs of one EP gradient with `steps` settle steps per phase and `phases` nudged
+    /// phases: the forward pass, the settle steps, and one parameter VJP per state layer
+    /// per phase (as costly as its forward).
+    pub fn gradient_flops(&self, net: &Network, batch: usize, steps: usize, phases: usize) -> f64 {
+        let forward: f64 = net.layers().iter().map(|l| l.forward_flops(batch)).sum();
+        forward + phases as f64 * (steps as f64 * self.settle_step_flops(net, batch) + forward)
+    }
+
     /// Per-sample energy `[batch, 1]` at `eval`.
     pub fn per_sample_energy(&self, ctx: &BatchContext, eval: &Evaluation, beta: f32) -> Tensor<2> {
         let mut e = eval

@@ -301,6 +301,16 @@ impl EqPropModel {
         out
     }
 
+    /// Largest fixed-point residual `|clip(d_i, 0, 1) - s_i|` of the free dynamics at `s`
+    /// (0 at a fixed point).
+    pub fn free_residual(&self, net: &Network, x: &Tensor<2>, s: &[Tensor<2>]) -> f32 {
+        Self::drives(net, x, s, true)
+            .into_iter()
+            .zip(s)
+            .map(|(d, si)| host((d.clamp(0.0, 1.0) - si.clone()).abs().max_dim(1).max_dim(0))[0])
+            .fold(0.0, f32::max)
+    }
+
     /// The output states after a free phase from zero: the EqProp prediction.
     pub fn predict(&self, net: &Network, x: &Tensor<2>) -> Tensor<2> {
         let batch = x.dims()[0];

@@ -7,12 +7,14 @@
 //! linear, convolution and attention layers (pre-activation) are the EP states.
 
 mod activation;
+mod cost;
 mod layer;
 mod network;
 mod shape;
 mod spec;
 
 pub use activation::Activation;
+pub use cost::Gemm;
 pub(crate) use layer::{Aux, NormStats};
 pub use layer::{Layer, LayerOp};
 pub use network::{

@@ -1,0 +1,149 @@
+//! Speed of one settle step and one EP gradient, against matrix-product throughput.
+
+use burn::tensor::{Distribution, Tensor as BurnTensor};
+
+use super::median_us;
+use crate::device::{Backend, Device, Tensor};
+use crate::ep::{EnergyModel, SettleConfig, Settler};
+use crate::estimate::{
+    EpConfig, EpEstimator, EstimateError, GradientEstimator, Nudging, TensorBatch,
+};
+use crate::loss::Loss;
+use crate::model::{Gemm, Network};
+
+/// Timings of the settle loop for one model and batch size.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SettleBench {
+    /// Model spec.
+    pub model: String,
+    /// Samples per batch.
+    pub batch: usize,
+    /// Worker threads.
+    pub threads: usize,
+    /// Settle steps per phase.
+    pub steps: usize,
+    /// Median microseconds per settle step.
+    pub settle_step_us: f64,
+    /// Matrix-product MFLOPs of one settle step (cost model).
+    pub settle_step_mflop: f64,
+    /// Achieved GFLOP/s of the settle loop.
+    pub settle_gflops: f64,
+    /// GFLOP/s of plain matrix products of the same shapes on this machine.
+    pub matmul_gflops: f64,
+    /// Median milliseconds of one EP gradient (forward, one nudged phase of `steps` steps,
+    /// contrast).
+    pub ep_gradient_ms: f64,
+    /// Achieved GFLOP/s of the whole EP gradient.
+    pub ep_gradient_gflops: f64,
+}
+
+fn force(t: &Tensor<2>) {
+    let _ = t.clone().slice([0..1, 0..1]).into_data();
+}
+
+/// GFLOP/s of `gemms` run back to back as plain matrix products (random operands).
+pub fn matmul_gflops(gemms: &[Gemm], device: &Device, repeats: usize) -> f64 {
+    let operands: Vec<(Tensor<2>, Tensor<2>)> = gemms
+        .iter()
+        .map(|g| {
+            let a: BurnTensor<Backend, 2> =
+                Tensor::random([g.m, g.k], Distribution::Uniform(-1.0, 1.0), device);
+            let b: BurnTensor<Backend, 2> =
+                Tensor::random([g.k, g.n], Distribution::Uniform(-1.0, 1.0), device);
+            (a, b)
+        })
+        .collect();
+    let flops: f64 = gemms.iter().map(Gemm::flops).sum();
+    let us = median_us(repeats, || {
+        for (a, b) in &operands {
+            force(&a.clone().matmul(b.clone()));
+        }
+    });
+    flops / us / 1e3
+}
+
+/// Times one settle step (a fixed-length settle divided by its steps) and one one-sided EP
+/// gradient of `net` on `batch` (settle step size `lr`, no early stopping), and the matrix
+/// products of the same shapes.
+pub fn settle_bench(
+    model: &str,
+    net: &Network,
+    batch: &TensorBatch,
+    steps: usize,
+    lr: f32,
+    repeats: usize,
+) -> Result<SettleBench, EstimateError> {
+    let n = batch.len();
+    let energy = EnergyModel::new(net, Loss::default());
+    let settle = SettleConfig {
+        lr,
+        steps,
+        tol: 0.0,
+        check_every: steps.max(1),
+        ..SettleConfig::default()
+    };
+    let settler = Settler::new(settle)?;
+    let (ctx, free, eval) = energy.free_phase(net, batch.x.clone(), batch.targets.clone());
+    let mut failure = None;
+    let total_us = median_us(repeats, || {
+        match settler.settle(&energy, net, &ctx, &free, &eval, 0.5) {
+            Ok(s) => force(&s.states[0]),
+            Err(e) => failure = Some(e),
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    let step_us = total_us / steps.max(1) as f64;
+    let step_flops = energy.settle_step_flops(net, n);
+
+    let mut ep = EpEstimator::new(
+        net,
+        EpConfig {
+            nudging: Nudging::OneSided,
+            settle,
+            ..EpConfig::default()
+        },
+    )?;
+    let mut failure = None;
+    let grad_us = median_us(repeats, || match ep.estimate(net, batch) {
+        Ok(e) => force(&e.grads[0]),
+        Err(e) => failure = Some(e),
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let grad_flops = energy.gradient_flops(net, n, steps, 1);
+
+    // The settle step's products: each state layer after the first, forward and transposed.
+    let mut shapes = Vec::new();
+    let states: Vec<_> = net.layers().iter().filter(|l| l.is_state()).collect();
+    for layer in states.iter().skip(1) {
+        for g in layer.gemms(n) {
+            shapes.push(g);
+            shapes.push(Gemm {
+                m: g.m,
+                k: g.n,
+                n: g.k,
+            });
+        }
+    }
+    let device = batch.x.device();
+    let matmul = if shapes.is_empty() {
+        0.0
+    } else {
+        matmul_gflops(&shapes, &device, repeats * 5)
+    };
+    Ok(SettleBench {
+        model: model.to_string(),
+        batch: n,
+        threads: crate::device::threads(),
+        steps,
+        settle_step_us: step_us,
+        settle_step_mflop: step_flops / 1e6,
+        settle_gflops: step_flops / step_us / 1e3,
+        matmul_gflops: matmul,
+        ep_gradient_ms: grad_us / 1e3,
+        ep_gradient_gflops: grad_flops / grad_us / 1e3,
+    })
+}

@@ -1,0 +1,127 @@
+//! `mep bench`: benchmark suites.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use mep::bench::{SettleBench, settle_bench};
+use mep::device::Workload;
+use mep::estimate::TensorBatch;
+use mep::model::{ModelSpec, Shape};
+
+use super::Globals;
+use super::train::write_atomic;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Time one settle step and one EP gradient (784-256-128-10 and cnn-small on MNIST-shaped
+    /// inputs) against the machine's matrix-product throughput for the same shapes.
+    Settle(SettleArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SettleArgs {
+    /// Samples per batch.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Settle steps per phase.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Settle step size (timing does not depend on it; it only has to be stable).
+    #[arg(long, default_value_t = 0.2)]
+    settle_lr: f32,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    repeats: usize,
+    /// Models to time.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "784-256-128-10,cnn-small"
+    )]
+    models: Vec<ModelSpec>,
+    /// Directory for results.json.
+    #[arg(long, default_value = "results/settle")]
+    out: PathBuf,
+    /// Print the results as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: BenchCommand, globals: &Globals) -> Result<()> {
+    match cmd {
+        BenchCommand::Settle(args) => settle(args, globals),
+    }
+}
+
+fn settle(args: SettleArgs, globals: &Globals) -> Result<()> {
+    anyhow::ensure!(
+        args.batch > 0 && args.steps > 0,
+        "--batch and --steps must be positive"
+    );
+    let device = globals.device.resolve(Workload::Settle)?;
+    // MNIST-shaped inputs in [0, 1]: timing does not depend on the pixel values.
+    let input = Shape::Image { c: 1, h: 28, w: 28 };
+    let x: Vec<f32> = (0..args.batch * input.numel())
+        .map(|i| ((i * 7919) % 256) as f32 / 255.0)
+        .collect();
+    let labels: Vec<u32> = (0..args.batch as u32).map(|i| i % 10).collect();
+    let mut rows: Vec<SettleBench> = Vec::new();
+    for spec in &args.models {
+        let net = spec
+            .builder(input)?
+            .build(globals.seed, &device)
+            .with_context(|| format!("building {spec}"))?;
+        let classes = net.output_shape().numel();
+        let labels: Vec<u32> = labels.iter().map(|l| l % classes as u32).collect();
+        let batch = TensorBatch::new(&x, &labels, classes, &device);
+        eprintln!("timing {spec} ...");
+        rows.push(settle_bench(
+            &spec.to_string(),
+            &net,
+            &batch,
+            args.steps,
+            args.settle_lr,
+            args.repeats,
+        )?);
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let json = serde_json::json!({ "device": globals.device.to_string(), "rows": rows });
+    write_atomic(
+        &args.out.join("results.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string(&json)?);
+        return Ok(());
+    }
+    println!(
+        "{:<34} {:>5} {:>7} {:>12} {:>10} {:>10} {:>11} {:>12} {:>10}",
+        "model",
+        "batch",
+        "threads",
+        "settle step",
+        "MFLOP",
+        "GFLOP/s",
+        "matmul GF/s",
+        "EP gradient",
+        "GFLOP/s"
+    );
+    for r in &rows {
+        println!(
+            "{:<34} {:>5} {:>7} {:>9.1} us {:>10.2} {:>10.2} {:>11.2} {:>9.2} ms {:>10.2}",
+            r.model,
+            r.batch,
+            r.threads,
+            r.settle_step_us,
+            r.settle_step_mflop,
+            r.settle_gflops,
+            r.matmul_gflops,
+            r.ep_gradient_ms,
+            r.ep_gradient_gflops
+        );
+    }
+    eprintln!("results in {}", args.out.join("results.json").display());
+    Ok(())
+}
