@@ -3,9 +3,11 @@
 //! Equilibrium Propagation (EP) and geometry-aware optimizers on burn.
 //!
 //! The crate is layered as the data flows: [`data`] (IDX files, named data sets, batching)
-//! → [`model`] (layers and forward passes) → gradient estimators (backprop in [`train`];
-//! EP to come) → [`optim`] (update rules) → [`train`] (loop and metrics). [`device`] holds
-//! the tensor stack. The `mep` binary is the user interface; see ARCHITECTURE.md.
+//! → [`model`] (layers, forward passes and vector-Jacobian products) → [`ep`] (the energy,
+//! settling, EqProp) and [`estimate`] (backprop, EP, local EP, EqProp gradient estimators)
+//! → [`optim`] (update rules) → [`train`] (loop and metrics) → [`bench`]. [`loss`] is the
+//! task loss they share; [`device`] holds the tensor stack. The `mep` binary is the user
+//! interface; see ARCHITECTURE.md.
 
 #![warn(missing_docs)]
 

@@ -223,16 +223,14 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
+    let label = match args.estimator {
+        EstimatorArg::LocalEp => "local EP",
+        EstimatorArg::Eqprop => "EqProp",
+        _ => "EP",
+    };
     println!(
-        "{:?} gradient ({} nudging, beta {}, {} steps) vs {}: {} on a batch of {} from {}",
-        args.estimator,
-        args.nudging,
-        args.beta,
-        args.steps,
-        reference_name,
-        args.model,
-        args.batch,
-        data.name
+        "{label} gradient ({} nudging, beta {}, {} steps) vs {}: {} on a batch of {} from {}",
+        args.nudging, args.beta, args.steps, reference_name, args.model, args.batch, data.name
     );
     println!("{:<16} {:>10} {:>11}", "parameter", "cosine", "norm ratio");
     for r in &report.params {
