@@ -164,3 +164,33 @@ fn eqprop_learns_xor() {
         history.last()
     );
 }
+
+#[test]
+fn persistent_eqprop_states_resume_where_each_sample_left_off() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let net = build("6-8-hsig-3", Shape::Flat(6), &dev);
+    let config = EqPropConfig {
+        free_steps: 3,
+        init: mep::ep::EqPropInit::Persistent,
+        ..EqPropConfig::default()
+    };
+    let mut est = EqPropEstimator::new(&net, config, 10, 0).unwrap();
+    let mut batch = random_batch(2, 6, 3, 4, &dev);
+    batch.indices = Some(vec![7, 2]);
+    let first = est.free_phase(&net, &batch);
+    est.estimate(&net, &batch).unwrap();
+    // The next visit starts from the states stored by the last one, not from zero.
+    let start = est.model().initial_states(&batch.x, Some(&[7, 2]));
+    for (s, f) in start.iter().zip(&first) {
+        let (a, b): (Vec<f32>, Vec<f32>) =
+            (s.to_data().to_vec().unwrap(), f.to_data().to_vec().unwrap());
+        assert_eq!(a, b);
+        assert!(a.iter().any(|v| *v != 0.0));
+    }
+    // Samples never seen start from zero.
+    let unseen = est.model().initial_states(&batch.x, Some(&[0, 1]));
+    for s in unseen {
+        let v: Vec<f32> = s.to_data().to_vec().unwrap();
+        assert!(v.iter().all(|x| *x == 0.0));
+    }
+}
