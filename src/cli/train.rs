@@ -13,7 +13,9 @@ use mep::estimate::{
     BackpropEstimator, EpConfig, EpEstimator, EqPropEstimator, GradientEstimator, Nudging,
 };
 use mep::loss::Loss;
+use mep::model::Network;
 use mep::model::{ModelSpec, Shape};
+use mep::optim::{CompositeOptimizer, EstimatorChoice, Optimizer, Preset};
 use mep::train::{OptimizerKind, TrainConfig, Trainer};
 use serde::Serialize;
 
@@ -29,6 +31,11 @@ pub struct TrainArgs {
     /// cnn, ...; the grammar is in the README).
     #[arg(long, default_value = "784-256-128-10")]
     model: ModelSpec,
+    /// A preset: smep, smep_fast, sdmep, local_ep, natural_ep, muon_backprop, eqprop, sgd,
+    /// adam. Its settings are overridden by --lr, --momentum, --weight-decay, --loss, --beta,
+    /// --nudging and the --settle-* options.
+    #[arg(long, conflicts_with_all = ["estimator", "optimizer"])]
+    preset: Option<Preset>,
     /// Gradient estimator.
     #[arg(long, value_enum, default_value = "backprop")]
     estimator: EstimatorArg,
@@ -50,12 +57,12 @@ pub struct TrainArgs {
     /// Learning rate (default: 0.1 for sgd, 0.001 for adam).
     #[arg(long)]
     lr: Option<f64>,
-    /// Momentum of sgd.
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f64,
-    /// Decoupled weight decay.
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
+    /// Momentum (default 0.9, or the preset's).
+    #[arg(long)]
+    momentum: Option<f64>,
+    /// Decoupled weight decay (default 0, or the preset's).
+    #[arg(long)]
+    weight_decay: Option<f64>,
     /// Use only the first N training samples.
     #[arg(long, value_name = "N")]
     train_samples: Option<usize>,
@@ -82,21 +89,22 @@ pub struct EpArgs {
     /// Nudge strength (default 0.5 for EP, 1.0 for EqProp).
     #[arg(long)]
     pub beta: Option<f32>,
-    /// EP nudging: one-sided, random or centered.
-    #[arg(long, default_value = "one-sided", value_parser = parse_nudging)]
-    pub nudging: Nudging,
-    /// Most settle steps per phase.
-    #[arg(long, default_value_t = 30)]
-    pub settle_steps: usize,
-    /// Settle step size (per sample).
-    #[arg(long, default_value_t = 0.3)]
-    pub settle_lr: f32,
-    /// Stop settling when the largest per-sample state-gradient norm is under TOL * beta.
-    #[arg(long, default_value_t = 1e-3)]
-    pub settle_tol: f32,
-    /// Check convergence every K settle steps.
-    #[arg(long, default_value_t = 5, value_name = "K")]
-    pub settle_check: usize,
+    /// EP nudging: one-sided (default), random or centered.
+    #[arg(long, value_parser = parse_nudging)]
+    pub nudging: Option<Nudging>,
+    /// Most settle steps per phase (default 30).
+    #[arg(long)]
+    pub settle_steps: Option<usize>,
+    /// Settle step size, per sample (default 0.3).
+    #[arg(long)]
+    pub settle_lr: Option<f32>,
+    /// Stop settling when the largest per-sample state-gradient norm is under TOL * beta
+    /// (default 1e-3).
+    #[arg(long)]
+    pub settle_tol: Option<f32>,
+    /// Check convergence every K settle steps (default 5).
+    #[arg(long, value_name = "K")]
+    pub settle_check: Option<usize>,
     /// Per-sample adaptive settle step (accept/reject by energy).
     #[arg(long)]
     pub adaptive: bool,
@@ -120,34 +128,39 @@ pub fn parse_nudging(s: &str) -> Result<Nudging, String> {
 }
 
 impl EpArgs {
-    /// The settling options.
-    pub fn settle(&self) -> SettleConfig {
+    /// `base` with the options given on the command line.
+    pub fn override_settle(&self, base: SettleConfig) -> SettleConfig {
         SettleConfig {
-            lr: self.settle_lr,
-            steps: self.settle_steps,
-            tol: self.settle_tol,
-            check_every: self.settle_check,
-            adaptive: self.adaptive,
-            ..SettleConfig::default()
+            lr: self.settle_lr.unwrap_or(base.lr),
+            steps: self.settle_steps.unwrap_or(base.steps),
+            tol: self.settle_tol.unwrap_or(base.tol),
+            check_every: self.settle_check.unwrap_or(base.check_every),
+            adaptive: self.adaptive || base.adaptive,
+            ..base
+        }
+    }
+
+    /// `base` with the options given on the command line (and this loss and seed).
+    pub fn override_ep(&self, base: EpConfig, loss: Loss, seed: u64) -> EpConfig {
+        EpConfig {
+            beta: self.beta.unwrap_or(base.beta),
+            nudging: self.nudging.unwrap_or(base.nudging),
+            loss,
+            settle: self.override_settle(base.settle),
+            seed,
         }
     }
 
     /// The EP options with this loss and seed.
     pub fn ep(&self, loss: Loss, seed: u64) -> EpConfig {
-        EpConfig {
-            beta: self.beta.unwrap_or(0.5),
-            nudging: self.nudging,
-            loss,
-            settle: self.settle(),
-            seed,
-        }
+        self.override_ep(EpConfig::default(), loss, seed)
     }
 
     /// The EqProp options.
     pub fn eqprop(&self) -> EqPropConfig {
         EqPropConfig {
             beta: self.beta.unwrap_or(1.0),
-            random_sign: self.nudging == Nudging::RandomSign,
+            random_sign: self.nudging.is_none_or(|n| n == Nudging::RandomSign),
             step: self.eqprop_step,
             free_steps: self.eqprop_free_steps,
             nudged_steps: self.eqprop_nudged_steps,
@@ -223,28 +236,6 @@ fn parse_mean_std(s: &str) -> Result<(f32, f32), String> {
     Ok((m, sd))
 }
 
-#[derive(Debug, Serialize)]
-struct RunConfig<'a> {
-    dataset: &'a str,
-    model: String,
-    estimator: EstimatorArg,
-    loss: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ep: Option<EpConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eqprop: Option<EqPropConfig>,
-    optimizer: OptimizerKind,
-    lr: f64,
-    momentum: f64,
-    weight_decay: f64,
-    train_samples: usize,
-    test_samples: usize,
-    device: String,
-    threads: usize,
-    #[serde(flatten)]
-    train: &'a TrainConfig,
-}
-
 pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     let locator = DataLocator::from_env(globals.data_dir.clone());
     let options = LoadOptions {
@@ -264,9 +255,6 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     )?;
 
     let device = globals.device.resolve(Workload::Backprop)?;
-    let kind: OptimizerKind = args.optimizer.into();
-    let lr = args.lr.unwrap_or(kind.default_lr());
-    let optimizer = kind.build(lr, args.momentum, args.weight_decay)?;
     let model = args
         .model
         .builder(Shape::from_chw(dataset.input_shape))?
@@ -276,41 +264,36 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         batch_size: args.batch,
         seed: globals.seed,
     };
+    let setup = resolve(&args, &model, dataset.train.len(), globals.seed)?;
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("results/train").join(
             format!(
-                "{}-{}-{:?}-{:?}-seed{}",
+                "{}-{}-{}-seed{}",
                 dataset.name.replace(':', "_"),
                 args.model,
-                args.estimator,
-                kind,
+                setup.tag,
                 globals.seed
             )
             .to_lowercase(),
         )
     });
-    let loss = args.loss.unwrap_or(args.estimator.default_loss());
-    let estimator =
-        args.estimator
-            .build(&model, loss, &args.ep, dataset.train.len(), globals.seed)?;
-    let run_config = RunConfig {
-        dataset: &dataset.name,
-        model: args.model.to_string(),
-        estimator: args.estimator,
-        loss: loss.to_string(),
-        ep: matches!(args.estimator, EstimatorArg::Ep | EstimatorArg::LocalEp)
-            .then(|| args.ep.ep(loss, globals.seed)),
-        eqprop: (args.estimator == EstimatorArg::Eqprop).then(|| args.ep.eqprop()),
-        optimizer: kind,
-        lr,
-        momentum: args.momentum,
-        weight_decay: args.weight_decay,
-        train_samples: dataset.train.len(),
-        test_samples: dataset.test.len(),
-        device: globals.device.to_string(),
-        threads: mep::device::threads(),
-        train: &config,
-    };
+    let mut run_config = serde_json::json!({
+        "dataset": dataset.name,
+        "model": args.model.to_string(),
+        "train_samples": dataset.train.len(),
+        "test_samples": dataset.test.len(),
+        "device": globals.device.to_string(),
+        "threads": mep::device::threads(),
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+    });
+    if let (Some(obj), serde_json::Value::Object(extra)) =
+        (run_config.as_object_mut(), setup.config)
+    {
+        obj.extend(extra);
+    }
+    let (estimator, optimizer) = (setup.estimator, setup.optimizer);
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     write_atomic(
         &out.join("config.json"),
@@ -318,14 +301,13 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     )?;
 
     eprintln!(
-        "training {} ({} parameters) on {} ({} train / {} test) with {}+{:?} ({loss} loss), lr {lr}, {} epochs, batch {}, device {}, {} threads",
+        "training {} ({} parameters) on {} ({} train / {} test) with {}, {} epochs, batch {}, device {}, {} threads",
         args.model,
         model.num_params(),
         dataset.name,
         dataset.train.len(),
         dataset.test.len(),
-        estimator.name(),
-        kind,
+        setup.label,
         config.epochs,
         config.batch_size,
         globals.device,
@@ -359,6 +341,88 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The estimator and optimizer of a run, how its config records them, and labels.
+struct Setup {
+    estimator: Box<dyn GradientEstimator>,
+    optimizer: Box<dyn Optimizer>,
+    config: serde_json::Value,
+    label: String,
+    tag: String,
+}
+
+/// Builds the estimator and optimizer from a preset (with overrides) or from the
+/// --estimator / --optimizer options.
+fn resolve(args: &TrainArgs, model: &Network, samples: usize, seed: u64) -> Result<Setup> {
+    if let Some(preset) = args.preset {
+        let mut p = preset.config();
+        match &mut p.estimator {
+            EstimatorChoice::Backprop { loss } => *loss = args.loss.unwrap_or(*loss),
+            EstimatorChoice::EqProp(c) => {
+                let given = args.ep.eqprop();
+                *c = EqPropConfig {
+                    beta: args.ep.beta.unwrap_or(c.beta),
+                    ..given
+                };
+            }
+            other => {
+                let c = other.ep_config_mut().expect("EP kinds");
+                *c = args.ep.override_ep(*c, args.loss.unwrap_or(c.loss), seed);
+            }
+        }
+        let o = &mut p.optimizer;
+        o.lr = args.lr.unwrap_or(o.lr);
+        o.momentum = args.momentum.unwrap_or(o.momentum);
+        o.weight_decay = args.weight_decay.unwrap_or(o.weight_decay);
+        o.seed = seed;
+        let estimator = p.estimator.build(model, samples, seed)?;
+        let optimizer = CompositeOptimizer::new(p.optimizer, model.param_info())?;
+        let label = format!(
+            "preset {preset} ({}, lr {})",
+            estimator.name(),
+            p.optimizer.lr
+        );
+        return Ok(Setup {
+            config: serde_json::json!({
+                "preset": preset.to_string(),
+                "estimator": estimator.name(),
+                "estimator_config": p.estimator,
+                "optimizer": "composite",
+                "composite": p.optimizer,
+            }),
+            estimator,
+            optimizer: Box::new(optimizer),
+            label,
+            tag: preset.to_string(),
+        });
+    }
+    let kind: OptimizerKind = args.optimizer.into();
+    let lr = args.lr.unwrap_or(kind.default_lr());
+    let momentum = args.momentum.unwrap_or(0.9);
+    let weight_decay = args.weight_decay.unwrap_or(0.0);
+    let optimizer = kind.build(lr, momentum, weight_decay)?;
+    let loss = args.loss.unwrap_or(args.estimator.default_loss());
+    let estimator = args.estimator.build(model, loss, &args.ep, samples, seed)?;
+    let label = format!("{}+{kind:?} ({loss} loss), lr {lr}", estimator.name());
+    let config = serde_json::json!({
+        "estimator": args.estimator,
+        "loss": loss.to_string(),
+        "ep": matches!(args.estimator, EstimatorArg::Ep | EstimatorArg::LocalEp)
+            .then(|| args.ep.ep(loss, seed)),
+        "eqprop": (args.estimator == EstimatorArg::Eqprop).then(|| args.ep.eqprop()),
+        "optimizer": kind,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+    });
+    Ok(Setup {
+        estimator,
+        optimizer,
+        config,
+        label,
+        tag: format!("{:?}-{kind:?}", args.estimator),
+    })
 }
 
 /// Loads a data set; if its files are missing and it can be downloaded, fetches it into the

@@ -490,6 +490,49 @@ impl EnergyModel {
             .collect()
     }
 
+    /// Per-sample factors of each linear state layer's parameter term at `eval`: the layer's
+    /// input and its prediction error times `scale` (indexed like the parameters; `None`
+    /// for everything but linear weights).
+    pub fn linear_factors(
+        &self,
+        net: &Network,
+        eval: &Evaluation,
+        scale: f32,
+    ) -> Vec<Option<crate::estimate::GradFactors>> {
+        let mut out = vec![None; net.params().len()];
+        for (j, seg) in self.segments.iter().enumerate() {
+            let layer = &net.layers()[seg.layer];
+            if let LayerOp::Linear { .. } = layer.op {
+                out[layer.first_param] = Some(crate::estimate::GradFactors {
+                    inputs: eval.tapes[j].inputs[seg.prefix.len()].clone(),
+                    output_grads: eval.errors[j].clone().mul_scalar(scale),
+                });
+            }
+        }
+        out
+    }
+
+    /// Backpropagation through the energy's own layer chain at the free phase: replaces
+    /// the errors of `eval` by the backprop signals `dL/dh_i` of the loss (per sample) and
+    /// returns it, so that [`EnergyModel::param_gradients`] at `beta = 1` and
+    /// [`EnergyModel::linear_factors`] give backprop's gradient and factors.
+    pub fn backprop_signals(
+        &self,
+        net: &Network,
+        ctx: &BatchContext,
+        eval: &Evaluation,
+    ) -> Evaluation {
+        let mut e = eval.clone();
+        let n = self.segments.len();
+        e.errors[n - 1] = self.nudge_backward(net, ctx, eval, 1.0, None);
+        for i in (0..n - 1).rev() {
+            e.errors[i] = self
+                .segment_backward(net, i + 1, &e, true, None, true)
+                .expect("input gradient asked for");
+        }
+        e
+    }
+
     /// FLOPs of the matrix products of one settle step on `batch` samples: each state
     /// layer after the first runs its forward (prediction) and its input VJP (feedback),
     /// which cost the same; the first layer's prediction is cached. Element-wise work is

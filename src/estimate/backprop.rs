@@ -2,6 +2,7 @@
 
 use super::{Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar};
 use crate::device::Tensor;
+use crate::ep::EnergyModel;
 use crate::loss::Loss;
 use crate::model::Network;
 
@@ -12,6 +13,7 @@ pub struct BackpropEstimator {
     loss: Loss,
     dropout_seed: Option<u64>,
     calls: u64,
+    factors: bool,
 }
 
 impl BackpropEstimator {
@@ -22,7 +24,15 @@ impl BackpropEstimator {
             loss,
             dropout_seed: None,
             calls: 0,
+            factors: false,
         })
+    }
+
+    /// Also return per-sample factors of the linear weights' gradients (layer inputs and
+    /// `dL/dh`, from a backward pass through the layers' own VJPs; dropout off there).
+    pub fn with_factors(mut self, on: bool) -> Self {
+        self.factors = on;
+        self
     }
 
     /// Turns dropout on, with masks drawn from `seed` and the call count.
@@ -61,7 +71,16 @@ impl GradientEstimator for BackpropEstimator {
                     .unwrap_or_else(|| Tensor::zeros(p.dims(), &device))
             })
             .collect();
+        let factors = if self.factors {
+            let energy = EnergyModel::new(net, self.loss);
+            let (ctx, _, free) = energy.free_phase(net, batch.x.clone(), batch.targets.clone());
+            let signals = energy.backprop_signals(net, &ctx, &free);
+            energy.linear_factors(net, &signals, 1.0)
+        } else {
+            Vec::new()
+        };
         Ok(Estimate {
+            factors,
             grads,
             loss: value,
             output: out.inner(),

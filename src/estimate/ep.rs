@@ -84,6 +84,7 @@ pub struct EpEstimator {
     settler: Settler,
     rng: Xoshiro256PlusPlus,
     local: bool,
+    factors: bool,
 }
 
 impl EpEstimator {
@@ -102,7 +103,16 @@ impl EpEstimator {
             rng: Xoshiro256PlusPlus::seed_from_u64(config.seed),
             config,
             local: false,
+            factors: false,
         })
+    }
+
+    /// Also return per-sample factors of the linear weights' gradients (for the Fisher
+    /// update): the nudged phase's layer inputs and prediction errors over beta (the `+beta`
+    /// phase when centered).
+    pub fn with_factors(mut self, on: bool) -> Self {
+        self.factors = on;
+        self
     }
 
     /// Local EP: the same settling, then each state layer's parameters are updated from
@@ -161,6 +171,7 @@ impl GradientEstimator for EpEstimator {
         let n = batch.len() as f32;
         let beta = self.config.beta;
         let mut settle = Vec::new();
+        let mut factors = Vec::new();
         let sign = match self.config.nudging {
             Nudging::RandomSign if !self.rng.random::<bool>() => -1.0,
             _ => 1.0,
@@ -172,6 +183,9 @@ impl GradientEstimator for EpEstimator {
                 .settler
                 .settle(&this.energy, net, &ctx, &free, &free_eval, b)?;
             settle.push(settled.stats);
+            if this.factors && factors.is_empty() {
+                factors = this.energy.linear_factors(net, &settled.eval, 1.0 / b);
+            }
             let mut g = this.contrast_term(net, &ctx, &settled.states, &settled.eval, b);
             if this.local {
                 // The free-phase local errors (exactly zero at the forward states, computed
@@ -205,6 +219,7 @@ impl GradientEstimator for EpEstimator {
             output: free_eval.output().clone(),
             settle,
             moments: ctx.moments().clone(),
+            factors,
         })
     }
 }

@@ -96,6 +96,7 @@ impl GradientEstimator for EqPropEstimator {
             output,
             settle: Vec::new(),
             moments: Vec::new(),
+            factors: Vec::new(),
         })
     }
 

@@ -69,6 +69,18 @@ impl TensorBatch {
     }
 }
 
+/// Per-sample factors of a weight matrix's gradient: `grad = inputs^T output_grads / N`
+/// (`inputs` `[N, fan_in]`, `output_grads` `[N, fan_out]`), from which curvature
+/// estimates such as the empirical Fisher are computed.
+#[derive(Debug, Clone)]
+pub struct GradFactors {
+    /// The layer's input activity, one row per sample.
+    pub inputs: Tensor<2>,
+    /// The signal at the layer's output, one row per sample (backprop: `dL/dh`; EP: the
+    /// nudged prediction error over beta).
+    pub output_grads: Tensor<2>,
+}
+
 /// One gradient estimate.
 #[derive(Debug, Clone)]
 pub struct Estimate {
@@ -82,6 +94,9 @@ pub struct Estimate {
     pub settle: Vec<SettleStats>,
     /// Batch-norm moments of the forward pass, for the running statistics.
     pub moments: BatchMoments,
+    /// Per-sample factors of each linear layer's weight gradient (indexed like the
+    /// parameters; empty unless asked for with `with_factors`).
+    pub factors: Vec<Option<GradFactors>>,
 }
 
 /// Errors of gradient estimation.

@@ -1,6 +1,6 @@
 //! Adam and AdamW.
 
-use super::{OptimError, Optimizer, check_arity, check_range};
+use super::{OptimError, Optimizer, OptimizerState, check_arity, check_range};
 use crate::device::Tensor;
 
 /// Adam with bias correction; `weight_decay` is decoupled (AdamW): `theta <- theta (1 - lr wd)`
@@ -96,5 +96,39 @@ impl Optimizer for Adam {
             out.push(p - update.mul_scalar(step_size));
         }
         Ok(out)
+    }
+
+    fn state(&self) -> OptimizerState {
+        let mut tensors = Vec::new();
+        for (i, m) in self.moments.iter().enumerate() {
+            if let Some((m, v)) = m {
+                tensors.push((format!("{i}.m"), m.clone()));
+                tensors.push((format!("{i}.v"), v.clone()));
+            }
+        }
+        OptimizerState {
+            tensors,
+            scalars: vec![
+                ("step".into(), self.step as f64),
+                ("params".into(), self.moments.len() as f64),
+            ],
+        }
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<(), OptimError> {
+        let n = state.scalar("params").unwrap_or(0.0) as usize;
+        self.step = state.scalar("step").unwrap_or(0.0) as i32;
+        self.moments = vec![None; n];
+        for i in 0..n {
+            match (
+                state.tensor(&format!("{i}.m")),
+                state.tensor(&format!("{i}.v")),
+            ) {
+                (Some(m), Some(v)) => self.moments[i] = Some((m.clone(), v.clone())),
+                (None, None) => {}
+                _ => return Err(OptimError::State(format!("adam moments of {i} incomplete"))),
+            }
+        }
+        Ok(())
     }
 }

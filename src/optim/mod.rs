@@ -1,16 +1,52 @@
 //! Optimizers: how a gradient becomes a parameter update.
 //!
-//! For now the first-order baselines ([`Sgd`] with heavy-ball or Nesterov momentum and
-//! decoupled weight decay, and [`Adam`]/AdamW); the composite optimizer with its geometry-aware
-//! updates, constraints and feedback builds on the same [`Optimizer`] interface.
+//! The first-order baselines ([`Sgd`] with heavy-ball or Nesterov momentum and decoupled
+//! weight decay, and [`Adam`]/AdamW), and the [`CompositeOptimizer`]: compression with error
+//! feedback, momentum, a geometry-aware update rule (Muon, Dion, Fisher, Adam),
+//! decoupled weight decay and a spectral constraint, with matrices and vectors routed
+//! explicitly. [`Preset`] names the paper's configurations. Every optimizer's state
+//! round-trips through [`OptimizerState`] (saved with the model checkpoint).
 
 mod adam;
+mod composite;
+pub mod linalg;
+mod preset;
 mod sgd;
 
 pub use adam::Adam;
+pub use composite::{
+    CompositeConfig, CompositeOptimizer, Constraint, Feedback, Schedule, UpdateRule, VectorRule,
+};
+pub use linalg::NsIteration;
+pub use preset::{EstimatorChoice, Preset, PresetConfig};
 pub use sgd::Sgd;
 
 use crate::device::Tensor;
+use crate::estimate::GradFactors;
+
+/// An optimizer's state as named tensors and scalars (what a checkpoint stores).
+#[derive(Debug, Clone, Default)]
+pub struct OptimizerState {
+    /// Named tensors (`<param>.<role>`).
+    pub tensors: Vec<(String, Tensor<2>)>,
+    /// Named scalars (step counters).
+    pub scalars: Vec<(String, f64)>,
+}
+
+impl OptimizerState {
+    /// The scalar called `name`.
+    pub fn scalar(&self, name: &str) -> Option<f64> {
+        self.scalars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+    }
+
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&Tensor<2>> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+}
 
 /// Errors of optimizer construction and stepping.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -25,6 +61,20 @@ pub enum OptimError {
         /// Allowed range.
         reason: &'static str,
     },
+    /// A gradient contains NaN or infinity; the parameters were left untouched.
+    #[error("refusing a non-finite update: the gradient of {param} contains NaN or infinity")]
+    NonFinite {
+        /// The first offending parameter.
+        param: String,
+    },
+    /// No preset has this name.
+    #[error(
+        "unknown preset `{0}` (expected one of: smep, smep_fast, sdmep, local_ep, natural_ep, muon_backprop, eqprop, sgd, adam)"
+    )]
+    UnknownPreset(String),
+    /// Saved state does not match the optimizer.
+    #[error("optimizer state does not fit: {0}")]
+    State(String),
     /// Parameter and gradient lists disagree.
     #[error("optimizer got {params} parameters but {grads} gradients")]
     Arity {
@@ -43,6 +93,36 @@ pub trait Optimizer {
         params: Vec<Tensor<2>>,
         grads: Vec<Tensor<2>>,
     ) -> Result<Vec<Tensor<2>>, OptimError>;
+
+    /// Whether [`Optimizer::step_with_factors`] uses per-sample gradient factors (so the
+    /// estimator should produce them).
+    fn needs_factors(&self) -> bool {
+        false
+    }
+
+    /// A step that may use per-sample gradient factors (`factors[i]` for `params[i]`, or
+    /// empty); by default the factors are ignored.
+    fn step_with_factors(
+        &mut self,
+        params: Vec<Tensor<2>>,
+        grads: Vec<Tensor<2>>,
+        factors: &[Option<GradFactors>],
+    ) -> Result<Vec<Tensor<2>>, OptimError> {
+        let _ = factors;
+        self.step(params, grads)
+    }
+
+    /// Called once before training with the initial parameters; returns them made
+    /// feasible for the optimizer's constraint (by default unchanged).
+    fn prepare(&mut self, params: Vec<Tensor<2>>) -> Vec<Tensor<2>> {
+        params
+    }
+
+    /// The state to checkpoint.
+    fn state(&self) -> OptimizerState;
+
+    /// Restores a checkpointed state.
+    fn load_state(&mut self, state: &OptimizerState) -> Result<(), OptimError>;
 }
 
 pub(crate) fn check_range(

@@ -1,6 +1,6 @@
 //! Stochastic gradient descent with momentum and decoupled weight decay.
 
-use super::{OptimError, Optimizer, check_arity, check_range};
+use super::{OptimError, Optimizer, OptimizerState, check_arity, check_range};
 use crate::device::Tensor;
 
 /// SGD: `v <- mu v + g`; `theta <- theta (1 - lr wd) - lr v` (or `- lr (g + mu v)` with
@@ -76,5 +76,31 @@ impl Optimizer for Sgd {
             out.push(p - direction.mul_scalar(lr));
         }
         Ok(out)
+    }
+
+    fn state(&self) -> OptimizerState {
+        OptimizerState {
+            tensors: self
+                .velocity
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| v.as_ref().map(|v| (format!("{i}.velocity"), v.clone())))
+                .collect(),
+            scalars: vec![("params".into(), self.velocity.len() as f64)],
+        }
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<(), OptimError> {
+        let n = state.scalar("params").unwrap_or(0.0) as usize;
+        self.velocity = vec![None; n];
+        for (name, t) in &state.tensors {
+            let i: usize = name
+                .strip_suffix(".velocity")
+                .and_then(|i| i.parse().ok())
+                .filter(|&i| i < n)
+                .ok_or_else(|| OptimError::State(format!("unexpected sgd state {name}")))?;
+            self.velocity[i] = Some(t.clone());
+        }
+        Ok(())
     }
 }

@@ -93,12 +93,17 @@ pub struct StepOutcome {
 
 impl Trainer {
     /// A trainer for `model` (whose parameters live on `device`).
+    /// The optimizer first makes the initial parameters feasible ([`Optimizer::prepare`]).
     pub fn new(
-        model: Network,
+        mut model: Network,
         estimator: Box<dyn GradientEstimator>,
-        optimizer: Box<dyn Optimizer>,
+        mut optimizer: Box<dyn Optimizer>,
         device: Device,
     ) -> Self {
+        let prepared = optimizer.prepare(model.params().to_vec());
+        model
+            .set_params(prepared)
+            .expect("prepare keeps the parameter shapes");
         Self {
             model,
             estimator,
@@ -117,6 +122,11 @@ impl Trainer {
         self.estimator.as_ref()
     }
 
+    /// The optimizer.
+    pub fn optimizer(&self) -> &dyn Optimizer {
+        self.optimizer.as_ref()
+    }
+
     /// One optimizer step on a host batch.
     pub fn train_step(
         &mut self,
@@ -130,7 +140,9 @@ impl Trainer {
         let estimate = self.estimator.estimate(&self.model, &batch)?;
         let correct = count_correct(estimate.output.clone(), labels);
         let params = self.model.params().to_vec();
-        let updated = self.optimizer.step(params, estimate.grads)?;
+        let updated =
+            self.optimizer
+                .step_with_factors(params, estimate.grads, &estimate.factors)?;
         self.model.set_params(updated)?;
         self.model
             .update_running_stats(&estimate.moments, labels.len());

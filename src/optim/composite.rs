@@ -1,0 +1,771 @@
+//! The composite optimizer: compression with error feedback, momentum, a geometry-aware
+//! update rule, decoupled weight decay and a spectral constraint, with explicit routing of
+//! matrices and vectors.
+//!
+//! Per step, with learning rate `lr_t` from the [`Schedule`]:
+//!
+//! 1. NaN/Inf guard over every gradient (one host read; a non-finite gradient is a typed
+//!    error and the parameters are left untouched), then optional global norm clipping.
+//! 2. Matrices (2-D weights; conv kernels as `out x in*k*k`):
+//!    * feedback: `c = C(g + beta e)`, `e <- g + beta e - c`, where `C` is the
+//!      [`UpdateRule::LowRank`] compression (the identity for every other rule, so
+//!      [`Feedback::ErrorFeedback`] is then a no-op);
+//!    * momentum `m <- mu m + c`, using `m` (heavy-ball) or `c + mu m` (Nesterov);
+//!    * the update rule turns that into a direction `d`: as is ([`UpdateRule::Plain`],
+//!      [`UpdateRule::LowRank`]), orthogonalised ([`UpdateRule::Muon`]), low-rank
+//!      orthogonalised with its own momentum ([`UpdateRule::Dion`]), Fisher-whitened
+//!      ([`UpdateRule::Fisher`]) or Adam-normalised ([`UpdateRule::Adam`], which uses its
+//!      own first moment instead of `mu`);
+//!    * `W <- W (1 - lr_t wd) - lr_t d`, then the [`Constraint`].
+//! 3. Vectors (biases, norm gains): momentum SGD or Adam ([`VectorRule`]) with their own
+//!    learning rate `vector_lr` (default `lr`) and no weight decay.
+
+use burn::tensor::TensorData;
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+use super::linalg::{
+    NsIteration, frobenius, newton_schulz, normalize_columns, orthonormalize_columns,
+    power_iteration,
+};
+use super::{OptimError, Optimizer, OptimizerState, check_arity, check_range};
+use crate::device::Tensor;
+use crate::estimate::GradFactors;
+use crate::model::{ParamInfo, ParamKind};
+
+/// Learning-rate schedule, as a factor of the base rate at step `t` (0-based).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Schedule {
+    /// Factor 1.
+    Constant,
+    /// `gamma^(t / every)`.
+    Step {
+        /// Steps between decays.
+        every: usize,
+        /// Decay factor in (0, 1].
+        gamma: f64,
+    },
+    /// Linear warm-up from `1/warmup` to 1 over `warmup` steps, then a cosine from 1 down to
+    /// `floor` at step `total` (and `floor` after it).
+    Cosine {
+        /// Warm-up steps.
+        warmup: usize,
+        /// Step at which the cosine reaches `floor`.
+        total: usize,
+        /// Final factor in [0, 1].
+        floor: f64,
+    },
+}
+
+impl Schedule {
+    /// The factor at step `t`.
+    pub fn factor(&self, t: usize) -> f64 {
+        match *self {
+            Self::Constant => 1.0,
+            Self::Step { every, gamma } => gamma.powi((t / every) as i32),
+            Self::Cosine {
+                warmup,
+                total,
+                floor,
+            } => {
+                if t < warmup {
+                    (t + 1) as f64 / warmup as f64
+                } else if t >= total {
+                    floor
+                } else {
+                    let span = (total - warmup).max(1) as f64;
+                    let progress = (t - warmup) as f64 / span;
+                    floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), OptimError> {
+        match *self {
+            Self::Constant => Ok(()),
+            Self::Step { every, gamma } => {
+                check_range(
+                    "schedule.every",
+                    every as f64,
+                    every > 0,
+                    "must be positive",
+                )?;
+                check_range(
+                    "schedule.gamma",
+                    gamma,
+                    gamma > 0.0 && gamma <= 1.0,
+                    "must be in (0, 1]",
+                )
+            }
+            Self::Cosine {
+                warmup,
+                total,
+                floor,
+            } => {
+                check_range(
+                    "schedule.total",
+                    total as f64,
+                    total > warmup,
+                    "must exceed the warm-up steps",
+                )?;
+                check_range(
+                    "schedule.floor",
+                    floor,
+                    (0.0..=1.0).contains(&floor),
+                    "must be in [0, 1]",
+                )
+            }
+        }
+    }
+}
+
+/// How a matrix's (compressed, momentum-averaged) gradient becomes its update direction.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum UpdateRule {
+    /// The direction is the momentum buffer itself (SGD).
+    Plain,
+    /// Muon: Newton–Schulz orthogonalisation, scaled by `max(1, fan_out/fan_in)^0.5`.
+    Muon {
+        /// Iterations (5 in the paper).
+        ns_steps: usize,
+        /// Quintic (default) or the reference's cubic.
+        iteration: NsIteration,
+    },
+    /// Dion: rank-`r` power iteration warm-started from the previous right factor `Q`:
+    /// `B = M + G`, `P = orth(B Q)`, `R = B^T P`, `M <- B - (1 - mu) P R^T` (error feedback
+    /// into the momentum), `Q <- colnorm(R)`, direction `P Q^T` with Muon's shape scale.
+    /// `r = max(1, floor(rank_frac * min(m, n)))`. Matrices with fewer than `threshold`
+    /// entries use Muon instead.
+    Dion {
+        /// Rank as a fraction of the smaller side, in (0, 1].
+        rank_frac: f64,
+        /// Matrices with fewer entries use the Muon fallback.
+        threshold: usize,
+        /// Newton–Schulz steps of the fallback.
+        ns_steps: usize,
+    },
+    /// Rank-`r` compression `C(A) = P R^T` (warm-started power iteration, as Dion's, without
+    /// orthogonalised output): a lossy update in gradient units, for error feedback.
+    LowRank {
+        /// Rank as a fraction of the smaller side, in (0, 1].
+        rank_frac: f64,
+    },
+    /// Natural gradient with the diagonal empirical Fisher: `F` is an exponential moving
+    /// average (weight `ema` on the past) of the mean squared per-sample gradient, computed
+    /// exactly from the estimator's per-sample factors (`mean_b (a_b^2)^T (g_b^2)`); the
+    /// direction is `G / (F + damping)`, then orthogonalised if asked. Matrices without
+    /// factors (conv kernels) are not whitened.
+    Fisher {
+        /// Damping added to `F`.
+        damping: f64,
+        /// EMA weight of the past estimate, in [0, 1).
+        ema: f64,
+        /// Newton–Schulz-orthogonalise the whitened direction.
+        orthogonalize: bool,
+        /// Iterations when orthogonalising.
+        ns_steps: usize,
+    },
+    /// Adam on matrices (its first moment replaces the composite momentum, which must be 0).
+    Adam {
+        /// First-moment decay.
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Denominator floor.
+        eps: f64,
+    },
+}
+
+/// The update of vectors (biases and normalisation gains).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VectorRule {
+    /// Momentum SGD with the composite momentum.
+    Plain,
+    /// Adam (beta 0.9, 0.999, eps 1e-8).
+    Adam,
+}
+
+/// A constraint applied to matrices after their update.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Constraint {
+    /// None.
+    None,
+    /// Spectral bound: every `every` steps, estimate `sigma_max(W)` by power iteration
+    /// warm-started from the previous left vector and rescale `W <- W gamma / sigma` when
+    /// `sigma > gamma` (conv kernels as flattened matrices: a bound on that matrix, not on
+    /// the convolution operator).
+    Spectral {
+        /// The bound, > 0.
+        gamma: f64,
+        /// Power-iteration rounds per application.
+        power_iters: usize,
+        /// Apply after every `every`-th step (1: every step).
+        every: usize,
+    },
+}
+
+/// Error feedback of lossy updates.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Feedback {
+    /// None.
+    None,
+    /// Carry the compression residual `e` and re-inject `beta e` into the next gradient.
+    ErrorFeedback {
+        /// Decay of the carried residual, in (0, 1].
+        beta: f64,
+    },
+}
+
+/// All options of a [`CompositeOptimizer`].
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CompositeConfig {
+    /// Base learning rate of matrices.
+    pub lr: f64,
+    /// Learning rate of vectors (`None`: `lr`).
+    pub vector_lr: Option<f64>,
+    /// Schedule of both rates.
+    pub schedule: Schedule,
+    /// Momentum in [0, 1).
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Decoupled weight decay of matrices (`W <- W (1 - lr_t wd)`).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value.
+    pub clip_norm: Option<f64>,
+    /// Matrix update rule.
+    pub update: UpdateRule,
+    /// Vector update rule.
+    pub vector_update: VectorRule,
+    /// Constraint on matrices.
+    pub constraint: Constraint,
+    /// Feedback of lossy updates.
+    pub feedback: Feedback,
+    /// Seed of random initial factors (Dion, power iteration).
+    pub seed: u64,
+}
+
+impl Default for CompositeConfig {
+    /// Momentum SGD: lr 0.01, momentum 0.9, no decay, no clipping, plain rules.
+    fn default() -> Self {
+        Self {
+            lr: 0.01,
+            vector_lr: None,
+            schedule: Schedule::Constant,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+            clip_norm: None,
+            update: UpdateRule::Plain,
+            vector_update: VectorRule::Plain,
+            constraint: Constraint::None,
+            feedback: Feedback::None,
+            seed: 0,
+        }
+    }
+}
+
+impl CompositeConfig {
+    /// Checks every option.
+    pub fn validate(&self) -> Result<(), OptimError> {
+        check_range("lr", self.lr, self.lr > 0.0, "must be positive")?;
+        if let Some(v) = self.vector_lr {
+            check_range("vector_lr", v, v > 0.0, "must be positive")?;
+        }
+        self.schedule.validate()?;
+        check_range(
+            "momentum",
+            self.momentum,
+            (0.0..1.0).contains(&self.momentum),
+            "must be in [0, 1)",
+        )?;
+        check_range(
+            "weight_decay",
+            self.weight_decay,
+            self.weight_decay >= 0.0,
+            "must be >= 0",
+        )?;
+        if let Some(c) = self.clip_norm {
+            check_range("clip_norm", c, c > 0.0, "must be positive")?;
+        }
+        let frac = |name, f: f64| check_range(name, f, f > 0.0 && f <= 1.0, "must be in (0, 1]");
+        let steps = |name, n: usize| check_range(name, n as f64, n > 0, "must be at least 1");
+        match self.update {
+            UpdateRule::Plain => {}
+            UpdateRule::Muon { ns_steps, .. } => steps("ns_steps", ns_steps)?,
+            UpdateRule::Dion {
+                rank_frac,
+                ns_steps,
+                ..
+            } => {
+                frac("rank_frac", rank_frac)?;
+                steps("ns_steps", ns_steps)?;
+            }
+            UpdateRule::LowRank { rank_frac } => frac("rank_frac", rank_frac)?,
+            UpdateRule::Fisher {
+                damping,
+                ema,
+                ns_steps,
+                orthogonalize,
+            } => {
+                check_range("fisher.damping", damping, damping > 0.0, "must be positive")?;
+                check_range(
+                    "fisher.ema",
+                    ema,
+                    (0.0..1.0).contains(&ema),
+                    "must be in [0, 1)",
+                )?;
+                if orthogonalize {
+                    steps("ns_steps", ns_steps)?;
+                }
+            }
+            UpdateRule::Adam { beta1, beta2, eps } => {
+                check_range(
+                    "beta1",
+                    beta1,
+                    (0.0..1.0).contains(&beta1),
+                    "must be in [0, 1)",
+                )?;
+                check_range(
+                    "beta2",
+                    beta2,
+                    (0.0..1.0).contains(&beta2),
+                    "must be in [0, 1)",
+                )?;
+                check_range("eps", eps, eps > 0.0, "must be positive")?;
+                check_range(
+                    "momentum",
+                    self.momentum,
+                    self.momentum == 0.0,
+                    "must be 0 with the adam update (beta1 is its momentum)",
+                )?;
+            }
+        }
+        if let Constraint::Spectral {
+            gamma,
+            power_iters,
+            every,
+        } = self.constraint
+        {
+            check_range("spectral.gamma", gamma, gamma > 0.0, "must be positive")?;
+            steps("spectral.power_iters", power_iters)?;
+            steps("spectral.every", every)?;
+        }
+        if let Feedback::ErrorFeedback { beta } = self.feedback {
+            frac("error_feedback.beta", beta)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct ParamState {
+    momentum: Option<Tensor<2>>,
+    adam: Option<(Tensor<2>, Tensor<2>)>,
+    right: Option<Tensor<2>>,
+    error: Option<Tensor<2>>,
+    fisher: Option<Tensor<2>>,
+    spectral_u: Option<Tensor<2>>,
+}
+
+/// The composite optimizer (see the module docs for the order of operations).
+#[derive(Debug, Clone)]
+pub struct CompositeOptimizer {
+    config: CompositeConfig,
+    info: Vec<ParamInfo>,
+    state: Vec<ParamState>,
+    step: usize,
+    rng: Xoshiro256PlusPlus,
+}
+
+fn rank(frac: f64, dims: [usize; 2]) -> usize {
+    let small = dims[0].min(dims[1]);
+    ((small as f64 * frac).floor() as usize).clamp(1, small)
+}
+
+fn shape_scale(kind: ParamKind) -> f32 {
+    match kind {
+        ParamKind::Matrix {
+            fan_in, fan_out, ..
+        } => (fan_out as f32 / fan_in as f32).max(1.0).sqrt(),
+        ParamKind::Vector => 1.0,
+    }
+}
+
+impl CompositeOptimizer {
+    /// A composite optimizer for parameters described by `info` (a network's
+    /// [`crate::model::Network::param_info`]).
+    pub fn new(config: CompositeConfig, info: &[ParamInfo]) -> Result<Self, OptimError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            info: info.to_vec(),
+            state: vec![ParamState::default(); info.len()],
+            step: 0,
+            rng: Xoshiro256PlusPlus::seed_from_u64(config.seed),
+        })
+    }
+
+    /// Its options.
+    pub fn config(&self) -> &CompositeConfig {
+        &self.config
+    }
+
+    /// Steps taken.
+    pub fn steps_taken(&self) -> usize {
+        self.step
+    }
+
+    fn random(&mut self, shape: [usize; 2], like: &Tensor<2>) -> Tensor<2> {
+        let v: Vec<f32> = (0..shape[0] * shape[1])
+            .map(|_| self.rng.random_range(-1.0f32..1.0))
+            .collect();
+        Tensor::from_data(TensorData::new(v, shape), &like.device())
+    }
+
+    /// One rank-r power-iteration round on `a` warm-started from the stored right factor:
+    /// `(P, R)` with `P` orthonormal and `R = a^T P`.
+    fn low_rank(&mut self, k: usize, a: &Tensor<2>, frac: f64) -> (Tensor<2>, Tensor<2>) {
+        let dims = a.dims();
+        let r = rank(frac, dims);
+        let q = match self.state[k].right.take() {
+            Some(q) => q,
+            None => normalize_columns(self.random([dims[1], r], a)),
+        };
+        let p = orthonormalize_columns(a.clone().matmul(q));
+        let rt = a.clone().transpose().matmul(p.clone());
+        self.state[k].right = Some(normalize_columns(rt.clone()));
+        (p, rt)
+    }
+
+    fn momentum(&mut self, k: usize, c: Tensor<2>) -> Tensor<2> {
+        let mu = self.config.momentum as f32;
+        if mu == 0.0 {
+            return c;
+        }
+        let buf = match self.state[k].momentum.take() {
+            Some(m) => m.mul_scalar(mu) + c.clone(),
+            None => c.clone(),
+        };
+        self.state[k].momentum = Some(buf.clone());
+        if self.config.nesterov {
+            c + buf.mul_scalar(mu)
+        } else {
+            buf
+        }
+    }
+
+    fn adam(&mut self, k: usize, g: Tensor<2>, beta1: f64, beta2: f64, eps: f64) -> Tensor<2> {
+        let t = (self.step + 1) as i32;
+        let (b1, b2) = (beta1 as f32, beta2 as f32);
+        let (m, v) = match self.state[k].adam.take() {
+            Some((m, v)) => (
+                m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1),
+                v.mul_scalar(b2) + g.clone().square().mul_scalar(1.0 - b2),
+            ),
+            None => (
+                g.clone().mul_scalar(1.0 - b1),
+                g.square().mul_scalar(1.0 - b2),
+            ),
+        };
+        let bc1 = 1.0 - beta1.powi(t);
+        let bc2 = 1.0 - beta2.powi(t);
+        let d = (m.clone().div_scalar(bc1 as f32))
+            / (v.clone()
+                .div_scalar(bc2 as f32)
+                .sqrt()
+                .add_scalar(eps as f32));
+        self.state[k].adam = Some((m, v));
+        d
+    }
+
+    /// The direction of matrix `k` from its gradient.
+    fn matrix_direction(
+        &mut self,
+        k: usize,
+        g: Tensor<2>,
+        factors: Option<&GradFactors>,
+    ) -> Tensor<2> {
+        let kind = self.info[k].kind;
+        // Compression with error feedback (only LowRank is lossy).
+        let fed = match (self.config.feedback, self.state[k].error.take()) {
+            (Feedback::ErrorFeedback { beta }, Some(e)) => g + e.mul_scalar(beta as f32),
+            _ => g,
+        };
+        let compressed = match self.config.update {
+            UpdateRule::LowRank { rank_frac } => {
+                let (p, rt) = self.low_rank(k, &fed, rank_frac);
+                let c = p.matmul(rt.transpose());
+                if matches!(self.config.feedback, Feedback::ErrorFeedback { .. }) {
+                    self.state[k].error = Some(fed - c.clone());
+                }
+                c
+            }
+            _ => fed,
+        };
+        match self.config.update {
+            UpdateRule::Plain | UpdateRule::LowRank { .. } => self.momentum(k, compressed),
+            UpdateRule::Muon {
+                ns_steps,
+                iteration,
+            } => {
+                let x = self.momentum(k, compressed);
+                newton_schulz(x, ns_steps, iteration).mul_scalar(shape_scale(kind))
+            }
+            UpdateRule::Dion {
+                rank_frac,
+                threshold,
+                ns_steps,
+            } => {
+                let dims = compressed.dims();
+                if dims[0] * dims[1] < threshold {
+                    let x = self.momentum(k, compressed);
+                    return newton_schulz(x, ns_steps, NsIteration::Quintic)
+                        .mul_scalar(shape_scale(kind));
+                }
+                let b = match self.state[k].momentum.take() {
+                    Some(m) => m + compressed,
+                    None => compressed,
+                };
+                let (p, rt) = self.low_rank(k, &b, rank_frac);
+                let keep = (1.0 - self.config.momentum) as f32;
+                self.state[k].momentum =
+                    Some(b - p.clone().matmul(rt.transpose()).mul_scalar(keep));
+                let q = self.state[k].right.clone().expect("set by low_rank");
+                p.matmul(q.transpose()).mul_scalar(shape_scale(kind))
+            }
+            UpdateRule::Fisher {
+                damping,
+                ema,
+                orthogonalize,
+                ns_steps,
+            } => {
+                let x = self.momentum(k, compressed);
+                let whitened = match factors {
+                    Some(f) => {
+                        let n = f.inputs.dims()[0] as f32;
+                        let fresh = f
+                            .inputs
+                            .clone()
+                            .square()
+                            .transpose()
+                            .matmul(f.output_grads.clone().square())
+                            .div_scalar(n);
+                        let fresh = match kind {
+                            ParamKind::Matrix {
+                                out_major: true, ..
+                            } => fresh.transpose(),
+                            _ => fresh,
+                        };
+                        let fisher = match self.state[k].fisher.take() {
+                            Some(old) => {
+                                old.mul_scalar(ema as f32) + fresh.mul_scalar((1.0 - ema) as f32)
+                            }
+                            None => fresh,
+                        };
+                        self.state[k].fisher = Some(fisher.clone());
+                        x / fisher.add_scalar(damping as f32)
+                    }
+                    None => x,
+                };
+                if orthogonalize {
+                    newton_schulz(whitened, ns_steps, NsIteration::Quintic)
+                        .mul_scalar(shape_scale(kind))
+                } else {
+                    whitened
+                }
+            }
+            UpdateRule::Adam { beta1, beta2, eps } => self.adam(k, compressed, beta1, beta2, eps),
+        }
+    }
+
+    fn constrain(&mut self, k: usize, w: Tensor<2>, force: Option<usize>) -> Tensor<2> {
+        let Constraint::Spectral {
+            gamma,
+            power_iters,
+            every,
+        } = self.config.constraint
+        else {
+            return w;
+        };
+        if force.is_none() && !(self.step + 1).is_multiple_of(every) {
+            return w;
+        }
+        let power_iters = force.unwrap_or(power_iters);
+        let m = w.dims()[0];
+        let u = match self.state[k].spectral_u.take() {
+            Some(u) => u,
+            None => {
+                let u = self.random([1, m], &w);
+                u.clone() / frobenius(&u)
+            }
+        };
+        let (u, _, sigma) = power_iteration(&w, u, power_iters);
+        self.state[k].spectral_u = Some(u);
+        // W * gamma / max(sigma, gamma), on the device.
+        let factor = sigma
+            .abs()
+            .clamp_min(gamma as f32)
+            .recip()
+            .mul_scalar(gamma as f32);
+        w * factor
+    }
+
+    fn guard_and_clip(&self, grads: Vec<Tensor<2>>) -> Result<Vec<Tensor<2>>, OptimError> {
+        let norms: Vec<Tensor<2>> = grads
+            .iter()
+            .map(|g| g.clone().square().sum().reshape([1, 1]))
+            .collect();
+        let values: Vec<f32> = Tensor::cat(norms, 1)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32 data");
+        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            return Err(OptimError::NonFinite {
+                param: self
+                    .info
+                    .get(bad)
+                    .map_or_else(|| format!("#{bad}"), |i| i.name.clone()),
+            });
+        }
+        let total = values.iter().map(|&v| v as f64).sum::<f64>().sqrt();
+        Ok(match self.config.clip_norm {
+            Some(max) if total > max => {
+                let s = (max / total) as f32;
+                grads.into_iter().map(|g| g.mul_scalar(s)).collect()
+            }
+            _ => grads,
+        })
+    }
+}
+
+impl Optimizer for CompositeOptimizer {
+    fn step(
+        &mut self,
+        params: Vec<Tensor<2>>,
+        grads: Vec<Tensor<2>>,
+    ) -> Result<Vec<Tensor<2>>, OptimError> {
+        self.step_with_factors(params, grads, &[])
+    }
+
+    fn needs_factors(&self) -> bool {
+        matches!(self.config.update, UpdateRule::Fisher { .. })
+    }
+
+    fn step_with_factors(
+        &mut self,
+        params: Vec<Tensor<2>>,
+        grads: Vec<Tensor<2>>,
+        factors: &[Option<GradFactors>],
+    ) -> Result<Vec<Tensor<2>>, OptimError> {
+        check_arity(params.len(), grads.len())?;
+        check_arity(params.len(), self.info.len())?;
+        let grads = self.guard_and_clip(grads)?;
+        let factor = self.config.schedule.factor(self.step);
+        let lr = (self.config.lr * factor) as f32;
+        let vector_lr = (self.config.vector_lr.unwrap_or(self.config.lr) * factor) as f32;
+        let decay = 1.0 - lr * self.config.weight_decay as f32;
+        let mut out = Vec::with_capacity(params.len());
+        for (k, (p, g)) in params.into_iter().zip(grads).enumerate() {
+            let updated = match self.info[k].kind {
+                ParamKind::Matrix { .. } => {
+                    let f = factors.get(k).and_then(Option::as_ref);
+                    let d = self.matrix_direction(k, g, f);
+                    let p = if decay != 1.0 { p.mul_scalar(decay) } else { p };
+                    let w = p - d.mul_scalar(lr);
+                    self.constrain(k, w, None)
+                }
+                ParamKind::Vector => {
+                    let d = match self.config.vector_update {
+                        VectorRule::Plain => self.momentum(k, g),
+                        VectorRule::Adam => self.adam(k, g, 0.9, 0.999, 1e-8),
+                    };
+                    p - d.mul_scalar(vector_lr)
+                }
+            };
+            out.push(updated);
+        }
+        self.step += 1;
+        Ok(out)
+    }
+
+    /// Applies the constraint to the initial matrices (30 power-iteration rounds), so it
+    /// holds from the first step.
+    fn prepare(&mut self, params: Vec<Tensor<2>>) -> Vec<Tensor<2>> {
+        params
+            .into_iter()
+            .enumerate()
+            .map(|(k, p)| match self.info.get(k).map(|i| i.kind) {
+                Some(ParamKind::Matrix { .. }) => self.constrain(k, p, Some(30)),
+                _ => p,
+            })
+            .collect()
+    }
+
+    fn state(&self) -> OptimizerState {
+        let mut s = OptimizerState::default();
+        s.scalars.push(("step".into(), self.step as f64));
+        for (info, st) in self.info.iter().zip(&self.state) {
+            let mut put = |role: &str, t: &Option<Tensor<2>>| {
+                if let Some(t) = t {
+                    s.tensors.push((format!("{}.{role}", info.name), t.clone()));
+                }
+            };
+            put("momentum", &st.momentum);
+            put("right", &st.right);
+            put("error", &st.error);
+            put("fisher", &st.fisher);
+            put("spectral_u", &st.spectral_u);
+            if let Some((m, v)) = &st.adam {
+                s.tensors.push((format!("{}.adam_m", info.name), m.clone()));
+                s.tensors.push((format!("{}.adam_v", info.name), v.clone()));
+            }
+        }
+        s
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<(), OptimError> {
+        self.step = state.scalar("step").unwrap_or(0.0) as usize;
+        let mut fresh = vec![ParamState::default(); self.info.len()];
+        for (name, t) in &state.tensors {
+            let (param, role) = name
+                .rsplit_once('.')
+                .ok_or_else(|| OptimError::State(name.clone()))?;
+            let k = self
+                .info
+                .iter()
+                .position(|i| i.name == param)
+                .ok_or_else(|| OptimError::State(format!("{name}: no parameter {param}")))?;
+            let st = &mut fresh[k];
+            match role {
+                "momentum" => st.momentum = Some(t.clone()),
+                "right" => st.right = Some(t.clone()),
+                "error" => st.error = Some(t.clone()),
+                "fisher" => st.fisher = Some(t.clone()),
+                "spectral_u" => st.spectral_u = Some(t.clone()),
+                "adam_m" => {
+                    let v = st.adam.take().map(|(_, v)| v).unwrap_or_else(|| t.clone());
+                    st.adam = Some((t.clone(), v));
+                }
+                "adam_v" => {
+                    let m = st.adam.take().map(|(m, _)| m).unwrap_or_else(|| t.clone());
+                    st.adam = Some((m, t.clone()));
+                }
+                other => return Err(OptimError::State(format!("{name}: unknown role {other}"))),
+            }
+        }
+        self.state = fresh;
+        // Reseed so that random initialisations after a resume do not repeat earlier ones.
+        self.rng = Xoshiro256PlusPlus::seed_from_u64(
+            self.config.seed ^ (self.step as u64).wrapping_mul(0x9E37_79B9),
+        );
+        Ok(())
+    }
+}
