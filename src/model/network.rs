@@ -595,6 +595,13 @@ impl Network {
         Ok(())
     }
 
+    /// Replaces the running statistics (from a checkpoint); sizes were checked by the
+    /// caller.
+    pub fn set_running_stats(&mut self, running: Vec<RunningStats>) {
+        debug_assert_eq!(running.len(), self.running.len());
+        self.running = running;
+    }
+
     /// Folds one training batch's moments into the running statistics (once per batch).
     pub fn update_running_stats(&mut self, moments: &BatchMoments, batch: usize) {
         for (layer, stats) in self

@@ -129,6 +129,7 @@ fn muon(lr: f64) -> CompositeConfig {
             gamma: 0.95,
             power_iters: 3,
             every: 1,
+            tol: 1e-4,
         },
         ..CompositeConfig::default()
     }

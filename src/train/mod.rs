@@ -3,6 +3,7 @@
 //! The library reports progress through a [`TrainObserver`] and never prints; the CLI turns
 //! the callbacks into progress bars and JSON lines.
 
+pub mod checkpoint;
 mod metrics;
 mod trainer;
 

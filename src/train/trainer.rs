@@ -127,6 +127,24 @@ impl Trainer {
         self.optimizer.as_ref()
     }
 
+    /// Writes the model and the optimizer's state to a checkpoint file.
+    pub fn save_checkpoint(
+        &self,
+        path: &std::path::Path,
+        meta: &serde_json::Value,
+    ) -> Result<(), super::checkpoint::CheckpointError> {
+        super::checkpoint::save(path, &self.model, self.optimizer.as_ref(), meta)
+    }
+
+    /// Restores the model and the optimizer's state from a checkpoint file; returns its
+    /// stored metadata.
+    pub fn load_checkpoint(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<serde_json::Value, super::checkpoint::CheckpointError> {
+        super::checkpoint::load(path, &mut self.model, self.optimizer.as_mut())
+    }
+
     /// One optimizer step on a host batch.
     pub fn train_step(
         &mut self,

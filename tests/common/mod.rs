@@ -46,3 +46,106 @@ pub fn gzip(bytes: &[u8]) -> Vec<u8> {
     enc.write_all(bytes).unwrap();
     enc.finish().unwrap()
 }
+
+/// Singular value decomposition of a row-major `m x n` matrix by one-sided Jacobi rotations
+/// in f64 (independent of the library): `(u [m x k], s [k], v [n x k])` with `k = min(m, n)`,
+/// singular values in decreasing order.
+pub fn svd(a: &[f64], m: usize, n: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    if m < n {
+        let t: Vec<f64> = (0..n * m).map(|i| a[(i % m) * n + i / m]).collect();
+        let (u, s, v) = svd(&t, n, m);
+        return (v, s, u);
+    }
+    // Columns of `w` are rotated until orthogonal; `v` accumulates the rotations.
+    let mut w = a.to_vec();
+    let mut v: Vec<f64> = (0..n * n)
+        .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+        .collect();
+    for _sweep in 0..60 {
+        let mut off = 0.0f64;
+        for p in 0..n {
+            for q in p + 1..n {
+                let (mut alpha, mut beta, mut gamma) = (0.0, 0.0, 0.0);
+                for i in 0..m {
+                    let (x, y) = (w[i * n + p], w[i * n + q]);
+                    alpha += x * x;
+                    beta += y * y;
+                    gamma += x * y;
+                }
+                if gamma.abs() < 1e-300 {
+                    continue;
+                }
+                off = off.max(gamma.abs() / (alpha * beta).sqrt().max(1e-300));
+                let zeta = (beta - alpha) / (2.0 * gamma);
+                let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
+                let t = if zeta == 0.0 { 1.0 } else { t };
+                let c = 1.0 / (1.0 + t * t).sqrt();
+                let s = c * t;
+                for i in 0..m {
+                    let (x, y) = (w[i * n + p], w[i * n + q]);
+                    w[i * n + p] = c * x - s * y;
+                    w[i * n + q] = s * x + c * y;
+                }
+                for i in 0..n {
+                    let (x, y) = (v[i * n + p], v[i * n + q]);
+                    v[i * n + p] = c * x - s * y;
+                    v[i * n + q] = s * x + c * y;
+                }
+            }
+        }
+        if off < 1e-14 {
+            break;
+        }
+    }
+    let mut order: Vec<(f64, usize)> = (0..n)
+        .map(|j| ((0..m).map(|i| w[i * n + j].powi(2)).sum::<f64>().sqrt(), j))
+        .collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let k = n;
+    let mut u = vec![0.0; m * k];
+    let mut vv = vec![0.0; n * k];
+    let mut s = vec![0.0; k];
+    for (col, &(sigma, j)) in order.iter().enumerate() {
+        s[col] = sigma;
+        for i in 0..m {
+            u[i * k + col] = if sigma > 0.0 {
+                w[i * n + j] / sigma
+            } else {
+                0.0
+            };
+        }
+        for i in 0..n {
+            vv[i * k + col] = v[i * n + j];
+        }
+    }
+    (u, s, vv)
+}
+
+/// A random `m x k` matrix with orthonormal columns (Gram-Schmidt of a seeded Gaussian-ish
+/// matrix), row-major.
+pub fn random_orthonormal(m: usize, k: usize, seed: u64) -> Vec<f64> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    let mut q = vec![0.0; m * k];
+    for j in 0..k {
+        let mut col: Vec<f64> = (0..m).map(|_| next()).collect();
+        for _ in 0..2 {
+            for p in 0..j {
+                let dot: f64 = (0..m).map(|i| col[i] * q[i * k + p]).sum();
+                for i in 0..m {
+                    col[i] -= dot * q[i * k + p];
+                }
+            }
+        }
+        let norm = col.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for i in 0..m {
+            q[i * k + j] = col[i] / norm;
+        }
+    }
+    q
+}

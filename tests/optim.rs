@@ -1,0 +1,661 @@
+//! The composite optimizer against independent math: SVDs, closed forms, hand computation.
+
+mod common;
+
+use burn::tensor::TensorData;
+use common::{random_orthonormal, svd};
+use mep::device::{CpuBackend, Device, Tensor, cpu_device};
+use mep::estimate::GradFactors;
+use mep::model::{ParamInfo, ParamKind};
+use mep::optim::linalg::newton_schulz;
+use mep::optim::{
+    CompositeConfig, CompositeOptimizer, Constraint, Feedback, NsIteration, OptimError, Optimizer,
+    Preset, Schedule, UpdateRule, VectorRule,
+};
+
+fn dev() -> Device {
+    cpu_device(CpuBackend::Flex)
+}
+
+fn t(values: &[f64], shape: [usize; 2]) -> Tensor<2> {
+    let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    Tensor::from_data(TensorData::new(v, shape), &dev())
+}
+
+fn h(t: &Tensor<2>) -> Vec<f64> {
+    t.to_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+fn gaussianish(m: usize, n: usize, seed: u64) -> Vec<f64> {
+    let q = random_orthonormal(m * n, 1, seed);
+    q.iter().map(|x| x * (m * n) as f64 / 3.0).collect()
+}
+
+/// `U diag(s) V^T` with random orthonormal factors.
+fn with_spectrum(m: usize, n: usize, s: &[f64], seed: u64) -> Vec<f64> {
+    let k = s.len();
+    let u = random_orthonormal(m, k, seed);
+    let v = random_orthonormal(n, k, seed + 1);
+    let mut a = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            a[i * n + j] = (0..k).map(|c| u[i * k + c] * s[c] * v[j * k + c]).sum();
+        }
+    }
+    a
+}
+
+fn matrix(fan_in: usize, fan_out: usize) -> ParamInfo {
+    ParamInfo {
+        name: format!("w{fan_in}x{fan_out}"),
+        kind: ParamKind::Matrix {
+            fan_in,
+            fan_out,
+            out_major: false,
+        },
+    }
+}
+
+fn vector(name: &str) -> ParamInfo {
+    ParamInfo {
+        name: name.into(),
+        kind: ParamKind::Vector,
+    }
+}
+
+fn frob_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn polar(a: &[f64], m: usize, n: usize) -> Vec<f64> {
+    let (u, _, v) = svd(a, m, n);
+    let k = m.min(n);
+    let mut p = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            p[i * n + j] = (0..k).map(|c| u[i * k + c] * v[j * k + c]).sum();
+        }
+    }
+    p
+}
+
+#[test]
+fn newton_schulz_approaches_the_polar_factor_of_the_svd() {
+    for (m, n) in [(64, 32), (32, 64), (128, 784)] {
+        let g = gaussianish(m, n, 3);
+        let x = h(&newton_schulz(t(&g, [m, n]), 5, NsIteration::Quintic));
+        let (_, s, _) = svd(&x, m, n);
+        // The quintic's known band: 5 steps put every singular value in about [0.68, 1.2].
+        assert!(
+            s.iter().all(|&v| (0.6..1.25).contains(&v)),
+            "{m}x{n} quintic singular values {:?}..{:?}",
+            s.last(),
+            s.first()
+        );
+        // Same singular vectors as the input: X is close to U V^T.
+        let p = polar(&g, m, n);
+        let rel = frob_diff(&x, &p) / frob_diff(&p, &vec![0.0; p.len()]);
+        assert!(rel < 0.35, "{m}x{n}: |X - UV^T| / |UV^T| = {rel}");
+        // The cubic iteration converges to exactly U V^T, slowly: after 5 steps a
+        // full-rank input is far from it (the reference's defect), after 40 it is there.
+        let cubic5 = h(&newton_schulz(t(&g, [m, n]), 5, NsIteration::Cubic));
+        let (_, s5, _) = svd(&cubic5, m, n);
+        assert!(
+            *s5.last().unwrap() < 0.6,
+            "cubic after 5 steps: {:?}",
+            s5.last()
+        );
+        let cubic = h(&newton_schulz(t(&g, [m, n]), 40, NsIteration::Cubic));
+        let rel = frob_diff(&cubic, &p) / frob_diff(&p, &vec![0.0; p.len()]);
+        assert!(rel < 1e-3, "{m}x{n} cubic x40: {rel}");
+    }
+}
+
+#[test]
+fn dion_recovers_the_rank_r_polar_factor_and_keeps_the_residual_in_momentum() {
+    let (m, n, r) = (40, 30, 6);
+    // A rank-6 gradient: one power-iteration round spans its range exactly.
+    let s: Vec<f64> = (0..r).map(|i| 5.0 - 0.5 * i as f64).collect();
+    let g = with_spectrum(m, n, &s, 11);
+    let config = CompositeConfig {
+        lr: 1.0,
+        momentum: 0.5,
+        update: UpdateRule::Dion {
+            rank_frac: r as f64 / n as f64,
+            threshold: 0,
+            ns_steps: 5,
+        },
+        ..CompositeConfig::default()
+    };
+    let info = [ParamInfo {
+        name: "w".into(),
+        kind: ParamKind::Matrix {
+            fan_in: n,
+            fan_out: m,
+            out_major: true,
+        },
+    }];
+    let mut opt = CompositeOptimizer::new(config, &info).unwrap();
+    // Every momentum matrix B_t = mu B_{t-1} + G is a multiple of G (an exact rank-r fit
+    // leaves M = mu B), so the warm-started power iteration converges to G's factors.
+    let mut out = Vec::new();
+    for _ in 0..40 {
+        out = opt
+            .step(vec![t(&vec![0.0; m * n], [m, n])], vec![t(&g, [m, n])])
+            .unwrap();
+    }
+    // Direction = U_r V_r^T times Muon's shape scale sqrt(m/n).
+    let p = polar(&g, m, n);
+    let (u, _, v) = svd(&g, m, n);
+    let k = n;
+    let mut polar_r = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            polar_r[i * n + j] = (0..r).map(|c| u[i * k + c] * v[j * k + c]).sum();
+        }
+    }
+    let _ = p;
+    let scale = (m as f64 / n as f64).sqrt();
+    let got: Vec<f64> = h(&out[0]).iter().map(|x| -x / scale).collect();
+    let err = frob_diff(&got, &polar_r) / (r as f64).sqrt();
+    assert!(err < 1e-3, "Dion direction vs truncated SVD: {err}");
+    // Error feedback into the momentum: M = B - (1 - mu) P R^T = mu B for an exact fit,
+    // and B converges to G / (1 - mu), so M to mu G / (1 - mu) = G.
+    let state = opt.state();
+    let momentum = h(state.tensor("w.momentum").unwrap());
+    let expected: Vec<f64> = g.clone();
+    assert!(frob_diff(&momentum, &expected) < 1e-3 * frob_diff(&g, &vec![0.0; g.len()]));
+}
+
+#[test]
+fn low_rank_compression_converges_to_the_truncated_svd_by_warm_started_power_iteration() {
+    let (m, n) = (30, 20);
+    let s: Vec<f64> = (0..n).map(|i| 10.0 * 0.7f64.powi(i as i32)).collect();
+    let g = with_spectrum(m, n, &s, 5);
+    let r = 3;
+    let config = CompositeConfig {
+        lr: 1.0,
+        momentum: 0.0,
+        update: UpdateRule::LowRank {
+            rank_frac: r as f64 / n as f64,
+        },
+        ..CompositeConfig::default()
+    };
+    let mut opt = CompositeOptimizer::new(config, &[matrix(n, m)]).unwrap();
+    let mut approx = Vec::new();
+    for _ in 0..30 {
+        let out = opt
+            .step(vec![t(&vec![0.0; m * n], [m, n])], vec![t(&g, [m, n])])
+            .unwrap();
+        approx = h(&out[0]).iter().map(|x| -x).collect();
+    }
+    // Best rank-3 approximation (Eckart-Young): its error is the tail of the spectrum.
+    let truncated = with_spectrum(m, n, &s[..r], 5);
+    let err = frob_diff(&approx, &truncated) / s[0];
+    assert!(err < 1e-3, "rank-3 compression vs truncated SVD: {err}");
+}
+
+#[test]
+fn the_spectral_bound_holds_by_svd_after_many_steps_and_timing_is_respected() {
+    let (m, n) = (24, 16);
+    for every in [1usize, 4] {
+        let config = CompositeConfig {
+            lr: 0.002,
+            momentum: 0.9,
+            constraint: Constraint::Spectral {
+                gamma: 0.95,
+                power_iters: 3,
+                every,
+                tol: 1e-5,
+            },
+            seed: 3,
+            ..CompositeConfig::default()
+        };
+        let mut opt = CompositeOptimizer::new(config, &[matrix(n, m)]).unwrap();
+        let mut w = opt.prepare(vec![t(&gaussianish(m, n, 9), [m, n])]);
+        let (_, s, _) = svd(&h(&w[0]), m, n);
+        assert!(s[0] <= 0.95 * (1.0 + 1e-3), "after prepare: {}", s[0]);
+        // Gradients with a persistent component keep pushing the spectrum up.
+        let drift = gaussianish(m, n, 99);
+        let mut off_step_violations = 0;
+        for step in 1..=300usize {
+            let g: Vec<f64> = gaussianish(m, n, 100 + step as u64)
+                .iter()
+                .zip(&drift)
+                .map(|(a, b)| a + b)
+                .collect();
+            w = opt.step(w, vec![t(&g, [m, n])]).unwrap();
+            let (_, s, _) = svd(&h(&w[0]), m, n);
+            if step % every == 0 && step > 50 {
+                assert!(
+                    s[0] <= 0.95 * (1.0 + 1e-3),
+                    "every {every}, step {step}: {}",
+                    s[0]
+                );
+            }
+            if step % every != 0 && s[0] > 0.95 * (1.0 + 1e-3) {
+                off_step_violations += 1;
+            }
+        }
+        // Between applications the bound is not enforced (the timing option works).
+        assert_eq!(off_step_violations > 0, every > 1, "every {every}");
+    }
+}
+
+#[test]
+fn error_feedback_makes_applied_updates_track_the_gradients() {
+    let (m, n) = (8, 6);
+    let run = |feedback| {
+        let config = CompositeConfig {
+            lr: 1.0,
+            momentum: 0.0,
+            update: UpdateRule::LowRank {
+                rank_frac: 1.0 / 6.0,
+            },
+            feedback,
+            ..CompositeConfig::default()
+        };
+        let mut opt = CompositeOptimizer::new(config, &[matrix(n, m)]).unwrap();
+        let mut w = vec![t(&vec![0.0; m * n], [m, n])];
+        let mut total = vec![0.0; m * n];
+        let drift = gaussianish(m, n, 499);
+        for step in 0..200 {
+            // A consistent full-rank direction plus noise: the sum of gradients grows
+            // linearly, and so does what a rank-1 compression without feedback loses.
+            let g: Vec<f64> = gaussianish(m, n, 500 + step)
+                .iter()
+                .zip(&drift)
+                .map(|(a, b)| 0.5 * a + b)
+                .collect();
+            for (a, b) in total.iter_mut().zip(&g) {
+                *a += b;
+            }
+            w = opt.step(w, vec![t(&g, [m, n])]).unwrap();
+        }
+        // Sum of applied updates is -W; its distance to the sum of gradients:
+        let applied: Vec<f64> = h(&w[0]).iter().map(|x| -x).collect();
+        (
+            frob_diff(&applied, &total),
+            frob_diff(&total, &vec![0.0; total.len()]),
+        )
+    };
+    let (gap_ef, scale) = run(Feedback::ErrorFeedback { beta: 1.0 });
+    let (gap_plain, _) = run(Feedback::None);
+    // With feedback the gap is the last residual (bounded); without it grows with steps.
+    assert!(
+        gap_ef < 0.05 * scale,
+        "with EF: gap {gap_ef}, |sum g| {scale}"
+    );
+    assert!(
+        gap_plain > 0.3 * scale,
+        "without EF: gap {gap_plain}, |sum g| {scale}"
+    );
+}
+
+#[test]
+fn fisher_whitening_divides_by_the_empirical_fisher_diagonal() {
+    // Two samples with known per-sample gradients a_b^T g_b of a 2 -> 3 linear layer.
+    let a = [1.0, 2.0, -1.0, 0.5];
+    let gs = [0.5, -1.0, 2.0, 1.0, 0.0, -0.5];
+    let factors = GradFactors {
+        inputs: t(&a, [2, 2]),
+        output_grads: t(&gs, [2, 3]),
+    };
+    // Fisher diagonal by hand: mean_b (a_bi g_bj)^2; gradient: mean_b a_bi g_bj.
+    let mut fisher = [0.0; 6];
+    let mut grad = [0.0; 6];
+    for b in 0..2 {
+        for i in 0..2 {
+            for j in 0..3 {
+                let v = a[b * 2 + i] * gs[b * 3 + j];
+                fisher[i * 3 + j] += v * v / 2.0;
+                grad[i * 3 + j] += v / 2.0;
+            }
+        }
+    }
+    let damping = 0.1;
+    let config = CompositeConfig {
+        lr: 1.0,
+        momentum: 0.0,
+        update: UpdateRule::Fisher {
+            damping,
+            ema: 0.95,
+            orthogonalize: false,
+            ns_steps: 5,
+        },
+        ..CompositeConfig::default()
+    };
+    let mut opt = CompositeOptimizer::new(config, &[matrix(2, 3)]).unwrap();
+    assert!(opt.needs_factors());
+    let out = opt
+        .step_with_factors(
+            vec![t(&[0.0; 6], [2, 3])],
+            vec![t(&grad, [2, 3])],
+            &[Some(factors)],
+        )
+        .unwrap();
+    let got = h(&out[0]);
+    for k in 0..6 {
+        let expected = -grad[k] / (fisher[k] + damping);
+        assert!(
+            (got[k] - expected).abs() < 1e-5,
+            "[{k}] {} vs {expected}",
+            got[k]
+        );
+    }
+}
+
+#[test]
+fn momentum_nesterov_decay_and_vector_routing_follow_hand_computed_steps() {
+    let info = [matrix(1, 2), vector("b")];
+    for nesterov in [false, true] {
+        let config = CompositeConfig {
+            lr: 0.1,
+            vector_lr: Some(0.5),
+            momentum: 0.9,
+            nesterov,
+            weight_decay: 0.01,
+            ..CompositeConfig::default()
+        };
+        let mut opt = CompositeOptimizer::new(config, &info).unwrap();
+        let mut params = vec![t(&[1.0, -2.0], [1, 2]), t(&[3.0], [1, 1])];
+        let (gw, gb) = ([0.5, 1.0], 2.0);
+        let (mut w, mut b) = ([1.0f64, -2.0], 3.0f64);
+        let (mut mw, mut mb) = ([0.0f64; 2], 0.0f64);
+        for _ in 0..3 {
+            for i in 0..2 {
+                mw[i] = 0.9 * mw[i] + gw[i];
+                let d = if nesterov { gw[i] + 0.9 * mw[i] } else { mw[i] };
+                w[i] = w[i] * (1.0 - 0.1 * 0.01) - 0.1 * d;
+            }
+            mb = 0.9 * mb + gb;
+            let d = if nesterov { gb + 0.9 * mb } else { mb };
+            b -= 0.5 * d; // vectors: own lr, no weight decay
+            params = opt
+                .step(params, vec![t(&gw, [1, 2]), t(&[gb], [1, 1])])
+                .unwrap();
+        }
+        let (pw, pb) = (h(&params[0]), h(&params[1]));
+        for i in 0..2 {
+            assert!(
+                (pw[i] - w[i]).abs() < 1e-5,
+                "nesterov {nesterov}: {pw:?} vs {w:?}"
+            );
+        }
+        assert!(
+            (pb[0] - b).abs() < 1e-5,
+            "nesterov {nesterov}: {pb:?} vs {b}"
+        );
+    }
+}
+
+#[test]
+fn schedules_clipping_and_the_nan_guard() {
+    let cosine = Schedule::Cosine {
+        warmup: 10,
+        total: 110,
+        floor: 0.1,
+    };
+    assert!((cosine.factor(0) - 0.1).abs() < 1e-12);
+    assert!((cosine.factor(9) - 1.0).abs() < 1e-12);
+    assert!((cosine.factor(60) - 0.55).abs() < 1e-12);
+    assert!((cosine.factor(500) - 0.1).abs() < 1e-12);
+    let step = Schedule::Step {
+        every: 10,
+        gamma: 0.5,
+    };
+    assert_eq!(
+        (step.factor(9), step.factor(10), step.factor(25)),
+        (1.0, 0.5, 0.25)
+    );
+
+    // Clipping: the global norm (5 here) is scaled down to 1.
+    let config = CompositeConfig {
+        lr: 1.0,
+        momentum: 0.0,
+        clip_norm: Some(1.0),
+        ..CompositeConfig::default()
+    };
+    let info = [matrix(1, 1), vector("b")];
+    let mut opt = CompositeOptimizer::new(config, &info).unwrap();
+    let out = opt
+        .step(
+            vec![t(&[0.0], [1, 1]), t(&[0.0], [1, 1])],
+            vec![t(&[3.0], [1, 1]), t(&[4.0], [1, 1])],
+        )
+        .unwrap();
+    assert!((h(&out[0])[0] + 0.6).abs() < 1e-6 && (h(&out[1])[0] + 0.8).abs() < 1e-6);
+
+    // A NaN gradient is refused, naming the parameter; no step is counted.
+    let before = opt.steps_taken();
+    let err = opt
+        .step(
+            vec![t(&[0.0], [1, 1]), t(&[0.0], [1, 1])],
+            vec![t(&[1.0], [1, 1]), t(&[f64::NAN], [1, 1])],
+        )
+        .unwrap_err();
+    assert_eq!(err, OptimError::NonFinite { param: "b".into() });
+    assert_eq!(opt.steps_taken(), before);
+}
+
+#[test]
+fn optimizer_state_round_trips_and_the_next_step_is_identical() {
+    let (m, n) = (30, 20);
+    let info = [matrix(n, m), vector("b")];
+    for preset in [Preset::Smep, Preset::Sdmep, Preset::NaturalEp, Preset::Adam] {
+        let mut config = preset.config().optimizer;
+        if let UpdateRule::Dion { threshold, .. } = &mut config.update {
+            *threshold = 0;
+        }
+        let mut a = CompositeOptimizer::new(config, &info).unwrap();
+        let mut params = a.prepare(vec![t(&gaussianish(m, n, 1), [m, n]), t(&[0.1; 3], [1, 3])]);
+        let grads = |s: u64| {
+            vec![
+                t(&gaussianish(m, n, s), [m, n]),
+                t(&[0.3, -0.2, 0.1], [1, 3]),
+            ]
+        };
+        for s in 0..3 {
+            params = a.step(params, grads(s)).unwrap();
+        }
+        let mut b = CompositeOptimizer::new(config, &info).unwrap();
+        b.load_state(&a.state()).unwrap();
+        let pa = a.step(params.clone(), grads(9)).unwrap();
+        let pb = b.step(params, grads(9)).unwrap();
+        for (x, y) in pa.iter().zip(&pb) {
+            assert_eq!(h(x), h(y), "{preset}: resumed step differs");
+        }
+    }
+}
+
+#[test]
+fn every_invalid_option_is_rejected() {
+    let ok = CompositeConfig::default();
+    let info = [matrix(2, 2)];
+    let bad = [
+        CompositeConfig { lr: 0.0, ..ok },
+        CompositeConfig { lr: f64::NAN, ..ok },
+        CompositeConfig {
+            vector_lr: Some(-1.0),
+            ..ok
+        },
+        CompositeConfig {
+            momentum: 1.0,
+            ..ok
+        },
+        CompositeConfig {
+            weight_decay: -0.1,
+            ..ok
+        },
+        CompositeConfig {
+            clip_norm: Some(0.0),
+            ..ok
+        },
+        CompositeConfig {
+            schedule: Schedule::Step {
+                every: 0,
+                gamma: 0.5,
+            },
+            ..ok
+        },
+        CompositeConfig {
+            schedule: Schedule::Cosine {
+                warmup: 10,
+                total: 5,
+                floor: 0.0,
+            },
+            ..ok
+        },
+        CompositeConfig {
+            update: UpdateRule::Muon {
+                ns_steps: 0,
+                iteration: NsIteration::Quintic,
+            },
+            ..ok
+        },
+        CompositeConfig {
+            update: UpdateRule::Dion {
+                rank_frac: 0.0,
+                threshold: 0,
+                ns_steps: 5,
+            },
+            ..ok
+        },
+        CompositeConfig {
+            update: UpdateRule::LowRank { rank_frac: 1.5 },
+            ..ok
+        },
+        CompositeConfig {
+            update: UpdateRule::Fisher {
+                damping: 0.0,
+                ema: 0.9,
+                orthogonalize: false,
+                ns_steps: 5,
+            },
+            ..ok
+        },
+        CompositeConfig {
+            update: UpdateRule::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            momentum: 0.9,
+            ..ok
+        },
+        CompositeConfig {
+            constraint: Constraint::Spectral {
+                gamma: 0.0,
+                power_iters: 3,
+                every: 1,
+                tol: 0.0,
+            },
+            ..ok
+        },
+        CompositeConfig {
+            constraint: Constraint::Spectral {
+                gamma: 0.9,
+                power_iters: 3,
+                every: 0,
+                tol: 0.0,
+            },
+            ..ok
+        },
+        CompositeConfig {
+            feedback: Feedback::ErrorFeedback { beta: 0.0 },
+            ..ok
+        },
+    ];
+    for (i, c) in bad.iter().enumerate() {
+        assert!(
+            matches!(
+                CompositeOptimizer::new(*c, &info),
+                Err(OptimError::InvalidOption { .. })
+            ),
+            "config {i} should be rejected: {c:?}"
+        );
+    }
+    assert!(matches!(
+        "smep-turbo".parse::<Preset>(),
+        Err(OptimError::UnknownPreset(_))
+    ));
+    for (name, p) in Preset::ALL {
+        assert_eq!(name.parse::<Preset>().unwrap(), p);
+        p.config().optimizer.validate().unwrap();
+    }
+    // Arity: a gradient list that does not match is an error.
+    let mut opt = CompositeOptimizer::new(ok, &info).unwrap();
+    assert!(matches!(
+        opt.step(vec![t(&[0.0; 4], [2, 2])], vec![]),
+        Err(OptimError::Arity { .. })
+    ));
+    let _ = VectorRule::Plain;
+}
+
+#[test]
+fn checkpoints_restore_model_statistics_and_optimizer_state_exactly() {
+    use mep::estimate::BackpropEstimator;
+    use mep::loss::Loss;
+    use mep::model::{LayerKind, NetworkBuilder, Shape};
+    use mep::train::Trainer;
+    let dir = common::scratch_dir("optim-checkpoint");
+    let path = dir.join("run.safetensors");
+    let build = || {
+        let net = NetworkBuilder::new(Shape::Flat(6))
+            .linear(8)
+            .layer(LayerKind::BatchNorm)
+            .relu()
+            .linear(3)
+            .build(4, &dev())
+            .unwrap();
+        let mut config = Preset::Sdmep.config().optimizer;
+        if let UpdateRule::Dion { threshold, .. } = &mut config.update {
+            *threshold = 0;
+        }
+        let opt = CompositeOptimizer::new(config, net.param_info()).unwrap();
+        let est = BackpropEstimator::new(Loss::CrossEntropy { smoothing: 0.0 }).unwrap();
+        Trainer::new(net, Box::new(est), Box::new(opt), dev())
+    };
+    let x: Vec<f32> = (0..4 * 6).map(|i| ((i * 37) % 11) as f32 / 11.0).collect();
+    let labels = [0u32, 1, 2, 1];
+    let mut a = build();
+    for _ in 0..3 {
+        a.train_step(&x, &labels, None).unwrap();
+    }
+    a.save_checkpoint(&path, &serde_json::json!({"epoch": 3}))
+        .unwrap();
+    let mut b = build();
+    assert_eq!(b.load_checkpoint(&path).unwrap()["epoch"], 3);
+    assert_eq!(a.model().running_stats(), b.model().running_stats());
+    a.train_step(&x, &labels, None).unwrap();
+    b.train_step(&x, &labels, None).unwrap();
+    for (p, q) in a.model().params().iter().zip(b.model().params()) {
+        assert_eq!(h(p), h(q));
+    }
+    // A checkpoint of another model is refused with a clear error.
+    let other = NetworkBuilder::new(Shape::Flat(6))
+        .linear(3)
+        .build(0, &dev())
+        .unwrap();
+    let opt = CompositeOptimizer::new(CompositeConfig::default(), other.param_info()).unwrap();
+    let est = BackpropEstimator::new(Loss::default()).unwrap();
+    let mut c = Trainer::new(other, Box::new(est), Box::new(opt), dev());
+    let err = c.load_checkpoint(&path).unwrap_err().to_string();
+    assert!(err.contains("fc1.weight") && err.contains("shape"), "{err}");
+    std::fs::write(dir.join("junk.safetensors"), b"not a checkpoint").unwrap();
+    let err = c
+        .load_checkpoint(&dir.join("junk.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a checkpoint"), "{err}");
+}
