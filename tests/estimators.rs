@@ -194,3 +194,48 @@ fn persistent_eqprop_states_resume_where_each_sample_left_off() {
         assert!(v.iter().all(|x| *x == 0.0));
     }
 }
+
+#[test]
+fn per_sample_factors_reconstruct_the_linear_weight_gradients() {
+    use mep::estimate::BackpropEstimator;
+    use mep::loss::Loss;
+    let dev = cpu_device(CpuBackend::Flex);
+    let net = build("12-10-tanh-8-5", Shape::Flat(12), &dev);
+    let batch = random_batch(6, 12, 5, 3, &dev);
+    let n = batch.len() as f32;
+    let check = |est: &mut dyn GradientEstimator, what: &str| {
+        let e = est.estimate(&net, &batch).unwrap();
+        let mut seen = 0;
+        for (k, f) in e.factors.iter().enumerate() {
+            let Some(f) = f else { continue };
+            seen += 1;
+            let rebuilt = f
+                .inputs
+                .clone()
+                .transpose()
+                .matmul(f.output_grads.clone())
+                .div_scalar(n);
+            let rows = compare(&net, &[rebuilt], &e.grads[k..k + 1]);
+            assert!(
+                rows[0].cosine > 1.0 - 1e-6 && (rows[0].norm_ratio - 1.0).abs() < 1e-5,
+                "{what} {k}: {:?}",
+                rows[0]
+            );
+        }
+        assert_eq!(seen, 3, "{what}: one factor pair per linear weight");
+    };
+    check(
+        &mut BackpropEstimator::new(Loss::default())
+            .unwrap()
+            .with_factors(true),
+        "backprop",
+    );
+    let config = EpConfig {
+        beta: 0.1,
+        ..EpConfig::default()
+    };
+    check(
+        &mut EpEstimator::new(&net, config).unwrap().with_factors(true),
+        "ep",
+    );
+}

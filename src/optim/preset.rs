@@ -227,11 +227,15 @@ impl Preset {
     }
 
     /// Backprop (cross-entropy) with Muon at lr 0.02, momentum 0.9, weight decay 5e-4 and
-    /// the spectral bound 0.95.
+    /// no spectral bound: with every layer's norm capped at 0.95 the logits cannot grow
+    /// enough for cross-entropy (measured on the 5k/1k MNIST subset, 3 epochs: 85.7% with the bound, 92.9% without).
     pub fn muon_backprop() -> PresetConfig {
         PresetConfig {
             estimator: EstimatorChoice::Backprop { loss: CE },
-            optimizer: muon(0.02),
+            optimizer: CompositeConfig {
+                constraint: Constraint::None,
+                ..muon(0.02)
+            },
         }
     }
 
