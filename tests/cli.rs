@@ -349,3 +349,66 @@ fn ep_training_records_settle_statistics_and_bench_settle_writes_results() {
     assert!((row["settle_step_mflop"].as_f64().unwrap() - 0.08192).abs() < 1e-9);
     assert!(bench_dir.join("results.json").is_file());
 }
+
+#[test]
+fn presets_resolve_with_overrides_and_bad_names_fail_cleanly() {
+    let out_dir = scratch_dir("cli-preset");
+    let out = mep(
+        &[
+            "train",
+            "--preset",
+            "sdmep",
+            "--model",
+            "784-32-10",
+            "--train-samples",
+            "256",
+            "--test-samples",
+            "100",
+            "--lr",
+            "0.02",
+            "--settle-steps",
+            "5",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ],
+        Some(&data_dir()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config = &summary["config"];
+    assert_eq!(config["preset"], "sdmep");
+    assert_eq!(config["composite"]["lr"], 0.02);
+    assert_eq!(config["composite"]["update"]["kind"], "dion");
+    assert_eq!(config["estimator_config"]["settle"]["steps"], 5);
+    assert_eq!(config["estimator_config"]["beta"], 0.5);
+    assert!(summary["epochs"][0]["settle_steps_mean"].as_f64().unwrap() <= 5.0);
+    assert_clean_failure(
+        &mep(&["train", "--preset", "smep-turbo"], Some(&data_dir())),
+        "unknown preset",
+    );
+    assert_clean_failure(
+        &mep(
+            &["train", "--preset", "smep", "--estimator", "ep"],
+            Some(&data_dir()),
+        ),
+        "cannot be used with",
+    );
+    assert_clean_failure(
+        &mep(
+            &[
+                "train",
+                "--dataset",
+                "xor",
+                "--model",
+                "2-4-2",
+                "--preset",
+                "adam",
+                "--momentum",
+                "0.9",
+            ],
+            None,
+        ),
+        "must be 0 with the adam update",
+    );
+}
