@@ -17,6 +17,18 @@ fn mep(args: &[&str], data: Option<&std::path::Path>) -> Output {
     cmd.output().expect("run mep")
 }
 
+/// The JSON objects printed one per line on stdout.
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -85,11 +97,12 @@ fn train_writes_config_and_metrics() {
         Some(&data_dir()),
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(summary["epochs"].as_array().unwrap().len(), 2);
-    assert_eq!(summary["config"]["optimizer"], "sgd");
-    assert_eq!(summary["config"]["train_samples"], 640);
-    let acc = summary["final_test_accuracy"].as_f64().unwrap();
+    let epochs = json_lines(&out);
+    assert_eq!(epochs.len(), 2);
+    let config = read_json(&out_dir.join("config.json"));
+    assert_eq!(config["optimizer"], "sgd");
+    assert_eq!(config["train_samples"], 640);
+    let acc = epochs[1]["test_accuracy"].as_f64().unwrap();
     assert!(acc > 0.5, "accuracy {acc} after 2 epochs on 640 samples");
     let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics
@@ -304,17 +317,18 @@ fn ep_training_records_settle_statistics_and_bench_settle_writes_results() {
         Some(&data_dir()),
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let epoch = &summary["epochs"][2];
+    let epochs = json_lines(&out);
+    let config = read_json(&out_dir.join("config.json"));
+    let epoch = &epochs[2];
     assert!(
         epoch["settle_steps_mean"].as_f64().unwrap() <= 10.0,
         "{epoch}"
     );
     assert!(epoch["settle_residual_mean"].as_f64().is_some());
-    assert_eq!(summary["config"]["estimator"], "ep");
-    assert_eq!(summary["config"]["ep"]["beta"], 0.5);
+    assert_eq!(config["estimator"], "ep");
+    assert_eq!(config["ep"]["beta"], 0.5);
     // Measured 43% after three epochs of ten steps (chance is 10%).
-    let acc = summary["final_test_accuracy"].as_f64().unwrap();
+    let acc = epoch["test_accuracy"].as_f64().unwrap();
     assert!(acc > 0.3, "accuracy {acc}");
 
     let bench_dir = scratch_dir("cli-bench-settle");
@@ -375,14 +389,14 @@ fn presets_resolve_with_overrides_and_bad_names_fail_cleanly() {
         Some(&data_dir()),
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let config = &summary["config"];
+    let epochs = json_lines(&out);
+    let config = &read_json(&out_dir.join("config.json"));
     assert_eq!(config["preset"], "sdmep");
     assert_eq!(config["composite"]["lr"], 0.02);
     assert_eq!(config["composite"]["update"]["kind"], "dion");
     assert_eq!(config["estimator_config"]["settle"]["steps"], 5);
     assert_eq!(config["estimator_config"]["beta"], 0.5);
-    assert!(summary["epochs"][0]["settle_steps_mean"].as_f64().unwrap() <= 5.0);
+    assert!(epochs[0]["settle_steps_mean"].as_f64().unwrap() <= 5.0);
     assert_clean_failure(
         &mep(&["train", "--preset", "smep-turbo"], Some(&data_dir())),
         "unknown preset",

@@ -14,7 +14,7 @@ use mep::model::{ModelSpec, Shape};
 use serde::Serialize;
 
 use super::Globals;
-use super::train::{EstimatorArg, load_or_fetch, parse_nudging};
+use super::options::{EstimatorArg, load_or_fetch, parse_nudging};
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {

@@ -3,6 +3,7 @@
 mod bench;
 mod check;
 mod data;
+mod options;
 mod progress;
 mod train;
 
@@ -38,7 +39,9 @@ enum Command {
     #[command(subcommand)]
     Data(data::DataCommand),
     /// Train a model with backprop, EP, local EP or EqProp.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
+    /// Test accuracy of a training checkpoint.
+    Eval(train::EvalArgs),
     /// Compare an EP gradient with the backprop gradient of the same loss.
     CheckGradient(check::CheckArgs),
     /// Benchmark suites.
@@ -67,7 +70,8 @@ pub fn run() -> Result<()> {
     };
     match cli.command {
         Command::Data(cmd) => data::run(cmd, &globals),
-        Command::Train(args) => train::run(args, &globals),
+        Command::Train(args) => train::run(*args, &globals),
+        Command::Eval(args) => train::eval(args, &globals),
         Command::CheckGradient(args) => check::run(args, &globals),
         Command::Bench(cmd) => bench::run(cmd, &globals),
     }

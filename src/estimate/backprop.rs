@@ -1,6 +1,8 @@
 //! Backprop: burn autodiff of the mean loss through the training forward pass.
 
-use super::{Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar};
+use super::{
+    Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar, scalar_of,
+};
 use crate::device::Tensor;
 use crate::ep::EnergyModel;
 use crate::loss::Loss;
@@ -45,6 +47,14 @@ impl BackpropEstimator {
 impl GradientEstimator for BackpropEstimator {
     fn name(&self) -> &'static str {
         "backprop"
+    }
+
+    fn state(&self) -> Vec<(String, f64)> {
+        vec![("calls".into(), self.calls as f64)]
+    }
+
+    fn load_state(&mut self, state: &[(String, f64)]) {
+        self.calls = scalar_of(state, "calls") as u64;
     }
 
     fn estimate(&mut self, net: &Network, batch: &TensorBatch) -> Result<Estimate, EstimateError> {

@@ -1,9 +1,8 @@
 //! Equilibrium propagation on the layered prediction-error energy.
 
-use rand::rngs::Xoshiro256PlusPlus;
-use rand::{RngExt, SeedableRng};
-
-use super::{Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar};
+use super::{
+    Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar, scalar_of,
+};
 use crate::device::Tensor;
 use crate::ep::{BatchContext, EnergyModel, Evaluation, SettleConfig, Settler};
 use crate::loss::Loss;
@@ -82,7 +81,7 @@ pub struct EpEstimator {
     config: EpConfig,
     energy: EnergyModel,
     settler: Settler,
-    rng: Xoshiro256PlusPlus,
+    calls: u64,
     local: bool,
     factors: bool,
 }
@@ -100,7 +99,7 @@ impl EpEstimator {
         Ok(Self {
             energy: EnergyModel::new(net, config.loss),
             settler: Settler::new(config.settle)?,
-            rng: Xoshiro256PlusPlus::seed_from_u64(config.seed),
+            calls: 0,
             config,
             local: false,
             factors: false,
@@ -158,6 +157,14 @@ impl GradientEstimator for EpEstimator {
         if self.local { "local-ep" } else { "ep" }
     }
 
+    fn state(&self) -> Vec<(String, f64)> {
+        vec![("calls".into(), self.calls as f64)]
+    }
+
+    fn load_state(&mut self, state: &[(String, f64)]) {
+        self.calls = scalar_of(state, "calls") as u64;
+    }
+
     fn estimate(&mut self, net: &Network, batch: &TensorBatch) -> Result<Estimate, EstimateError> {
         check_batch(net, batch)?;
         let (ctx, free, free_eval) =
@@ -172,8 +179,14 @@ impl GradientEstimator for EpEstimator {
         let beta = self.config.beta;
         let mut settle = Vec::new();
         let mut factors = Vec::new();
+        self.calls += 1;
+        // The sign of call k depends only on (seed, k), so a resumed run draws the same.
         let sign = match self.config.nudging {
-            Nudging::RandomSign if !self.rng.random::<bool>() => -1.0,
+            Nudging::RandomSign
+                if crate::data::dataset::mix(self.config.seed, self.calls) & 1 == 1 =>
+            {
+                -1.0
+            }
             _ => 1.0,
         };
         let this = &*self;

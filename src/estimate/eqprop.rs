@@ -1,9 +1,8 @@
 //! Classic EqProp as a gradient estimator.
 
-use rand::rngs::Xoshiro256PlusPlus;
-use rand::{RngExt, SeedableRng};
-
-use super::{Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar};
+use super::{
+    Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar, scalar_of,
+};
 use crate::device::Tensor;
 use crate::ep::{EqPropConfig, EqPropModel};
 use crate::loss::Loss;
@@ -14,7 +13,8 @@ use crate::model::Network;
 #[derive(Debug, Clone)]
 pub struct EqPropEstimator {
     model: EqPropModel,
-    rng: Xoshiro256PlusPlus,
+    seed: u64,
+    calls: u64,
     samples: usize,
 }
 
@@ -41,7 +41,8 @@ impl EqPropEstimator {
         }
         Ok(Self {
             model: EqPropModel::new(net, config)?,
-            rng: Xoshiro256PlusPlus::seed_from_u64(seed),
+            seed,
+            calls: 0,
             samples,
         })
     }
@@ -67,6 +68,14 @@ impl GradientEstimator for EqPropEstimator {
         "eqprop"
     }
 
+    fn state(&self) -> Vec<(String, f64)> {
+        vec![("calls".into(), self.calls as f64)]
+    }
+
+    fn load_state(&mut self, state: &[(String, f64)]) {
+        self.calls = scalar_of(state, "calls") as u64;
+    }
+
     fn estimate(&mut self, net: &Network, batch: &TensorBatch) -> Result<Estimate, EstimateError> {
         check_batch(net, batch)?;
         let c = *self.model.config();
@@ -74,7 +83,8 @@ impl GradientEstimator for EqPropEstimator {
         if let Some(idx) = &batch.indices {
             self.model.remember(&free, idx, self.samples);
         }
-        let beta = if c.random_sign && self.rng.random::<bool>() {
+        self.calls += 1;
+        let beta = if c.random_sign && crate::data::dataset::mix(self.seed, self.calls) & 1 == 1 {
             -c.beta
         } else {
             c.beta

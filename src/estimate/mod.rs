@@ -131,6 +131,17 @@ pub trait GradientEstimator {
         batch: &TensorBatch,
     ) -> Result<Estimate, EstimateError>;
 
+    /// Counters that make its randomness resumable (saved with checkpoints). EqProp's
+    /// persistent per-sample states are not part of it.
+    fn state(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
+
+    /// Restores [`GradientEstimator::state`].
+    fn load_state(&mut self, state: &[(String, f64)]) {
+        let _ = state;
+    }
+
     /// The model's prediction for `x` (a forward pass, except for EqProp).
     fn predict(&self, net: &crate::model::Network, x: Tensor<2>) -> Tensor<2> {
         net.forward(x)
@@ -159,6 +170,13 @@ pub(crate) fn check_batch(
         )));
     }
     Ok(())
+}
+
+pub(crate) fn scalar_of(state: &[(String, f64)], name: &str) -> f64 {
+    state
+        .iter()
+        .find(|(n, _)| n == name)
+        .map_or(0.0, |(_, v)| *v)
 }
 
 pub(crate) fn scalar(t: Tensor<1>) -> f32 {

@@ -128,12 +128,17 @@ impl Trainer {
     }
 
     /// Writes the model and the optimizer's state to a checkpoint file.
+    /// `meta` is stored beside the estimator's counters.
     pub fn save_checkpoint(
         &self,
         path: &std::path::Path,
         meta: &serde_json::Value,
     ) -> Result<(), super::checkpoint::CheckpointError> {
-        super::checkpoint::save(path, &self.model, self.optimizer.as_ref(), meta)
+        let wrapped = serde_json::json!({
+            "meta": meta,
+            "estimator": self.estimator.state(),
+        });
+        super::checkpoint::save(path, &self.model, self.optimizer.as_ref(), &wrapped)
     }
 
     /// Restores the model and the optimizer's state from a checkpoint file; returns its
@@ -142,7 +147,11 @@ impl Trainer {
         &mut self,
         path: &std::path::Path,
     ) -> Result<serde_json::Value, super::checkpoint::CheckpointError> {
-        super::checkpoint::load(path, &mut self.model, self.optimizer.as_mut())
+        let mut wrapped = super::checkpoint::load(path, &mut self.model, self.optimizer.as_mut())?;
+        let state: Vec<(String, f64)> =
+            serde_json::from_value(wrapped["estimator"].take()).unwrap_or_default();
+        self.estimator.load_state(&state);
+        Ok(wrapped["meta"].take())
     }
 
     /// One optimizer step on a host batch.
@@ -178,51 +187,61 @@ impl Trainer {
         config: &TrainConfig,
         observer: &mut dyn TrainObserver,
     ) -> Result<Vec<EpochMetrics>, TrainError> {
+        (1..=config.epochs)
+            .map(|epoch| self.run_epoch(dataset, config, epoch, observer))
+            .collect()
+    }
+
+    /// Trains one epoch (`epoch` is 1-based: it seeds the batch order) and evaluates on the
+    /// test split. Epochs can be run one by one, with checkpoints in between, and give the
+    /// same results as [`Trainer::fit`].
+    pub fn run_epoch(
+        &mut self,
+        dataset: &Dataset,
+        config: &TrainConfig,
+        epoch: usize,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<EpochMetrics, TrainError> {
         config.validate()?;
         check_fits(&self.model, dataset)?;
-        let mut history = Vec::with_capacity(config.epochs);
-        for epoch in 1..=config.epochs {
-            let mut batches =
-                Batcher::new(&dataset.train, config.batch_size, config.seed, epoch, true)?;
-            observer.epoch_start(epoch, batches.num_batches());
-            let start = Instant::now();
-            let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-            let mut settle = SettleSummary::default();
-            let mut index = 0;
-            while let Some(batch) = batches.next_batch() {
-                index += 1;
-                let outcome =
-                    self.train_step(&batch.inputs, &batch.labels, Some(&batch.indices))?;
-                if !outcome.loss.is_finite() {
-                    return Err(TrainError::Diverged {
-                        epoch,
-                        batch: index,
-                        loss: outcome.loss,
-                    });
-                }
-                settle.add(&outcome.settle);
-                loss_sum += outcome.loss as f64 * batch.len() as f64;
-                correct += outcome.correct;
-                seen += batch.len();
-                observer.batch_end(outcome.loss, outcome.correct, batch.len());
+        let mut batches =
+            Batcher::new(&dataset.train, config.batch_size, config.seed, epoch, true)?;
+        observer.epoch_start(epoch, batches.num_batches());
+        let start = Instant::now();
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        let mut settle = SettleSummary::default();
+        let mut index = 0;
+        while let Some(batch) = batches.next_batch() {
+            index += 1;
+            let outcome = self.train_step(&batch.inputs, &batch.labels, Some(&batch.indices))?;
+            if !outcome.loss.is_finite() {
+                return Err(TrainError::Diverged {
+                    epoch,
+                    batch: index,
+                    loss: outcome.loss,
+                });
             }
-            let seconds = start.elapsed().as_secs_f64();
-            let test_accuracy = self.evaluate(&dataset.test, config.batch_size.max(256))?;
-            let metrics = EpochMetrics {
-                epoch,
-                train_loss: loss_sum / seen as f64,
-                train_accuracy: correct as f64 / seen as f64,
-                test_accuracy,
-                seconds,
-                samples_per_second: seen as f64 / seconds.max(1e-9),
-                settle_steps_mean: settle.mean_steps(),
-                settle_residual_mean: settle.mean_residual(),
-                settle_unconverged: settle.phases.then_some(settle.unconverged),
-            };
-            observer.epoch_end(&metrics);
-            history.push(metrics);
+            settle.add(&outcome.settle);
+            loss_sum += outcome.loss as f64 * batch.len() as f64;
+            correct += outcome.correct;
+            seen += batch.len();
+            observer.batch_end(outcome.loss, outcome.correct, batch.len());
         }
-        Ok(history)
+        let seconds = start.elapsed().as_secs_f64();
+        let test_accuracy = self.evaluate(&dataset.test, config.batch_size.max(256))?;
+        let metrics = EpochMetrics {
+            epoch,
+            train_loss: loss_sum / seen as f64,
+            train_accuracy: correct as f64 / seen as f64,
+            test_accuracy,
+            seconds,
+            samples_per_second: seen as f64 / seconds.max(1e-9),
+            settle_steps_mean: settle.mean_steps(),
+            settle_residual_mean: settle.mean_residual(),
+            settle_unconverged: settle.phases.then_some(settle.unconverged),
+        };
+        observer.epoch_end(&metrics);
+        Ok(metrics)
     }
 
     /// Accuracy of the estimator's prediction on `split`, in [0, 1].

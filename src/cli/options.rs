@@ -1,0 +1,463 @@
+//! The options of a training run: command-line flags, TOML config files, and how they
+//! resolve into an estimator and an optimizer.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use mep::data::{self, DataError, DataLocator, LoadOptions, Normalization};
+use mep::ep::{EqPropConfig, EqPropInit, SettleConfig};
+use mep::estimate::{
+    BackpropEstimator, EpConfig, EpEstimator, EqPropEstimator, GradientEstimator, Nudging,
+};
+use mep::loss::Loss;
+use mep::model::{ModelSpec, Network, Shape};
+use mep::optim::{CompositeOptimizer, EstimatorChoice, Optimizer, Preset};
+use mep::train::{OptimizerKind, TrainConfig};
+use serde::{Deserialize, Serialize};
+
+/// Every setting of a training run. Each is optional: flags override a `--config` TOML file
+/// (same keys, snake_case), which overrides the preset, which overrides the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainOptions {
+    /// Data set: mnist, fashion-mnist, xor, permuted-mnist[:K] (default mnist).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Model spec (default 784-256-128-10; the grammar is in the README).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Preset: smep, smep_fast, sdmep, local_ep, natural_ep, muon_backprop, eqprop, sgd, adam.
+    #[arg(long, conflicts_with_all = ["estimator", "optimizer"])]
+    pub preset: Option<String>,
+    /// Gradient estimator without a preset (default backprop).
+    #[arg(long, value_enum)]
+    pub estimator: Option<EstimatorArg>,
+    /// Optimizer without a preset (default adam).
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerArg>,
+    /// Loss: mse (1/2 ||o - y||^2), mse-reference, ce, ce:SMOOTHING.
+    #[arg(long)]
+    pub loss: Option<String>,
+    /// Epochs (default 1).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Batch size (default 64).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Learning rate (default: the preset's, or 0.1 for sgd, 0.001 for adam).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Momentum (default 0.9, or the preset's).
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Decoupled weight decay (default 0, or the preset's).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Use only the first N training samples.
+    #[arg(long, value_name = "N")]
+    pub train_samples: Option<usize>,
+    /// Use only the first N test samples.
+    #[arg(long, value_name = "N")]
+    pub test_samples: Option<usize>,
+    /// Standardise inputs with this mean and std (after scaling to [0, 1]), e.g. 0.1307,0.3081.
+    #[arg(long, value_name = "MEAN,STD", value_parser = parse_mean_std)]
+    pub standardize: Option<(f32, f32)>,
+    /// Nudge strength (default 0.5 for EP, 1.0 for EqProp).
+    #[arg(long)]
+    pub beta: Option<f32>,
+    /// EP nudging: one-sided, random or centered.
+    #[arg(long)]
+    pub nudging: Option<String>,
+    /// Most settle steps per phase (default 30).
+    #[arg(long)]
+    pub settle_steps: Option<usize>,
+    /// Settle step size, per sample (default 0.3; presets 0.5).
+    #[arg(long)]
+    pub settle_lr: Option<f32>,
+    /// Stop settling when the largest per-sample state-gradient norm is under TOL * beta.
+    #[arg(long)]
+    pub settle_tol: Option<f32>,
+    /// Check convergence every K settle steps (default 5).
+    #[arg(long, value_name = "K")]
+    pub settle_check: Option<usize>,
+    /// Per-sample adaptive settle step.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub adaptive: Option<bool>,
+    /// EqProp: free-phase steps (default 40).
+    #[arg(long)]
+    pub eqprop_free_steps: Option<usize>,
+    /// EqProp: nudged-phase steps (default 4).
+    #[arg(long)]
+    pub eqprop_nudged_steps: Option<usize>,
+    /// EqProp: state step size (default 0.5).
+    #[arg(long)]
+    pub eqprop_step: Option<f32>,
+    /// EqProp: start each training sample's free phase from its previous states.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub persistent: Option<bool>,
+}
+
+macro_rules! merge_fields {
+    ($a:ident, $b:ident, $($f:ident),*) => {
+        TrainOptions { $($f: $a.$f.or($b.$f)),* }
+    };
+}
+
+impl TrainOptions {
+    /// These options, with `fallback`'s where these are unset.
+    pub fn or(self, fallback: TrainOptions) -> TrainOptions {
+        let (a, b) = (self, fallback);
+        merge_fields!(
+            a,
+            b,
+            dataset,
+            model,
+            preset,
+            estimator,
+            optimizer,
+            loss,
+            epochs,
+            batch,
+            lr,
+            momentum,
+            weight_decay,
+            train_samples,
+            test_samples,
+            standardize,
+            beta,
+            nudging,
+            settle_steps,
+            settle_lr,
+            settle_tol,
+            settle_check,
+            adaptive,
+            eqprop_free_steps,
+            eqprop_nudged_steps,
+            eqprop_step,
+            persistent
+        )
+    }
+
+    /// Reads a TOML config file (unknown keys are errors).
+    pub fn from_toml(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    /// The data set name.
+    pub fn dataset(&self) -> &str {
+        self.dataset.as_deref().unwrap_or("mnist")
+    }
+
+    /// The model spec.
+    pub fn model(&self) -> Result<ModelSpec> {
+        Ok(self.model.as_deref().unwrap_or("784-256-128-10").parse()?)
+    }
+
+    /// The preset, if any.
+    pub fn preset(&self) -> Result<Option<Preset>> {
+        self.preset
+            .as_deref()
+            .map(str::parse::<Preset>)
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// Epochs, batch size and seed.
+    pub fn train_config(&self, seed: u64) -> Result<TrainConfig> {
+        let config = TrainConfig {
+            epochs: self.epochs.unwrap_or(1),
+            batch_size: self.batch.unwrap_or(64),
+            seed,
+        };
+        if config.epochs == 0 {
+            bail!("--epochs must be at least 1");
+        }
+        if config.batch_size == 0 {
+            bail!("--batch must be at least 1");
+        }
+        Ok(config)
+    }
+
+    /// Data loading options.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            train_samples: self.train_samples,
+            test_samples: self.test_samples,
+            normalization: match self.standardize {
+                Some((mean, std)) => Normalization::MeanStd { mean, std },
+                None => Normalization::UnitRange,
+            },
+        }
+    }
+
+    /// Checks everything that can be checked without data: the model spec, preset, loss,
+    /// nudging, epochs, batch size and that numbers are finite.
+    pub fn validate(&self) -> Result<()> {
+        self.model()?;
+        self.preset()?;
+        self.loss()?;
+        self.nudging()?;
+        self.train_config(0)?;
+        self.finite()
+    }
+
+    fn finite(&self) -> Result<()> {
+        let values = [
+            ("lr", self.lr),
+            ("momentum", self.momentum),
+            ("weight-decay", self.weight_decay),
+            ("beta", self.beta.map(f64::from)),
+            ("settle-lr", self.settle_lr.map(f64::from)),
+            ("settle-tol", self.settle_tol.map(f64::from)),
+            ("eqprop-step", self.eqprop_step.map(f64::from)),
+        ];
+        for (name, v) in values {
+            if let Some(v) = v
+                && !v.is_finite()
+            {
+                bail!("--{name} must be a finite number, got {v}");
+            }
+        }
+        Ok(())
+    }
+
+    fn loss(&self) -> Result<Option<Loss>> {
+        self.loss
+            .as_deref()
+            .map(|l| l.parse::<Loss>().map_err(|e| anyhow!(e)))
+            .transpose()
+    }
+
+    fn nudging(&self) -> Result<Option<Nudging>> {
+        self.nudging
+            .as_deref()
+            .map(|n| n.parse::<Nudging>().map_err(|e| anyhow!(e)))
+            .transpose()
+    }
+
+    fn override_settle(&self, base: SettleConfig) -> SettleConfig {
+        SettleConfig {
+            lr: self.settle_lr.unwrap_or(base.lr),
+            steps: self.settle_steps.unwrap_or(base.steps),
+            tol: self.settle_tol.unwrap_or(base.tol),
+            check_every: self.settle_check.unwrap_or(base.check_every),
+            adaptive: self.adaptive.unwrap_or(base.adaptive),
+            ..base
+        }
+    }
+
+    fn override_ep(&self, base: EpConfig, loss: Loss, seed: u64) -> Result<EpConfig> {
+        Ok(EpConfig {
+            beta: self.beta.unwrap_or(base.beta),
+            nudging: self.nudging()?.unwrap_or(base.nudging),
+            loss,
+            settle: self.override_settle(base.settle),
+            seed,
+        })
+    }
+
+    fn eqprop(&self, base: EqPropConfig) -> Result<EqPropConfig> {
+        Ok(EqPropConfig {
+            beta: self.beta.unwrap_or(base.beta),
+            random_sign: self
+                .nudging()?
+                .map_or(base.random_sign, |n| n == Nudging::RandomSign),
+            step: self.eqprop_step.unwrap_or(base.step),
+            free_steps: self.eqprop_free_steps.unwrap_or(base.free_steps),
+            nudged_steps: self.eqprop_nudged_steps.unwrap_or(base.nudged_steps),
+            init: match self.persistent {
+                Some(true) => EqPropInit::Persistent,
+                Some(false) => EqPropInit::Zero,
+                None => base.init,
+            },
+        })
+    }
+
+    /// Builds the estimator and optimizer for `model` (`samples` training samples).
+    pub fn setup(&self, model: &Network, samples: usize, seed: u64) -> Result<Setup> {
+        self.finite()?;
+        if let Some(preset) = self.preset()? {
+            let mut p = preset.config();
+            match &mut p.estimator {
+                EstimatorChoice::Backprop { loss } => *loss = self.loss()?.unwrap_or(*loss),
+                EstimatorChoice::EqProp(c) => *c = self.eqprop(*c)?,
+                other => {
+                    let c = other.ep_config_mut().expect("EP kinds");
+                    let loss = self.loss()?.unwrap_or(c.loss);
+                    *c = self.override_ep(*c, loss, seed)?;
+                }
+            }
+            let o = &mut p.optimizer;
+            o.lr = self.lr.unwrap_or(o.lr);
+            o.momentum = self.momentum.unwrap_or(o.momentum);
+            o.weight_decay = self.weight_decay.unwrap_or(o.weight_decay);
+            o.seed = seed;
+            let estimator = p.estimator.build(model, samples, seed)?;
+            let optimizer = CompositeOptimizer::new(p.optimizer, model.param_info())?;
+            let label = format!(
+                "preset {preset} ({}, lr {})",
+                estimator.name(),
+                p.optimizer.lr
+            );
+            return Ok(Setup {
+                config: serde_json::json!({
+                    "preset": preset.to_string(),
+                    "estimator": estimator.name(),
+                    "estimator_config": p.estimator,
+                    "optimizer": "composite",
+                    "composite": p.optimizer,
+                }),
+                estimator,
+                optimizer: Box::new(optimizer),
+                label,
+            });
+        }
+        let estimator_kind = self.estimator.unwrap_or(EstimatorArg::Backprop);
+        let kind: OptimizerKind = self.optimizer.unwrap_or(OptimizerArg::Adam).into();
+        let lr = self.lr.unwrap_or(kind.default_lr());
+        let momentum = self.momentum.unwrap_or(0.9);
+        let weight_decay = self.weight_decay.unwrap_or(0.0);
+        let optimizer = kind.build(lr, momentum, weight_decay)?;
+        let loss = self.loss()?.unwrap_or(estimator_kind.default_loss());
+        let ep = self.override_ep(EpConfig::default(), loss, seed)?;
+        let eqprop = self.eqprop(EqPropConfig::default())?;
+        let estimator: Box<dyn GradientEstimator> = match estimator_kind {
+            EstimatorArg::Backprop => {
+                Box::new(BackpropEstimator::new(loss)?.with_dropout_seed(seed))
+            }
+            EstimatorArg::Ep => Box::new(EpEstimator::new(model, ep)?),
+            EstimatorArg::LocalEp => Box::new(EpEstimator::local(model, ep)?),
+            EstimatorArg::Eqprop => Box::new(EqPropEstimator::new(model, eqprop, samples, seed)?),
+        };
+        let label = format!("{}+{kind:?} ({loss} loss), lr {lr}", estimator.name());
+        let config = serde_json::json!({
+            "estimator": estimator_kind,
+            "loss": loss.to_string(),
+            "ep": matches!(estimator_kind, EstimatorArg::Ep | EstimatorArg::LocalEp).then_some(ep),
+            "eqprop": (estimator_kind == EstimatorArg::Eqprop).then_some(eqprop),
+            "optimizer": kind,
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+        });
+        Ok(Setup {
+            estimator,
+            optimizer,
+            config,
+            label,
+        })
+    }
+}
+
+/// The estimator and optimizer of a run, how its config records them, and labels.
+pub struct Setup {
+    /// The gradient estimator.
+    pub estimator: Box<dyn GradientEstimator>,
+    /// The optimizer.
+    pub optimizer: Box<dyn Optimizer>,
+    /// Their resolved configuration (for config.json).
+    pub config: serde_json::Value,
+    /// Human-readable description.
+    pub label: String,
+}
+
+/// Gradient estimators selectable on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EstimatorArg {
+    /// Backpropagation (burn autodiff).
+    Backprop,
+    /// Equilibrium propagation on the layered energy.
+    Ep,
+    /// Layer-local EP.
+    LocalEp,
+    /// Classic EqProp (Hopfield energy; needs a Linear-hsig-Linear chain).
+    Eqprop,
+}
+
+impl EstimatorArg {
+    /// The default loss of this estimator.
+    pub fn default_loss(self) -> Loss {
+        match self {
+            Self::Backprop => Loss::CrossEntropy { smoothing: 0.0 },
+            _ => Loss::default(),
+        }
+    }
+}
+
+/// First-order optimizers selectable without a preset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerArg {
+    /// SGD with momentum.
+    Sgd,
+    /// Adam.
+    Adam,
+}
+
+impl From<OptimizerArg> for OptimizerKind {
+    fn from(o: OptimizerArg) -> Self {
+        match o {
+            OptimizerArg::Sgd => OptimizerKind::Sgd,
+            OptimizerArg::Adam => OptimizerKind::Adam,
+        }
+    }
+}
+
+/// Parses `--nudging`.
+pub fn parse_nudging(s: &str) -> Result<Nudging, String> {
+    s.parse()
+        .map_err(|e: mep::estimate::EstimateError| e.to_string())
+}
+
+fn parse_mean_std(s: &str) -> Result<(f32, f32), String> {
+    let (m, sd) = s.split_once(',').ok_or("expected MEAN,STD")?;
+    let m: f32 = m.trim().parse().map_err(|_| format!("bad mean `{m}`"))?;
+    let sd: f32 = sd.trim().parse().map_err(|_| format!("bad std `{sd}`"))?;
+    Ok((m, sd))
+}
+
+/// Loads a data set; if its files are missing and it can be downloaded, fetches it into the
+/// user cache first (unless `fetch` is false).
+pub fn load_or_fetch(
+    name: &str,
+    locator: &DataLocator,
+    options: &LoadOptions,
+    seed: u64,
+    fetch: bool,
+) -> Result<data::Dataset> {
+    match data::load(name, locator, options, seed) {
+        Err(DataError::Missing { dataset, .. }) if fetch => {
+            let spec = data::find(&dataset)?;
+            eprintln!("data set `{dataset}` not found locally; downloading it");
+            super::data::fetch(&spec, None, &locator.download_dir()?)?;
+            data::load(name, locator, options, seed)
+                .with_context(|| format!("loading data set `{name}` after download"))
+        }
+        other => other.with_context(|| format!("loading data set `{name}`")),
+    }
+}
+
+/// The network for `spec` on `dataset`, checked against its input and classes.
+pub fn build_network(
+    spec: &ModelSpec,
+    dataset: &data::Dataset,
+    seed: u64,
+    device: &mep::device::Device,
+) -> Result<Network> {
+    let net = spec
+        .builder(Shape::from_chw(dataset.input_shape))?
+        .build(seed, device)?;
+    if net.output_shape().numel() != dataset.classes {
+        bail!(
+            "model {spec} has {} outputs but data set {} has {} classes",
+            net.output_shape().numel(),
+            dataset.name,
+            dataset.classes
+        );
+    }
+    Ok(net)
+}

@@ -1,0 +1,320 @@
+//! Training runs end to end through the `mep` binary: regression tiers that CI runs.
+//!
+//! The slow tiers (the paper's tables, the state-of-the-art runs) are `mep bench` suites,
+//! not tests; see the README.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{data_dir, scratch_dir};
+
+fn mep(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mep"))
+        .args(["--threads", "1"])
+        .args(args)
+        .env("MEP_DATA_DIR", data_dir())
+        .env("XDG_CACHE_HOME", scratch_dir("training-cache-home"))
+        .output()
+        .expect("run mep")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn epochs(o: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn fail(o: &Output, needle: &str) {
+    assert!(!o.status.success(), "expected failure");
+    let err = stderr(o);
+    assert!(err.contains(needle), "stderr lacks `{needle}`:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The learned parts of an epoch (timings differ between runs).
+fn learned(e: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!([
+        e["epoch"],
+        e["train_loss"],
+        e["train_accuracy"],
+        e["test_accuracy"],
+        e["settle_steps_mean"],
+        e["settle_residual_mean"]
+    ])
+}
+
+#[test]
+fn xor_is_learned_in_100_steps_by_smep_and_sgd_on_every_seed() {
+    // Measured: 100% on seeds 1-5 for both (smep final loss about 0.16, sgd about 0.006).
+    for preset in ["smep", "sgd"] {
+        for seed in ["1", "2", "3"] {
+            let dir = scratch_dir(&format!("xor-{preset}-{seed}"));
+            let out = mep(&[
+                "--seed",
+                seed,
+                "train",
+                "--preset",
+                preset,
+                "--dataset",
+                "xor",
+                "--model",
+                "2-16-2",
+                "--epochs",
+                "100",
+                "--batch",
+                "4",
+                "--json",
+                "--out",
+                dir.to_str().unwrap(),
+            ]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            let last = epochs(&out).pop().unwrap();
+            assert_eq!(last["test_accuracy"], 1.0, "{preset} seed {seed}: {last}");
+        }
+    }
+}
+
+#[test]
+fn smep_learns_an_mnist_subset_in_one_epoch() {
+    // Measured 83.8% (2000 train / 500 test, 784-256-10, one thread, seed 42); the bar of
+    // 80% leaves margin for other machines.
+    let dir = scratch_dir("mnist-smep-epoch");
+    let out = mep(&[
+        "train",
+        "--preset",
+        "smep",
+        "--model",
+        "mlp-small",
+        "--train-samples",
+        "2000",
+        "--test-samples",
+        "500",
+        "--json",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = epochs(&out).pop().unwrap();
+    let acc = e["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.80, "test accuracy {acc}");
+    assert!(e["settle_steps_mean"].as_f64().unwrap() <= 30.0);
+}
+
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one() {
+    let common_args = [
+        "train",
+        "--preset",
+        "sdmep",
+        "--model",
+        "784-32-10",
+        "--train-samples",
+        "512",
+        "--test-samples",
+        "200",
+        "--nudging",
+        "random",
+        "--json",
+    ];
+    let whole = scratch_dir("resume-whole");
+    let out = mep(&[
+        &common_args[..],
+        &["--epochs", "3", "--out", whole.to_str().unwrap()],
+    ]
+    .concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let uninterrupted: Vec<_> = epochs(&out).iter().map(learned).collect();
+
+    let parts = scratch_dir("resume-parts");
+    let p = parts.to_str().unwrap();
+    let first = mep(&[&common_args[..], &["--epochs", "1", "--out", p]].concat());
+    assert!(first.status.success(), "{}", stderr(&first));
+    let rest = mep(&[&common_args[..], &["--epochs", "3", "--out", p, "--resume"]].concat());
+    assert!(rest.status.success(), "{}", stderr(&rest));
+    assert!(
+        stderr(&rest).contains("resuming at epoch 2"),
+        "{}",
+        stderr(&rest)
+    );
+    let mut resumed: Vec<_> = epochs(&first).iter().map(learned).collect();
+    resumed.extend(epochs(&rest).iter().map(learned));
+    assert_eq!(uninterrupted, resumed);
+    // metrics.jsonl holds the whole history, and both checkpoints evaluate the same.
+    let lines = std::fs::read_to_string(parts.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 3);
+    let eval = |dir: &std::path::Path| {
+        let o = mep(&[
+            "eval",
+            dir.join("checkpoint.safetensors").to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let (a, b) = (eval(&whole), eval(&parts));
+    assert_eq!(a["test_accuracy"], b["test_accuracy"]);
+    assert_eq!(a["epoch"], 3);
+    assert_eq!(a["test_accuracy"], uninterrupted[2][3]);
+}
+
+#[test]
+fn config_files_set_options_that_flags_override() {
+    let dir = scratch_dir("toml-config");
+    let file = dir.join("run.toml");
+    std::fs::write(
+        &file,
+        "preset = \"smep\"\nmodel = \"784-16-10\"\ntrain_samples = 256\ntest_samples = 100\nepochs = 2\nbeta = 0.3\nsettle_steps = 7\n",
+    )
+    .unwrap();
+    let out_dir = dir.join("run");
+    let out = mep(&[
+        "train",
+        "--config",
+        file.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        epochs(&out).len(),
+        1,
+        "the flag overrides the file's epochs"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["preset"], "smep");
+    assert_eq!(config["options"]["model"], "784-16-10");
+    assert!((config["estimator_config"]["beta"].as_f64().unwrap() - 0.3).abs() < 1e-6);
+    assert_eq!(config["estimator_config"]["settle"]["steps"], 7);
+
+    std::fs::write(&file, "preset = \"smep\"\nlearning_rate = 0.1\n").unwrap();
+    fail(
+        &mep(&["train", "--config", file.to_str().unwrap()]),
+        "unknown field `learning_rate`",
+    );
+    fail(
+        &mep(&["train", "--config", "/nonexistent/run.toml"]),
+        "reading config file",
+    );
+}
+
+#[test]
+fn bad_inputs_fail_clearly_and_leave_existing_results_intact() {
+    let dir = scratch_dir("bad-inputs");
+    let d = dir.to_str().unwrap();
+    let ok = mep(&[
+        "train",
+        "--preset",
+        "sgd",
+        "--model",
+        "784-16-10",
+        "--train-samples",
+        "128",
+        "--test-samples",
+        "50",
+        "--out",
+        d,
+    ]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let snapshot = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let before = (
+        snapshot("config.json"),
+        snapshot("metrics.jsonl"),
+        snapshot("checkpoint.safetensors"),
+    );
+
+    fail(
+        &mep(&["train", "--preset", "turbo", "--out", d]),
+        "unknown preset",
+    );
+    fail(
+        &mep(&["train", "--model", "784-0-10", "--out", d]),
+        "invalid model spec",
+    );
+    fail(
+        &mep(&["train", "--batch", "0", "--out", d]),
+        "--batch must be at least 1",
+    );
+    fail(
+        &mep(&["train", "--lr", "NaN", "--out", d]),
+        "--lr must be a finite number",
+    );
+    fail(
+        &mep(&["train", "--preset", "sgd", "--lr", "inf", "--out", d]),
+        "finite",
+    );
+    // Resuming with other options, or from a checkpoint of another model.
+    fail(
+        &mep(&[
+            "train",
+            "--preset",
+            "adam",
+            "--model",
+            "784-16-10",
+            "--out",
+            d,
+            "--resume",
+        ]),
+        "must match the checkpoint",
+    );
+    let other = scratch_dir("bad-inputs-other");
+    let o = mep(&[
+        "train",
+        "--preset",
+        "sgd",
+        "--model",
+        "784-8-10",
+        "--train-samples",
+        "64",
+        "--test-samples",
+        "50",
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::copy(
+        other.join("checkpoint.safetensors"),
+        dir.join("checkpoint.safetensors"),
+    )
+    .unwrap();
+    fail(
+        &mep(&[
+            "train",
+            "--preset",
+            "sgd",
+            "--model",
+            "784-16-10",
+            "--train-samples",
+            "128",
+            "--test-samples",
+            "50",
+            "--epochs",
+            "2",
+            "--out",
+            d,
+            "--resume",
+        ]),
+        "must match the checkpoint",
+    );
+    std::fs::write(dir.join("checkpoint.safetensors"), &before.2).unwrap();
+    fail(
+        &mep(&["eval", "/nonexistent/checkpoint.safetensors"]),
+        "reading checkpoint",
+    );
+    let after = (
+        snapshot("config.json"),
+        snapshot("metrics.jsonl"),
+        snapshot("checkpoint.safetensors"),
+    );
+    assert!(before == after, "a failed command changed the run's files");
+}
