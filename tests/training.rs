@@ -318,3 +318,48 @@ fn bad_inputs_fail_clearly_and_leave_existing_results_intact() {
     );
     assert!(before == after, "a failed command changed the run's files");
 }
+
+#[test]
+fn bench_suites_write_results_tables_and_charts() {
+    let dir = scratch_dir("suite-xor");
+    let out = mep(&[
+        "bench",
+        "xor",
+        "--quick",
+        "--seeds",
+        "1,2",
+        "--out",
+        dir.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(printed, stored);
+    assert_eq!(
+        stored["runs"].as_array().unwrap().len(),
+        4,
+        "2 methods x 2 seeds"
+    );
+    for row in stored["summary"].as_array().unwrap() {
+        assert_eq!(row["test_accuracy_mean"], 100.0, "{row}");
+        assert_eq!(row["seeds"], 2);
+        assert_eq!(row["paper"], 100.0);
+    }
+    let table = std::fs::read_to_string(dir.join("table.md")).unwrap();
+    assert!(
+        table.contains("| xor | smep | 100.00 +- 0.00 | 100.00 |"),
+        "{table}"
+    );
+    for chart in ["accuracy_xor", "seconds_per_epoch"] {
+        let svg = std::fs::read_to_string(dir.join(format!("{chart}.svg"))).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("smep"),
+            "{chart}.svg"
+        );
+        let png = std::fs::read(dir.join(format!("{chart}.png"))).unwrap();
+        assert_eq!(&png[1..4], b"PNG", "{chart}.png");
+    }
+    fail(&mep(&["bench", "xor", "--seeds", "x"]), "invalid value");
+}

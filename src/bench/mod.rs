@@ -1,5 +1,7 @@
-//! Benchmarks that measure the library itself (the CLI's `mep bench` prints them).
+//! Benchmarks that measure the library itself (the CLI's `mep bench` prints them), and the
+//! charts and summary statistics of the experiment suites.
 
+pub mod plot;
 mod settle;
 
 pub use settle::{SettleBench, matmul_gflops, settle_bench};
@@ -20,4 +22,19 @@ pub fn median_us(repeats: usize, mut f: impl FnMut()) -> f64 {
         .collect();
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
+}
+
+/// Mean and sample standard deviation (0 for fewer than two values).
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, 0.0);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = if n > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
 }

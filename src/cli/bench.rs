@@ -10,6 +10,7 @@ use mep::estimate::TensorBatch;
 use mep::model::{ModelSpec, Shape};
 
 use super::Globals;
+use super::suites::{self, Suite, SuiteArgs};
 use super::train::write_atomic;
 
 #[derive(Debug, Subcommand)]
@@ -17,6 +18,17 @@ pub enum BenchCommand {
     /// Time one settle step and one EP gradient (784-256-128-10 and cnn-small on MNIST-shaped
     /// inputs) against the machine's matrix-product throughput for the same shapes.
     Settle(SettleArgs),
+    /// Paper table 1: MNIST mlp-small, 3 epochs, smep / sgd / adam / eqprop, on the 5k/1k
+    /// subset and the full set.
+    Table1(SuiteArgs),
+    /// Paper table 2: 784-256-128-10, 10 epochs on 10k samples, smep / adam / sgd.
+    Table2(SuiteArgs),
+    /// Paper table 3: XOR in 100 steps, smep and sgd, five seeds.
+    Xor(SuiteArgs),
+    /// Seconds per epoch of every preset relative to sgd (784-256-128-10, full MNIST).
+    Speed(SuiteArgs),
+    /// Beyond the paper: EP (smep) and backprop+Adam, MLP and CNN, MNIST and Fashion-MNIST.
+    Sota(SuiteArgs),
 }
 
 #[derive(Debug, Args)]
@@ -51,6 +63,11 @@ pub struct SettleArgs {
 pub fn run(cmd: BenchCommand, globals: &Globals) -> Result<()> {
     match cmd {
         BenchCommand::Settle(args) => settle(args, globals),
+        BenchCommand::Table1(args) => suites::run(Suite::Table1, args, globals),
+        BenchCommand::Table2(args) => suites::run(Suite::Table2, args, globals),
+        BenchCommand::Xor(args) => suites::run(Suite::Xor, args, globals),
+        BenchCommand::Speed(args) => suites::run(Suite::Speed, args, globals),
+        BenchCommand::Sota(args) => suites::run(Suite::Sota, args, globals),
     }
 }
 

@@ -5,6 +5,7 @@ mod check;
 mod data;
 mod options;
 mod progress;
+mod suites;
 mod train;
 
 use std::path::PathBuf;
