@@ -363,3 +363,77 @@ fn bench_suites_write_results_tables_and_charts() {
     }
     fail(&mep(&["bench", "xor", "--seeds", "x"]), "invalid value");
 }
+
+#[test]
+fn the_monitor_records_gradients_cosines_energies_and_residuals() {
+    let dir = scratch_dir("monitor");
+    let out = mep(&[
+        "train",
+        "--preset",
+        "smep",
+        "--model",
+        "784-32-10",
+        "--train-samples",
+        "640",
+        "--test-samples",
+        "100",
+        "--monitor",
+        "4",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("monitor.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Steps 1, 4, 8: ten batches of 64.
+    let steps: Vec<u64> = records
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 4, 8]);
+    for r in &records {
+        let params = r["params"].as_array().unwrap();
+        assert_eq!(params.len(), 4);
+        for p in params {
+            // One-sided beta 0.5: the direction agrees with backprop, the norm is smaller.
+            assert!(p["cosine"].as_f64().unwrap() > 0.9, "{p}");
+            assert!(p["grad_norm"].as_f64().unwrap() > 0.0);
+        }
+        let phase = &r["phases"][0];
+        assert!(phase["energy"].as_f64().unwrap() > 0.0);
+        let curve = phase["residual_curve"].as_array().unwrap();
+        assert!(curve.len() >= 2);
+        let (first, last) = (
+            curve[0][1].as_f64().unwrap(),
+            curve.last().unwrap()[1].as_f64().unwrap(),
+        );
+        assert!(
+            last < first,
+            "settling lowers the residual: {first} -> {last}"
+        );
+    }
+    for chart in [
+        "monitor_grad_norms",
+        "monitor_cosine",
+        "monitor_energy",
+        "monitor_residual",
+    ] {
+        assert!(dir.join(format!("{chart}.svg")).is_file(), "{chart}");
+        assert!(dir.join(format!("{chart}.png")).is_file(), "{chart}");
+    }
+    fail(
+        &mep(&[
+            "train",
+            "--monitor",
+            "0",
+            "--dataset",
+            "xor",
+            "--model",
+            "2-4-2",
+        ]),
+        "at least 1",
+    );
+}

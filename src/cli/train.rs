@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use mep::data::DataLocator;
 use mep::device::Workload;
-use mep::train::{EpochMetrics, Trainer};
+use mep::loss::Loss;
+use mep::train::{EpochMetrics, Monitor, Trainer};
 
 use super::Globals;
 use super::options::{TrainOptions, build_network, load_or_fetch};
@@ -38,6 +39,10 @@ pub struct TrainArgs {
     /// Print each epoch's metrics as one JSON object per line on stdout.
     #[arg(long)]
     json: bool,
+    /// Every N steps, record per-layer gradient norms, the cosine to backprop of the same
+    /// loss, each phase's energy and the settle residual curve (monitor.jsonl and charts).
+    #[arg(long, value_name = "N")]
+    monitor: Option<usize>,
 }
 
 fn default_dir(opts: &TrainOptions, seed: u64) -> PathBuf {
@@ -156,7 +161,20 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     {
         obj.extend(extra);
     }
+    let monitor = match args.monitor {
+        Some(every) => Some(Monitor::new(
+            every,
+            setup
+                .estimator
+                .loss()
+                .unwrap_or(Loss::CrossEntropy { smoothing: 0.0 }),
+        )?),
+        None => None,
+    };
     let mut trainer = Trainer::new(model, setup.estimator, setup.optimizer, device);
+    if let Some(m) = monitor {
+        trainer = trainer.with_monitor(m);
+    }
     let (start, mut history) = match resumed {
         Some(meta) => {
             trainer
@@ -188,9 +206,24 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         globals.device,
         mep::device::threads()
     );
+    let monitor_file = out.join("monitor.jsonl");
+    if args.monitor.is_some() && start == 1 {
+        let _ = fs::remove_file(&monitor_file);
+    }
     let mut bar = EpochBar::new(config.epochs, false);
     for epoch in start..=config.epochs {
         let m = trainer.run_epoch(&dataset, &config, epoch, &mut bar)?;
+        let records = trainer.take_monitor_records();
+        if !records.is_empty() {
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&monitor_file)
+                .with_context(|| format!("writing {}", monitor_file.display()))?;
+            for r in &records {
+                writeln!(f, "{}", serde_json::to_string(r)?)?;
+            }
+        }
         if args.json {
             println!("{}", serde_json::to_string(&m)?);
         }
@@ -211,6 +244,10 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
             .save_checkpoint(&checkpoint, &serde_json::to_value(&meta)?)
             .context("writing the checkpoint")?;
     }
+    if args.monitor.is_some() && monitor_file.exists() {
+        let charts = monitor_charts(&monitor_file, &out)?;
+        eprintln!("monitor: {} and {} charts", monitor_file.display(), charts);
+    }
     match history.last() {
         Some(last) => eprintln!(
             "final test accuracy {:.2}%; results in {}",
@@ -223,6 +260,91 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// Charts of a monitor.jsonl: gradient norms, cosine to backprop, energies, settle residuals.
+fn monitor_charts(file: &Path, out: &Path) -> Result<usize> {
+    use mep::bench::plot::{Series, line_chart};
+    use mep::train::MonitorRecord;
+    let records: Vec<MonitorRecord> = fs::read_to_string(file)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {}", file.display()))?;
+    let Some(first) = records.first() else {
+        return Ok(0);
+    };
+    let names: Vec<String> = first.params.iter().map(|p| p.name.clone()).collect();
+    let per_param = |f: &dyn Fn(&mep::train::ParamRecord) -> f64| -> Vec<Series> {
+        names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.ends_with(".bias"))
+            .map(|(i, n)| Series {
+                label: n.clone(),
+                points: records
+                    .iter()
+                    .map(|r| (r.step as f64, f(&r.params[i])))
+                    .collect(),
+            })
+            .collect()
+    };
+    let mut files = line_chart(
+        &out.join("monitor_grad_norms"),
+        "gradient norm per layer (log10)",
+        "step",
+        "log10 ||grad||",
+        &per_param(&|p| p.grad_norm.max(1e-30).log10()),
+    )?;
+    files.extend(line_chart(
+        &out.join("monitor_cosine"),
+        "cosine to the backprop gradient of the same loss",
+        "step",
+        "cosine",
+        &per_param(&|p| p.cosine),
+    )?);
+    let phases = first.phases.len();
+    if phases > 0 {
+        let energy: Vec<Series> = (0..phases)
+            .map(|k| Series {
+                label: format!("phase {}", k + 1),
+                points: records
+                    .iter()
+                    .filter_map(|r| r.phases.get(k).map(|p| (r.step as f64, p.energy as f64)))
+                    .collect(),
+            })
+            .collect();
+        files.extend(line_chart(
+            &out.join("monitor_energy"),
+            "mean energy at the settled states",
+            "step",
+            "energy",
+            &energy,
+        )?);
+        let picks = [0, records.len() / 2, records.len() - 1];
+        let residual: Vec<Series> = picks
+            .iter()
+            .filter_map(|&i| {
+                let r = &records[i];
+                r.phases.first().map(|p| Series {
+                    label: format!("step {}", r.step),
+                    points: p
+                        .residual_curve
+                        .iter()
+                        .map(|&(s, v)| (s as f64, (v as f64).max(1e-30).log10()))
+                        .collect(),
+                })
+            })
+            .collect();
+        files.extend(line_chart(
+            &out.join("monitor_residual"),
+            "settle residual (largest per-sample state-gradient norm, log10)",
+            "settle step",
+            "log10 residual",
+            &residual,
+        )?);
+    }
+    Ok(files.len())
 }
 
 #[derive(Debug, Args)]

@@ -107,6 +107,8 @@ pub struct SettleStats {
     pub converged: bool,
     /// Adaptive steps rejected (summed over samples).
     pub rejected: usize,
+    /// Mean per-sample energy at the settled states.
+    pub energy: f32,
 }
 
 /// Settled states with their evaluation.
@@ -118,6 +120,8 @@ pub struct Settled {
     pub eval: Evaluation,
     /// What the settle did.
     pub stats: SettleStats,
+    /// `(step, largest per-sample state-gradient norm)` at every convergence check.
+    pub residual_curve: Vec<(usize, f32)>,
 }
 
 /// Heavy-ball state descent on an [`EnergyModel`].
@@ -176,6 +180,7 @@ impl Settler {
         let threshold = c.tol * beta.abs();
         let mut initial: Option<f32> = None;
         let mut stats = SettleStats::default();
+        let mut curve = Vec::new();
         let batch = ctx.batch_size();
         let device = ctx.input().device();
         let mut step_size = c
@@ -189,6 +194,7 @@ impl Settler {
             if stats.steps.is_multiple_of(c.check_every) {
                 let (layers, total) = Self::norms(&grads);
                 stats.residual = total;
+                curve.push((stats.steps, total));
                 let reference = *initial.get_or_insert(total);
                 if !total.is_finite() || total > BLOWUP_FACTOR * reference.max(1e-6) {
                     let worst = layers
@@ -260,10 +266,17 @@ impl Settler {
             }
             stats.steps += 1;
         }
+        let energy = model.per_sample_energy(ctx, &eval, beta).mean();
+        stats.energy = energy
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 data")[0];
         Ok(Settled {
             states,
             eval,
             stats,
+            residual_curve: curve,
         })
     }
 }

@@ -49,6 +49,10 @@ impl GradientEstimator for BackpropEstimator {
         "backprop"
     }
 
+    fn loss(&self) -> Option<crate::loss::Loss> {
+        Some(self.loss)
+    }
+
     fn state(&self) -> Vec<(String, f64)> {
         vec![("calls".into(), self.calls as f64)]
     }
@@ -95,6 +99,7 @@ impl GradientEstimator for BackpropEstimator {
             loss: value,
             output: out.inner(),
             settle: Vec::new(),
+            residual_curves: Vec::new(),
             moments,
         })
     }

@@ -157,6 +157,10 @@ impl GradientEstimator for EpEstimator {
         if self.local { "local-ep" } else { "ep" }
     }
 
+    fn loss(&self) -> Option<crate::loss::Loss> {
+        Some(self.config.loss)
+    }
+
     fn state(&self) -> Vec<(String, f64)> {
         vec![("calls".into(), self.calls as f64)]
     }
@@ -178,6 +182,7 @@ impl GradientEstimator for EpEstimator {
         let n = batch.len() as f32;
         let beta = self.config.beta;
         let mut settle = Vec::new();
+        let mut curves = Vec::new();
         let mut factors = Vec::new();
         self.calls += 1;
         // The sign of call k depends only on (seed, k), so a resumed run draws the same.
@@ -196,6 +201,7 @@ impl GradientEstimator for EpEstimator {
                 .settler
                 .settle(&this.energy, net, &ctx, &free, &free_eval, b)?;
             settle.push(settled.stats);
+            curves.push(settled.residual_curve.clone());
             if this.factors && factors.is_empty() {
                 factors = this.energy.linear_factors(net, &settled.eval, 1.0 / b);
             }
@@ -231,6 +237,7 @@ impl GradientEstimator for EpEstimator {
             loss,
             output: free_eval.output().clone(),
             settle,
+            residual_curves: curves,
             moments: ctx.moments().clone(),
             factors,
         })

@@ -68,6 +68,10 @@ impl GradientEstimator for EqPropEstimator {
         "eqprop"
     }
 
+    fn loss(&self) -> Option<Loss> {
+        Some(Loss::default())
+    }
+
     fn state(&self) -> Vec<(String, f64)> {
         vec![("calls".into(), self.calls as f64)]
     }
@@ -105,6 +109,7 @@ impl GradientEstimator for EqPropEstimator {
             loss,
             output,
             settle: Vec::new(),
+            residual_curves: Vec::new(),
             moments: Vec::new(),
             factors: Vec::new(),
         })

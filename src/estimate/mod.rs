@@ -92,6 +92,8 @@ pub struct Estimate {
     pub output: Tensor<2>,
     /// What each settle did (empty for backprop).
     pub settle: Vec<SettleStats>,
+    /// Each settle's residual at every convergence check, `(step, residual)`.
+    pub residual_curves: Vec<Vec<(usize, f32)>>,
     /// Batch-norm moments of the forward pass, for the running statistics.
     pub moments: BatchMoments,
     /// Per-sample factors of each linear layer's weight gradient (indexed like the
@@ -130,6 +132,11 @@ pub trait GradientEstimator {
         net: &crate::model::Network,
         batch: &TensorBatch,
     ) -> Result<Estimate, EstimateError>;
+
+    /// The loss whose gradient it estimates (`None` if it has none).
+    fn loss(&self) -> Option<crate::loss::Loss> {
+        None
+    }
 
     /// Counters that make its randomness resumable (saved with checkpoints). EqProp's
     /// persistent per-sample states are not part of it.

@@ -5,9 +5,11 @@
 
 pub mod checkpoint;
 mod metrics;
+mod monitor;
 mod trainer;
 
 pub use metrics::EpochMetrics;
+pub use monitor::{Monitor, MonitorRecord, ParamRecord, PhaseRecord};
 pub use trainer::{OptimizerKind, StepOutcome, TrainConfig, Trainer};
 
 use crate::data::DataError;

@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use burn::tensor::{Int, TensorData};
 
+use super::Monitor;
 use super::{EpochMetrics, TrainError, TrainObserver};
 use crate::data::{Batcher, Dataset, Split};
 use crate::device::{Device, Tensor};
@@ -78,6 +79,9 @@ pub struct Trainer {
     estimator: Box<dyn GradientEstimator>,
     optimizer: Box<dyn Optimizer>,
     device: Device,
+    monitor: Option<Monitor>,
+    steps: usize,
+    epoch: usize,
 }
 
 /// What one training step did.
@@ -109,7 +113,24 @@ impl Trainer {
             estimator,
             optimizer,
             device,
+            monitor: None,
+            steps: 0,
+            epoch: 0,
         }
+    }
+
+    /// Attaches a [`Monitor`] (see [`Trainer::take_monitor_records`]).
+    pub fn with_monitor(mut self, monitor: Monitor) -> Self {
+        self.monitor = Some(monitor);
+        self
+    }
+
+    /// The monitor's records since the last call.
+    pub fn take_monitor_records(&mut self) -> Vec<super::MonitorRecord> {
+        self.monitor
+            .as_mut()
+            .map(Monitor::drain)
+            .unwrap_or_default()
     }
 
     /// The model as trained so far.
@@ -165,6 +186,12 @@ impl Trainer {
         let mut batch = TensorBatch::new(inputs, labels, classes, &self.device);
         batch.indices = indices.map(<[usize]>::to_vec);
         let estimate = self.estimator.estimate(&self.model, &batch)?;
+        self.steps += 1;
+        if let Some(m) = self.monitor.as_mut()
+            && m.due(self.steps)
+        {
+            m.record(self.steps, self.epoch, &self.model, &batch, &estimate)?;
+        }
         let correct = count_correct(estimate.output.clone(), labels);
         let params = self.model.params().to_vec();
         let updated =
@@ -204,6 +231,7 @@ impl Trainer {
     ) -> Result<EpochMetrics, TrainError> {
         config.validate()?;
         check_fits(&self.model, dataset)?;
+        self.epoch = epoch;
         let mut batches =
             Batcher::new(&dataset.train, config.batch_size, config.seed, epoch, true)?;
         observer.epoch_start(epoch, batches.num_batches());
