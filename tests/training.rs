@@ -197,6 +197,42 @@ fn config_files_set_options_that_flags_override() {
     assert!((config["estimator_config"]["beta"].as_f64().unwrap() - 0.3).abs() < 1e-6);
     assert_eq!(config["estimator_config"]["settle"]["steps"], 7);
 
+    // Composite options override the preset's optimizer.
+    let tuned = dir.join("tuned");
+    let out = mep(&[
+        "train",
+        "--preset",
+        "smep",
+        "--model",
+        "784-16-10",
+        "--train-samples",
+        "128",
+        "--test-samples",
+        "50",
+        "--gamma",
+        "0",
+        "--update",
+        "dion",
+        "--schedule",
+        "cosine",
+        "--warmup",
+        "1",
+        "--nesterov",
+        "--vector-lr",
+        "0.05",
+        "--out",
+        tuned.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tuned.join("config.json")).unwrap()).unwrap();
+    assert_eq!(c["composite"]["constraint"]["kind"], "none");
+    assert_eq!(c["composite"]["update"]["kind"], "dion");
+    assert_eq!(c["composite"]["schedule"]["kind"], "cosine");
+    assert_eq!(c["composite"]["schedule"]["total"], 2);
+    assert_eq!(c["composite"]["nesterov"], true);
+    assert_eq!(c["composite"]["vector_lr"], 0.05);
+
     std::fs::write(&file, "preset = \"smep\"\nlearning_rate = 0.1\n").unwrap();
     fail(
         &mep(&["train", "--config", file.to_str().unwrap()]),

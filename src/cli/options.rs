@@ -12,7 +12,10 @@ use mep::estimate::{
 };
 use mep::loss::Loss;
 use mep::model::{ModelSpec, Network, Shape};
-use mep::optim::{CompositeOptimizer, EstimatorChoice, Optimizer, Preset};
+use mep::optim::{
+    CompositeConfig, CompositeOptimizer, Constraint, EstimatorChoice, Feedback, NsIteration,
+    Optimizer, Preset, Schedule, UpdateRule,
+};
 use mep::train::{OptimizerKind, TrainConfig};
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +87,32 @@ pub struct TrainOptions {
     /// Per-sample adaptive settle step.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub adaptive: Option<bool>,
+    /// Matrix update rule of the preset's composite optimizer: plain, muon, muon-cubic,
+    /// dion, lowrank, fisher, adam.
+    #[arg(long)]
+    pub update: Option<String>,
+    /// Spectral bound gamma on every matrix (0 removes the preset's constraint).
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// Learning rate of vectors (biases, gains); default the matrix rate.
+    #[arg(long)]
+    pub vector_lr: Option<f64>,
+    /// Nesterov momentum.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub nesterov: Option<bool>,
+    /// Clip the global gradient norm.
+    #[arg(long)]
+    pub clip_norm: Option<f64>,
+    /// Learning-rate schedule: constant, cosine (to 0 over the run, after --warmup steps),
+    /// or step:EVERY:GAMMA.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Warm-up steps of the cosine schedule.
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Error feedback with this decay (for the lowrank update).
+    #[arg(long)]
+    pub error_feedback: Option<f64>,
     /// EqProp: free-phase steps (default 40).
     #[arg(long)]
     pub eqprop_free_steps: Option<usize>,
@@ -132,6 +161,14 @@ impl TrainOptions {
             settle_tol,
             settle_check,
             adaptive,
+            update,
+            gamma,
+            vector_lr,
+            nesterov,
+            clip_norm,
+            schedule,
+            warmup,
+            error_feedback,
             eqprop_free_steps,
             eqprop_nudged_steps,
             eqprop_step,
@@ -213,6 +250,10 @@ impl TrainOptions {
             ("settle-lr", self.settle_lr.map(f64::from)),
             ("settle-tol", self.settle_tol.map(f64::from)),
             ("eqprop-step", self.eqprop_step.map(f64::from)),
+            ("gamma", self.gamma),
+            ("vector-lr", self.vector_lr),
+            ("clip-norm", self.clip_norm),
+            ("error-feedback", self.error_feedback),
         ];
         for (name, v) in values {
             if let Some(v) = v
@@ -290,11 +331,8 @@ impl TrainOptions {
                     *c = self.override_ep(*c, loss, seed)?;
                 }
             }
-            let o = &mut p.optimizer;
-            o.lr = self.lr.unwrap_or(o.lr);
-            o.momentum = self.momentum.unwrap_or(o.momentum);
-            o.weight_decay = self.weight_decay.unwrap_or(o.weight_decay);
-            o.seed = seed;
+            self.override_composite(&mut p.optimizer, samples)?;
+            p.optimizer.seed = seed;
             let estimator = p.estimator.build(model, samples, seed)?;
             let optimizer = CompositeOptimizer::new(p.optimizer, model.param_info())?;
             let label = format!(
@@ -314,6 +352,19 @@ impl TrainOptions {
                 optimizer: Box::new(optimizer),
                 label,
             });
+        }
+        let composite_only = [
+            ("update", self.update.is_some()),
+            ("gamma", self.gamma.is_some()),
+            ("vector-lr", self.vector_lr.is_some()),
+            ("nesterov", self.nesterov.is_some()),
+            ("clip-norm", self.clip_norm.is_some()),
+            ("schedule", self.schedule.is_some()),
+            ("warmup", self.warmup.is_some()),
+            ("error-feedback", self.error_feedback.is_some()),
+        ];
+        if let Some((name, _)) = composite_only.iter().find(|(_, set)| *set) {
+            bail!("--{name} configures the composite optimizer: use it with --preset");
         }
         let estimator_kind = self.estimator.unwrap_or(EstimatorArg::Backprop);
         let kind: OptimizerKind = self.optimizer.unwrap_or(OptimizerArg::Adam).into();
@@ -349,6 +400,96 @@ impl TrainOptions {
             config,
             label,
         })
+    }
+}
+
+impl TrainOptions {
+    fn override_composite(&self, o: &mut CompositeConfig, samples: usize) -> Result<()> {
+        o.lr = self.lr.unwrap_or(o.lr);
+        o.momentum = self.momentum.unwrap_or(o.momentum);
+        o.weight_decay = self.weight_decay.unwrap_or(o.weight_decay);
+        o.vector_lr = self.vector_lr.or(o.vector_lr);
+        o.nesterov = self.nesterov.unwrap_or(o.nesterov);
+        o.clip_norm = self.clip_norm.or(o.clip_norm);
+        if let Some(u) = &self.update {
+            o.update = match u.as_str() {
+                "plain" => UpdateRule::Plain,
+                "muon" | "muon-cubic" => UpdateRule::Muon {
+                    ns_steps: 5,
+                    iteration: if u == "muon" {
+                        NsIteration::Quintic
+                    } else {
+                        NsIteration::Cubic
+                    },
+                },
+                "dion" => UpdateRule::Dion {
+                    rank_frac: 0.2,
+                    threshold: 100_000,
+                    ns_steps: 5,
+                },
+                "lowrank" => UpdateRule::LowRank { rank_frac: 0.2 },
+                "fisher" => UpdateRule::Fisher {
+                    damping: 1e-3,
+                    ema: 0.95,
+                    orthogonalize: true,
+                    ns_steps: 5,
+                },
+                "adam" => UpdateRule::Adam {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                },
+                other => bail!(
+                    "unknown --update `{other}` (expected plain, muon, muon-cubic, dion, lowrank, fisher or adam)"
+                ),
+            };
+        }
+        if let Some(g) = self.gamma {
+            o.constraint = if g == 0.0 {
+                Constraint::None
+            } else {
+                Constraint::Spectral {
+                    gamma: g,
+                    power_iters: 3,
+                    every: 1,
+                    tol: 1e-4,
+                }
+            };
+        }
+        if let Some(beta) = self.error_feedback {
+            o.feedback = Feedback::ErrorFeedback { beta };
+        }
+        let batch = self.batch.unwrap_or(64).max(1);
+        let total = self.epochs.unwrap_or(1) * samples.div_ceil(batch);
+        o.schedule = match self.schedule.as_deref() {
+            None => o.schedule,
+            Some("constant") => Schedule::Constant,
+            Some("cosine") => {
+                let warmup = self.warmup.unwrap_or(0);
+                Schedule::Cosine {
+                    warmup,
+                    total: total.max(warmup + 1),
+                    floor: 0.0,
+                }
+            }
+            Some(other) => {
+                let parts: Vec<&str> = other.split(':').collect();
+                match parts[..] {
+                    ["step", every, gamma] => Schedule::Step {
+                        every: every
+                            .parse()
+                            .with_context(|| format!("--schedule {other}: bad step count"))?,
+                        gamma: gamma
+                            .parse()
+                            .with_context(|| format!("--schedule {other}: bad decay"))?,
+                    },
+                    _ => bail!(
+                        "unknown --schedule `{other}` (expected constant, cosine or step:EVERY:GAMMA)"
+                    ),
+                }
+            }
+        };
+        Ok(())
     }
 }
 
