@@ -16,6 +16,14 @@ pub type Device = burn::DispatchDevice;
 /// A float tensor of rank `D` on the dispatch backend.
 pub type Tensor<const D: usize> = burn::tensor::Tensor<Backend, D>;
 
+/// A tensor's values copied to the host as `f32`, row-major (one device read).
+pub fn to_host<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
+    t.to_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("converted to f32")
+}
+
 /// Errors of device selection and thread setup.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {

@@ -19,7 +19,7 @@
 
 use burn::tensor::TensorData;
 
-use crate::device::{Device, Tensor, autodiff};
+use crate::device::{Device, Tensor, autodiff, to_host};
 use crate::loss::Loss;
 use crate::model::{Aux, BatchMoments, LayerOp, Network, NormStats};
 
@@ -120,13 +120,6 @@ impl BatchContext {
     }
 }
 
-fn host_vec(t: Tensor<3>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data")
-}
-
 impl EnergyModel {
     /// The energy of `net` with nudge loss `loss`.
     pub fn new(net: &Network, loss: Loss) -> Self {
@@ -209,7 +202,7 @@ impl EnergyModel {
                 && norm[index].is_none()
             {
                 let (mean, var) = layer.batch_moments(&v);
-                moments.push((host_vec(mean.clone()), host_vec(var.clone())));
+                moments.push((to_host(&mean), to_host(&var)));
                 norm[index] = Some(NormStats::Fixed {
                     mean,
                     inv_std: var.add_scalar(eps).sqrt().recip(),

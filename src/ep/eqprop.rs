@@ -15,7 +15,7 @@
 
 use burn::tensor::TensorData;
 
-use crate::device::Tensor;
+use crate::device::{Tensor, to_host};
 use crate::model::{Activation, LayerOp, Network};
 
 /// Where the free phase starts.
@@ -75,13 +75,6 @@ pub struct EqPropModel {
     "eqprop needs a fully connected network with hard-sigmoid activations, like 784-500-hsig-10: {0}"
 )]
 pub struct EqPropNetworkError(pub String);
-
-fn host(t: Tensor<2>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data")
-}
 
 impl EqPropModel {
     /// Checks that `net` is `Linear (HardSigmoid Linear)*` and sets up the states.
@@ -203,7 +196,7 @@ impl EqPropModel {
                 .collect();
         }
         for ((&w, store), s) in self.widths.iter().zip(&mut self.persistent).zip(states) {
-            let values = host(s.clone());
+            let values = to_host(s);
             for (row, &i) in indices.iter().enumerate() {
                 if (i + 1) * w <= store.len() {
                     store[i * w..(i + 1) * w].copy_from_slice(&values[row * w..(row + 1) * w]);
@@ -307,7 +300,9 @@ impl EqPropModel {
         Self::drives(net, x, s, true)
             .into_iter()
             .zip(s)
-            .map(|(d, si)| host((d.clamp(0.0, 1.0) - si.clone()).abs().max_dim(1).max_dim(0))[0])
+            .map(|(d, si)| {
+                to_host(&(d.clamp(0.0, 1.0) - si.clone()).abs().max_dim(1).max_dim(0))[0]
+            })
             .fold(0.0, f32::max)
     }
 

@@ -1,7 +1,7 @@
 //! Settling: heavy-ball descent of the energy in state space.
 
 use super::energy::{BatchContext, EnergyModel, Evaluation};
-use crate::device::Tensor;
+use crate::device::{Tensor, to_host};
 use crate::model::Network;
 
 /// Growth of a sample's step after an accepted adaptive step.
@@ -130,13 +130,6 @@ pub struct Settler {
     config: SettleConfig,
 }
 
-fn host(t: Tensor<2>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data")
-}
-
 impl Settler {
     /// A settler with validated options.
     pub fn new(config: SettleConfig) -> Result<Self, SettleError> {
@@ -158,7 +151,7 @@ impl Settler {
         let stacked = Tensor::cat(per_layer, 1);
         let total = stacked.clone().sum_dim(1).max_dim(0);
         let layer_max = stacked.max_dim(0);
-        let mut values = host(Tensor::cat(vec![layer_max, total], 1));
+        let mut values = to_host(&Tensor::cat(vec![layer_max, total], 1));
         let total = values.pop().expect("one total").sqrt();
         (values.into_iter().map(f32::sqrt).collect(), total)
     }
@@ -234,7 +227,7 @@ impl Settler {
                     let new_eval = model.evaluate(net, ctx, &proposal);
                     let e_new = model.per_sample_energy(ctx, &new_eval, beta);
                     let accept = e_new.clone().lower_equal(e_prev.clone()).float();
-                    let rejected = batch - host(accept.clone().sum_dim(0))[0].round() as usize;
+                    let rejected = batch - to_host(&accept.clone().sum_dim(0))[0].round() as usize;
                     let grown = lr
                         .clone()
                         .mul_scalar(ADAPTIVE_GROWTH)
@@ -267,11 +260,7 @@ impl Settler {
             stats.steps += 1;
         }
         let energy = model.per_sample_energy(ctx, &eval, beta).mean();
-        stats.energy = energy
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32 data")[0];
+        stats.energy = to_host(&energy)[0];
         Ok(Settled {
             states,
             eval,

@@ -1,6 +1,6 @@
 //! Comparing two gradients parameter by parameter.
 
-use crate::device::Tensor;
+use crate::device::{Tensor, to_host};
 use crate::model::Network;
 
 /// How one parameter's estimated gradient compares with a reference.
@@ -20,13 +20,7 @@ pub struct GradientComparison {
 }
 
 fn host(t: &Tensor<2>) -> Vec<f64> {
-    t.to_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data")
-        .into_iter()
-        .map(f64::from)
-        .collect()
+    to_host(t).into_iter().map(f64::from).collect()
 }
 
 /// Cosine and norm ratio of `estimate` against `reference` for every parameter of `net`

@@ -187,8 +187,5 @@ pub(crate) fn scalar_of(state: &[(String, f64)], name: &str) -> f64 {
 }
 
 pub(crate) fn scalar(t: Tensor<1>) -> f32 {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data")[0]
+    crate::device::to_host(&t)[0]
 }

@@ -6,7 +6,7 @@ use rand::{RngExt, SeedableRng};
 
 use super::layer::{Layer, LayerOp, NormStats};
 use super::{Activation, ModelError, Shape};
-use crate::device::{Device, Tensor};
+use crate::device::{Device, Tensor, to_host};
 
 /// A layer as declared by a user; sizes are inferred from the layer before it.
 #[derive(Debug, Clone, PartialEq)]
@@ -673,7 +673,7 @@ impl Network {
             |i, x: &Tensor<2>| {
                 if let LayerOp::BatchNorm { .. } = self.layers[i].op {
                     let (mean, var) = self.layers[i].batch_moments(x);
-                    moments.push((host(mean), host(var)));
+                    moments.push((to_host(&mean), to_host(&var)));
                 }
                 NormStats::Batch
             },
@@ -715,11 +715,4 @@ impl Network {
         }
         h
     }
-}
-
-fn host(t: Tensor<3>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data")
 }

@@ -29,7 +29,7 @@ use super::linalg::{
     power_iteration,
 };
 use super::{OptimError, Optimizer, OptimizerState, check_arity, check_range};
-use crate::device::Tensor;
+use crate::device::{Tensor, to_host};
 use crate::estimate::GradFactors;
 use crate::model::{ParamInfo, ParamKind};
 
@@ -617,13 +617,7 @@ impl CompositeOptimizer {
         };
         let (mut u, _, mut sigma) = power_iteration(&w, u, power_iters);
         if tol > 0.0 {
-            let read = |s: &Tensor<2>| -> f64 {
-                s.to_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
-                    .expect("f32 data")[0]
-                    .abs() as f64
-            };
+            let read = |s: &Tensor<2>| -> f64 { to_host(s)[0].abs() as f64 };
             let mut last = read(&sigma);
             for _ in 0..9 * power_iters {
                 let (nu, _, ns) = power_iteration(&w, u.clone(), 1);
@@ -650,11 +644,7 @@ impl CompositeOptimizer {
             .iter()
             .map(|g| g.clone().square().sum().reshape([1, 1]))
             .collect();
-        let values: Vec<f32> = Tensor::cat(norms, 1)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("f32 data");
+        let values = to_host(&Tensor::cat(norms, 1));
         if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
             return Err(OptimError::NonFinite {
                 param: self

@@ -6,7 +6,7 @@
 
 use burn::tensor::TensorData;
 
-use crate::device::Tensor;
+use crate::device::{Tensor, to_host};
 
 /// Which Newton–Schulz iteration orthogonalises a matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -68,16 +68,6 @@ pub fn power_iteration(
     }
     let sigma = u.clone().matmul(w.clone()).matmul(v.clone().transpose());
     (u, v, sigma)
-}
-
-fn host(t: Tensor<2>) -> Vec<f64> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data")
-        .into_iter()
-        .map(f64::from)
-        .collect()
 }
 
 /// Inverse of the upper Cholesky factor `R` of a symmetric positive-definite `r x r`
@@ -142,7 +132,10 @@ pub fn orthonormalize_columns(p: Tensor<2>) -> Tensor<2> {
     let device = p.device();
     let mut q = p;
     for _ in 0..2 {
-        let gram = host(q.clone().transpose().matmul(q.clone()));
+        let gram: Vec<f64> = to_host(&q.clone().transpose().matmul(q.clone()))
+            .into_iter()
+            .map(f64::from)
+            .collect();
         let inv = inverse_cholesky_factor(&gram, r);
         let inv: Vec<f32> = inv.into_iter().map(|v| v as f32).collect();
         q = q.matmul(Tensor::from_data(TensorData::new(inv, [r, r]), &device));

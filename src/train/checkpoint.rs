@@ -13,7 +13,7 @@ use burn::tensor::TensorData;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::device::Tensor;
+use crate::device::{Tensor, to_host};
 use crate::model::{Network, RunningStats};
 use crate::optim::{Optimizer, OptimizerState};
 
@@ -65,13 +65,6 @@ fn owned(values: &[f32], shape: Vec<usize>) -> Owned {
     }
 }
 
-fn host(t: &Tensor<2>) -> Vec<f32> {
-    t.to_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data")
-}
-
 /// Writes `net`, its running statistics and `optimizer`'s state to `path` (through a
 /// temporary file and a rename), with `meta` stored as JSON.
 pub fn save(
@@ -88,7 +81,7 @@ pub fn save(
     for (info, p) in net.param_info().iter().zip(net.params()) {
         entries.push((
             format!("param/{}", info.name),
-            owned(&host(p), p.dims().to_vec()),
+            owned(&to_host(p), p.dims().to_vec()),
         ));
     }
     for (slot, r) in net.running_stats().iter().enumerate() {
@@ -103,7 +96,10 @@ pub fn save(
     }
     let state = optimizer.state();
     for (name, t) in &state.tensors {
-        entries.push((format!("optim/{name}"), owned(&host(t), t.dims().to_vec())));
+        entries.push((
+            format!("optim/{name}"),
+            owned(&to_host(t), t.dims().to_vec()),
+        ));
     }
     let scalars: serde_json::Map<String, serde_json::Value> = state
         .scalars
