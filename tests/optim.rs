@@ -591,7 +591,7 @@ fn every_invalid_option_is_rejected() {
     ));
     for (name, p) in Preset::ALL {
         assert_eq!(name.parse::<Preset>().unwrap(), p);
-        p.config().optimizer.validate().unwrap();
+        p.config().for_steps(100).optimizer.validate().unwrap();
     }
     // Arity: a gradient list that does not match is an error.
     let mut opt = CompositeOptimizer::new(ok, &info).unwrap();

@@ -18,16 +18,17 @@ pub enum BenchCommand {
     /// Time one settle step and one EP gradient (784-256-128-10 and cnn-small on MNIST-shaped
     /// inputs) against the machine's matrix-product throughput for the same shapes.
     Settle(SettleArgs),
-    /// Paper table 1: MNIST mlp-small, 3 epochs, smep / sgd / adam / eqprop, on the 5k/1k
-    /// subset and the full set.
+    /// Paper table 1: MNIST mlp-small, 3 epochs, smep / smep_plus / sgd / adam / eqprop, on
+    /// the 5k/1k subset and the full set.
     Table1(SuiteArgs),
-    /// Paper table 2: 784-256-128-10, 10 epochs on 10k samples, smep / adam / sgd.
+    /// Paper table 2: 784-256-128-10, 10 epochs on 10k samples, smep / smep_plus / adam / sgd.
     Table2(SuiteArgs),
     /// Paper table 3: XOR in 100 steps, smep and sgd, five seeds.
     Xor(SuiteArgs),
     /// Seconds per epoch of every preset relative to sgd (784-256-128-10, full MNIST).
     Speed(SuiteArgs),
-    /// Beyond the paper: EP (smep) and backprop+Adam, MLP and CNN, MNIST and Fashion-MNIST.
+    /// Beyond the paper: EP (smep_plus) and backprop+Adam, MLP and CNN, MNIST and
+    /// Fashion-MNIST.
     Sota(SuiteArgs),
 }
 

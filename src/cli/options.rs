@@ -30,7 +30,8 @@ pub struct TrainOptions {
     /// Model spec (default 784-256-128-10; the grammar is in the README).
     #[arg(long)]
     pub model: Option<String>,
-    /// Preset: smep, smep_fast, sdmep, local_ep, natural_ep, muon_backprop, eqprop, sgd, adam.
+    /// Preset: smep, smep_plus, smep_fast, sdmep, local_ep, natural_ep, muon_backprop, eqprop,
+    /// sgd, adam.
     #[arg(long, conflicts_with_all = ["estimator", "optimizer"])]
     pub preset: Option<String>,
     /// Gradient estimator without a preset (default backprop).
@@ -321,7 +322,9 @@ impl TrainOptions {
     pub fn setup(&self, model: &Network, samples: usize, seed: u64) -> Result<Setup> {
         self.finite()?;
         if let Some(preset) = self.preset()? {
-            let mut p = preset.config();
+            let batch = self.batch.unwrap_or(64).max(1);
+            let steps = self.epochs.unwrap_or(1) * samples.div_ceil(batch);
+            let mut p = preset.config().for_steps(steps);
             match &mut p.estimator {
                 EstimatorChoice::Backprop { loss } => *loss = self.loss()?.unwrap_or(*loss),
                 EstimatorChoice::EqProp(c) => *c = self.eqprop(*c)?,

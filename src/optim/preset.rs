@@ -69,12 +69,34 @@ pub struct PresetConfig {
     pub optimizer: CompositeConfig,
 }
 
+impl PresetConfig {
+    /// Fixes a run-length schedule (a cosine with `total: 0`) to a run of `steps` optimizer
+    /// steps.
+    pub fn for_steps(mut self, steps: usize) -> Self {
+        if let Schedule::Cosine {
+            warmup,
+            total: 0,
+            floor,
+        } = self.optimizer.schedule
+        {
+            self.optimizer.schedule = Schedule::Cosine {
+                warmup,
+                total: steps.max(warmup + 1),
+                floor,
+            };
+        }
+        self
+    }
+}
+
 /// The named presets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Preset {
     /// [`Preset::smep`].
     Smep,
+    /// [`Preset::smep_plus`].
+    SmepPlus,
     /// [`Preset::smep_fast`].
     SmepFast,
     /// [`Preset::sdmep`].
@@ -137,8 +159,9 @@ fn muon(lr: f64) -> CompositeConfig {
 
 impl Preset {
     /// Every preset with its CLI name.
-    pub const ALL: [(&'static str, Preset); 9] = [
+    pub const ALL: [(&'static str, Preset); 10] = [
         ("smep", Preset::Smep),
+        ("smep_plus", Preset::SmepPlus),
         ("smep_fast", Preset::SmepFast),
         ("sdmep", Preset::Sdmep),
         ("local_ep", Preset::LocalEp),
@@ -153,6 +176,7 @@ impl Preset {
     pub fn config(self) -> PresetConfig {
         match self {
             Self::Smep => Self::smep(),
+            Self::SmepPlus => Self::smep_plus(),
             Self::SmepFast => Self::smep_fast(),
             Self::Sdmep => Self::sdmep(),
             Self::LocalEp => Self::local_ep(),
@@ -171,6 +195,30 @@ impl Preset {
         PresetConfig {
             estimator: EstimatorChoice::Ep(ep(0.5, 30, MSE)),
             optimizer: muon(0.01),
+        }
+    }
+
+    /// Our best EP configuration on MNIST (see ARCHITECTURE.md): [`Preset::smep`]'s estimator
+    /// with settle step 0.3, Muon at lr 0.02 on a cosine schedule over the whole run
+    /// (`total: 0` is set to the run's length by the trainer, see
+    /// [`PresetConfig::for_steps`]), decoupled weight decay 0.3 and no spectral bound: the
+    /// bound at 0.95 makes the network underfit, the decay regularises instead.
+    pub fn smep_plus() -> PresetConfig {
+        let mut ep = ep(0.5, 30, MSE);
+        ep.settle.lr = 0.3;
+        PresetConfig {
+            estimator: EstimatorChoice::Ep(ep),
+            optimizer: CompositeConfig {
+                lr: 0.02,
+                weight_decay: 0.3,
+                schedule: Schedule::Cosine {
+                    warmup: 0,
+                    total: 0,
+                    floor: 0.0,
+                },
+                constraint: Constraint::None,
+                ..muon(0.02)
+            },
         }
     }
 
