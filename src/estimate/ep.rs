@@ -195,6 +195,10 @@ impl GradientEstimator for EpEstimator {
             _ => 1.0,
         };
         let this = &*self;
+        // Local EP's free-phase term (exactly zero at the forward states, computed as the
+        // definition says); it cancels in the centered difference, so it is skipped there.
+        let free_term = (this.local && this.config.nudging != Nudging::Centered)
+            .then(|| this.energy.local_param_gradients(net, &ctx, &free, 0.0));
         let mut phase = |sign: f32| -> Result<Vec<Tensor<2>>, EstimateError> {
             let b = sign * beta;
             let settled = this
@@ -206,11 +210,12 @@ impl GradientEstimator for EpEstimator {
                 factors = this.energy.linear_factors(net, &settled.eval, 1.0 / b);
             }
             let mut g = this.contrast_term(net, &ctx, &settled.states, &settled.eval, b);
-            if this.local {
-                // The free-phase local errors (exactly zero at the forward states, computed
-                // as the definition says).
-                let free_term = this.energy.local_param_gradients(net, &ctx, &free, 0.0);
-                g = g.into_iter().zip(free_term).map(|(a, f)| a - f).collect();
+            if let Some(free_term) = &free_term {
+                g = g
+                    .into_iter()
+                    .zip(free_term)
+                    .map(|(a, f)| a - f.clone())
+                    .collect();
             }
             Ok(g)
         };
