@@ -86,10 +86,7 @@ fn settle(args: SettleArgs, globals: &Globals) -> Result<()> {
     let labels: Vec<u32> = (0..args.batch as u32).map(|i| i % 10).collect();
     let mut rows: Vec<SettleBench> = Vec::new();
     for spec in &args.models {
-        let net = spec
-            .builder(input)?
-            .build(globals.seed, &device)
-            .with_context(|| format!("building {spec}"))?;
+        let net = spec.build(input, globals.seed, &device)?;
         let classes = net.output_shape().numel();
         let labels: Vec<u32> = labels.iter().map(|l| l % classes as u32).collect();
         let batch = TensorBatch::new(&x, &labels, classes, &device);

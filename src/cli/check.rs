@@ -1,6 +1,6 @@
 //! `mep check-gradient`: EP (or local EP, or EqProp) against backprop on real data.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use mep::data::{DataLocator, LoadOptions};
 use mep::device::Workload;
@@ -102,9 +102,7 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
     let device = globals.device.resolve(Workload::Settle)?;
     let net = args
         .model
-        .builder(Shape::from_chw(data.input_shape))?
-        .build(globals.seed, &device)
-        .with_context(|| format!("building model {}", args.model))?;
+        .build(Shape::from_chw(data.input_shape), globals.seed, &device)?;
     if net.output_shape().numel() != data.classes {
         bail!(
             "model {} has {} outputs but {} has {} classes",

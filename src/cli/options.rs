@@ -592,9 +592,7 @@ pub fn build_network(
     seed: u64,
     device: &mep::device::Device,
 ) -> Result<Network> {
-    let net = spec
-        .builder(Shape::from_chw(dataset.input_shape))?
-        .build(seed, device)?;
+    let net = spec.build(Shape::from_chw(dataset.input_shape), seed, device)?;
     if net.output_shape().numel() != dataset.classes {
         bail!(
             "model {spec} has {} outputs but data set {} has {} classes",

@@ -315,6 +315,22 @@ impl ModelSpec {
             .fold(NetworkBuilder::new(input), NetworkBuilder::layer))
     }
 
+    /// Builds the network for inputs of shape `data` (see [`ModelSpec::builder`]); shape
+    /// errors name this spec.
+    pub fn build(
+        &self,
+        data: Shape,
+        seed: u64,
+        device: &crate::device::Device,
+    ) -> Result<super::Network, ModelError> {
+        self.builder(data)?
+            .build(seed, device)
+            .map_err(|e| match e {
+                ModelError::InvalidSpec { reason, .. } => err(&self.text, reason),
+                other => other,
+            })
+    }
+
     /// The layer chain with the spec's own declared input (an error if it declares none).
     pub fn standalone(&self) -> Result<NetworkBuilder, ModelError> {
         let input = self.declared_input().ok_or_else(|| {
