@@ -7,9 +7,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use mep::data::{self, DataError, DataLocator, LoadOptions, Normalization};
 use mep::ep::{EqPropConfig, EqPropInit, SettleConfig};
-use mep::estimate::{
-    BackpropEstimator, EpConfig, EpEstimator, EqPropEstimator, GradientEstimator, Nudging,
-};
+use mep::estimate::{EpConfig, GradientEstimator, Nudging};
 use mep::loss::Loss;
 use mep::model::{ModelSpec, Network, Shape};
 use mep::optim::{
@@ -378,14 +376,13 @@ impl TrainOptions {
         let loss = self.loss()?.unwrap_or(estimator_kind.default_loss());
         let ep = self.override_ep(EpConfig::default(), loss, seed)?;
         let eqprop = self.eqprop(EqPropConfig::default())?;
-        let estimator: Box<dyn GradientEstimator> = match estimator_kind {
-            EstimatorArg::Backprop => {
-                Box::new(BackpropEstimator::new(loss)?.with_dropout_seed(seed))
-            }
-            EstimatorArg::Ep => Box::new(EpEstimator::new(model, ep)?),
-            EstimatorArg::LocalEp => Box::new(EpEstimator::local(model, ep)?),
-            EstimatorArg::Eqprop => Box::new(EqPropEstimator::new(model, eqprop, samples, seed)?),
+        let choice = match estimator_kind {
+            EstimatorArg::Backprop => EstimatorChoice::Backprop { loss },
+            EstimatorArg::Ep => EstimatorChoice::Ep(ep),
+            EstimatorArg::LocalEp => EstimatorChoice::LocalEp(ep),
+            EstimatorArg::Eqprop => EstimatorChoice::EqProp(eqprop),
         };
+        let estimator = choice.build(model, samples, seed)?;
         let label = format!("{}+{kind:?} ({loss} loss), lr {lr}", estimator.name());
         let config = serde_json::json!({
             "estimator": estimator_kind,
