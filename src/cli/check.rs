@@ -157,6 +157,7 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
             let model = EqPropModel::new(&net, config)?;
             let s0 = model.zero_states(batch.len(), &batch.x);
             let free = model.relax(&net, &batch.x, &batch.targets, s0, 0.0, args.steps);
+            // A single random-sign draw: the sign is the seed's parity.
             let sign = match args.nudging {
                 Nudging::RandomSign if globals.seed % 2 == 1 => -1.0,
                 _ => 1.0,
