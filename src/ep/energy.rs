@@ -445,9 +445,22 @@ impl EnergyModel {
         eval: &Evaluation,
         beta: f32,
     ) -> Vec<Tensor<2>> {
+        self.parameter_terms(net, ctx, eval, beta, true)
+    }
+
+    /// Parameter gradients of every segment's term (with or without the errors that skips
+    /// carry into a segment's chain) and of the nudge, zeros where nothing contributes.
+    fn parameter_terms(
+        &self,
+        net: &Network,
+        ctx: &BatchContext,
+        eval: &Evaluation,
+        beta: f32,
+        injections: bool,
+    ) -> Vec<Tensor<2>> {
         let mut out: Vec<Option<Tensor<2>>> = vec![None; net.params().len()];
         for j in 0..self.segments.len() {
-            self.segment_backward(net, j, eval, false, Some(&mut out), true);
+            self.segment_backward(net, j, eval, false, Some(&mut out), injections);
         }
         if beta != 0.0 && self.suffix.iter().any(|&i| net.layers()[i].num_params > 0) {
             self.nudge_backward(net, ctx, eval, beta, Some(&mut out));
@@ -470,17 +483,7 @@ impl EnergyModel {
         beta: f32,
     ) -> Vec<Tensor<2>> {
         let eval = self.evaluate(net, ctx, states);
-        let mut out: Vec<Option<Tensor<2>>> = vec![None; net.params().len()];
-        for j in 0..self.segments.len() {
-            self.segment_backward(net, j, &eval, false, Some(&mut out), false);
-        }
-        if beta != 0.0 && self.suffix.iter().any(|&i| net.layers()[i].num_params > 0) {
-            self.nudge_backward(net, ctx, &eval, beta, Some(&mut out));
-        }
-        out.into_iter()
-            .zip(net.params())
-            .map(|(g, p)| g.unwrap_or_else(|| Tensor::zeros(p.dims(), &p.device())))
-            .collect()
+        self.parameter_terms(net, ctx, &eval, beta, false)
     }
 
     /// Per-sample factors of each linear state layer's parameter term at `eval`: the layer's
