@@ -307,13 +307,7 @@ impl Network {
                     [inputs, outputs],
                     device,
                 );
-                self.add_param(
-                    format!("{name}.bias"),
-                    ParamKind::Vector,
-                    vec![0.0; outputs],
-                    [1, outputs],
-                    device,
-                );
+                self.add_vector(format!("{name}.bias"), 0.0, outputs, device);
                 (
                     LayerOp::Linear { inputs, outputs },
                     Shape::Flat(outputs),
@@ -353,13 +347,7 @@ impl Network {
                     [channels, fan_in],
                     device,
                 );
-                self.add_param(
-                    format!("{name}.bias"),
-                    ParamKind::Vector,
-                    vec![0.0; channels],
-                    [1, channels],
-                    device,
-                );
+                self.add_vector(format!("{name}.bias"), 0.0, channels, device);
                 (
                     LayerOp::Conv2d {
                         in_channels: c,
@@ -464,20 +452,8 @@ impl Network {
                         counter.next("bn"),
                     )
                 };
-                self.add_param(
-                    format!("{name}.gain"),
-                    ParamKind::Vector,
-                    vec![1.0; channels],
-                    [1, channels],
-                    device,
-                );
-                self.add_param(
-                    format!("{name}.bias"),
-                    ParamKind::Vector,
-                    vec![0.0; channels],
-                    [1, channels],
-                    device,
-                );
+                self.add_vector(format!("{name}.gain"), 1.0, channels, device);
+                self.add_vector(format!("{name}.bias"), 0.0, channels, device);
                 (op, input, name)
             }
             LayerKind::Dropout { p } => {
@@ -527,6 +503,11 @@ impl Network {
             num_params: self.params.len() - first_param,
         });
         Ok(output)
+    }
+
+    /// A `[1, n]` parameter filled with `value` (biases, gains).
+    fn add_vector(&mut self, name: String, value: f32, n: usize, device: &Device) {
+        self.add_param(name, ParamKind::Vector, vec![value; n], [1, n], device);
     }
 
     fn add_param(

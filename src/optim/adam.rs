@@ -1,6 +1,6 @@
 //! Adam and AdamW.
 
-use super::{OptimError, Optimizer, OptimizerState, check_arity, check_range};
+use super::{OptimError, Optimizer, OptimizerState, check_adam, check_arity, check_range};
 use crate::device::Tensor;
 
 /// Adam with bias correction; `weight_decay` is decoupled (AdamW): `theta <- theta (1 - lr wd)`
@@ -31,19 +31,7 @@ impl Adam {
         weight_decay: f64,
     ) -> Result<Self, OptimError> {
         check_range("lr", lr, lr > 0.0, "must be positive")?;
-        check_range(
-            "beta1",
-            beta1,
-            (0.0..1.0).contains(&beta1),
-            "must be in [0, 1)",
-        )?;
-        check_range(
-            "beta2",
-            beta2,
-            (0.0..1.0).contains(&beta2),
-            "must be in [0, 1)",
-        )?;
-        check_range("eps", eps, eps > 0.0, "must be positive")?;
+        check_adam(beta1, beta2, eps)?;
         check_range(
             "weight_decay",
             weight_decay,

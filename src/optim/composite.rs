@@ -28,7 +28,7 @@ use super::linalg::{
     NsIteration, frobenius, newton_schulz, normalize_columns, orthonormalize_columns,
     power_iteration,
 };
-use super::{OptimError, Optimizer, OptimizerState, check_arity, check_range};
+use super::{OptimError, Optimizer, OptimizerState, check_adam, check_arity, check_range};
 use crate::device::{Tensor, to_host};
 use crate::estimate::GradFactors;
 use crate::model::{ParamInfo, ParamKind};
@@ -332,19 +332,7 @@ impl CompositeConfig {
                 }
             }
             UpdateRule::Adam { beta1, beta2, eps } => {
-                check_range(
-                    "beta1",
-                    beta1,
-                    (0.0..1.0).contains(&beta1),
-                    "must be in [0, 1)",
-                )?;
-                check_range(
-                    "beta2",
-                    beta2,
-                    (0.0..1.0).contains(&beta2),
-                    "must be in [0, 1)",
-                )?;
-                check_range("eps", eps, eps > 0.0, "must be positive")?;
+                check_adam(beta1, beta2, eps)?;
                 check_range(
                     "momentum",
                     self.momentum,

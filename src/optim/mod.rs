@@ -142,6 +142,14 @@ pub(crate) fn check_range(
     }
 }
 
+/// Checks Adam's moment decays (in [0, 1)) and epsilon (> 0).
+pub(crate) fn check_adam(beta1: f64, beta2: f64, eps: f64) -> Result<(), OptimError> {
+    for (name, b) in [("beta1", beta1), ("beta2", beta2)] {
+        check_range(name, b, (0.0..1.0).contains(&b), "must be in [0, 1)")?;
+    }
+    check_range("eps", eps, eps > 0.0, "must be positive")
+}
+
 pub(crate) fn check_arity(params: usize, grads: usize) -> Result<(), OptimError> {
     if params == grads {
         Ok(())
