@@ -5,6 +5,7 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    mep::device::tune_allocator();
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

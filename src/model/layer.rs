@@ -9,10 +9,12 @@
 
 use burn::tensor::module::{avg_pool2d, conv2d, max_pool2d_with_indices};
 use burn::tensor::ops::{ConvOptions, FloatTensor, ModuleOps};
-use burn::tensor::{Int, TensorPrimitive, activation};
+use burn::tensor::{Int, TensorData, TensorPrimitive, activation};
+use std::sync::Arc;
 
+use super::kernels::{ConvGeometry, PoolGeometry};
 use super::{Activation, Shape};
-use crate::device::{Backend, Tensor};
+use crate::device::{Backend, Device, Tensor, into_host};
 
 /// What a layer computes, with its sizes resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,6 +132,8 @@ pub enum Aux {
     None,
     /// Max-pooling argmax indices.
     MaxIndices(burn::tensor::Tensor<Backend, 4, Int>),
+    /// Max-pooling argmax indices of the host kernel (in-plane index per output value).
+    HostMaxIndices(Arc<[u32]>),
     /// Normalised input and `1/std` (layer norm: per row of the norm view; batch norm:
     /// per channel).
     Norm {
@@ -160,6 +164,17 @@ fn float(t: Tensor<4>) -> FloatTensor<Backend> {
 
 fn wrap(t: FloatTensor<Backend>) -> Tensor<4> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// Whether `t` lives on a plain CPU device, where convolution and pooling run on the
+/// host kernels of [`super::kernels`] (autodiff and GPU tensors use burn's ops).
+fn on_host(t: &Tensor<2>) -> bool {
+    matches!(t.device(), Device::Flex(_) | Device::NdArray(_))
+}
+
+/// A `[rows, cols]` tensor on `device` from host values.
+fn from_host(values: Vec<f32>, rows: usize, cols: usize, device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(values, [rows, cols]), device)
 }
 
 impl Layer {
@@ -197,6 +212,82 @@ impl Layer {
             unreachable!()
         };
         ConvOptions::new([stride, stride], [padding, padding], [1, 1], 1)
+    }
+
+    fn conv_geometry(&self) -> ConvGeometry {
+        let (
+            LayerOp::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            },
+            Shape::Image { h, w, .. },
+            Shape::Image {
+                h: out_h, w: out_w, ..
+            },
+        ) = (&self.op, self.input, self.output)
+        else {
+            unreachable!("convolutions map images to images")
+        };
+        ConvGeometry {
+            in_channels: *in_channels,
+            in_h: h,
+            in_w: w,
+            out_channels: *out_channels,
+            kernel: *kernel,
+            stride: *stride,
+            padding: *padding,
+            out_h,
+            out_w,
+        }
+    }
+
+    fn pool_geometry(&self) -> PoolGeometry {
+        let (
+            LayerOp::MaxPool2d { kernel, stride },
+            Shape::Image { c, h, w },
+            Shape::Image {
+                h: out_h, w: out_w, ..
+            },
+        ) = (&self.op, self.input, self.output)
+        else {
+            unreachable!("max pooling maps images to images")
+        };
+        PoolGeometry {
+            channels: c,
+            in_h: h,
+            in_w: w,
+            kernel: *kernel,
+            stride: *stride,
+            out_h,
+            out_w,
+        }
+    }
+
+    /// Convolution on the host kernel.
+    fn host_conv(&self, p: &[Tensor<2>], x: Tensor<2>) -> Tensor<2> {
+        let (b, device) = (x.dims()[0], x.device());
+        let geo = self.conv_geometry();
+        let mut y = vec![0.0; b * geo.out_len()];
+        geo.forward(
+            &into_host(x),
+            &into_host(p[0].clone()),
+            &into_host(p[1].clone()),
+            &mut y,
+        );
+        from_host(y, b, geo.out_len(), &device)
+    }
+
+    /// Max pooling on the host kernel, with its argmax.
+    fn host_max_pool(&self, x: Tensor<2>) -> (Tensor<2>, Arc<[u32]>) {
+        let (b, device) = (x.dims()[0], x.device());
+        let n = self.output.numel();
+        let (mut y, mut idx) = (vec![0.0; b * n], vec![0; b * n]);
+        self.pool_geometry()
+            .max_forward(&into_host(x), &mut y, &mut idx);
+        (from_host(y, b, n, &device), idx.into())
     }
 
     fn conv_weight(&self, p: &[Tensor<2>]) -> Tensor<4> {
@@ -273,6 +364,7 @@ impl Layer {
         let b = x.dims()[0];
         match &self.op {
             LayerOp::Linear { .. } => x.matmul(p[0].clone()) + p[1].clone(),
+            LayerOp::Conv2d { .. } if on_host(&x) => self.host_conv(p, x),
             LayerOp::Conv2d { out_channels, .. } => {
                 let bias = p[1].clone().reshape([*out_channels]);
                 let y = conv2d(
@@ -284,6 +376,7 @@ impl Layer {
                 self.flat_out(y)
             }
             LayerOp::Activation(a) => a.apply(x),
+            LayerOp::MaxPool2d { .. } if on_host(&x) => self.host_max_pool(x).0,
             LayerOp::MaxPool2d { kernel, stride } => {
                 let (y, _) = max_pool2d_with_indices(
                     self.image(x),
@@ -358,6 +451,10 @@ impl Layer {
     ) -> (Tensor<2>, Aux) {
         let b = x.dims()[0];
         match &self.op {
+            LayerOp::MaxPool2d { .. } if on_host(x) => {
+                let (y, idx) = self.host_max_pool(x.clone());
+                (y, Aux::HostMaxIndices(idx))
+            }
             LayerOp::MaxPool2d { kernel, stride } => {
                 let (y, idx) = max_pool2d_with_indices(
                     self.image(x.clone()),
@@ -465,6 +562,13 @@ impl Layer {
         let b = g.dims()[0];
         match &self.op {
             LayerOp::Linear { .. } => g.matmul(p[0].clone().transpose()),
+            LayerOp::Conv2d { .. } if on_host(&g) => {
+                let device = g.device();
+                let geo = self.conv_geometry();
+                let mut gx = vec![0.0; b * geo.in_len()];
+                geo.input_vjp(&into_host(p[0].clone()), &into_host(g), &mut gx);
+                from_host(gx, b, geo.in_len(), &device)
+            }
             LayerOp::Conv2d { .. } => {
                 let Shape::Image { c, h, w } = self.output else {
                     unreachable!()
@@ -479,6 +583,16 @@ impl Layer {
                 y.reshape([b, self.input.numel()])
             }
             LayerOp::Activation(a) => a.vjp(x, g),
+            LayerOp::MaxPool2d { .. } if matches!(aux, Aux::HostMaxIndices(_)) => {
+                let Aux::HostMaxIndices(idx) = aux else {
+                    unreachable!()
+                };
+                let device = g.device();
+                let mut gx = vec![0.0; b * self.input.numel()];
+                self.pool_geometry()
+                    .max_backward(idx, &into_host(g), &mut gx);
+                from_host(gx, b, self.input.numel(), &device)
+            }
             LayerOp::MaxPool2d { kernel, stride } => {
                 let Aux::MaxIndices(idx) = aux else {
                     unreachable!()
@@ -560,6 +674,22 @@ impl Layer {
                 x.clone().transpose().matmul(g.clone()),
                 g.clone().sum_dim(0),
             ],
+            LayerOp::Conv2d { out_channels, .. } if on_host(g) => {
+                let device = g.device();
+                let geo = self.conv_geometry();
+                let mut gw = vec![0.0; geo.out_channels * geo.patch_len()];
+                let mut gb = vec![0.0; *out_channels];
+                geo.param_vjp(
+                    &into_host(x.clone()),
+                    &into_host(g.clone()),
+                    &mut gw,
+                    &mut gb,
+                );
+                vec![
+                    from_host(gw, geo.out_channels, geo.patch_len(), &device),
+                    from_host(gb, 1, *out_channels, &device),
+                ]
+            }
             LayerOp::Conv2d { out_channels, .. } => {
                 let Shape::Image { c, h, w } = self.output else {
                     unreachable!()

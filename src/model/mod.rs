@@ -8,6 +8,7 @@
 
 mod activation;
 mod cost;
+pub mod kernels;
 mod layer;
 mod network;
 mod shape;

@@ -1,0 +1,440 @@
+//! Host CPU kernels for convolution and max pooling.
+//!
+//! burn-flex runs 4-D convolutions and pooling at a few GFLOP/s on this workload (its conv
+//! returns channels-last views that every following op must gather, and its weight backward
+//! reached 2.6 GFLOP/s on the first layer of `cnn`). These kernels do the same math on plain
+//! row-major `NCHW` slices: per-sample im2col + one `gemm` product, parallel over the batch
+//! with rayon. [`super::Layer`] calls them on the CPU devices and keeps burn's ops for
+//! autodiff and GPU tensors; `tests/model.rs` checks both paths agree.
+
+use rayon::prelude::*;
+
+/// A row-major matrix view: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A contiguous row-major `rows x cols` matrix.
+    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose (no data movement).
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Whether every element the view names lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), `dst` row-major
+/// `lhs.rows x rhs.cols`, single-threaded (callers parallelise over samples).
+fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(k, rhs.rows, "inner dimensions differ");
+    assert!(dst.len() >= m * n, "destination too small");
+    assert!(
+        lhs.in_bounds() && rhs.in_bounds(),
+        "matrix view out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above guarantee that every index gemm reads from `lhs`/`rhs`
+    // and writes to `dst` (row-major, `n` columns) lies inside its slice; the slices do
+    // not alias because `dst` is borrowed mutably.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// The sizes of one 2-D convolution over a batch of `NCHW` images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Input height.
+    pub in_h: usize,
+    /// Input width.
+    pub in_w: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Square kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+    /// Output height.
+    pub out_h: usize,
+    /// Output width.
+    pub out_w: usize,
+}
+
+impl ConvGeometry {
+    /// Values per input sample.
+    pub fn in_len(&self) -> usize {
+        self.in_channels * self.in_h * self.in_w
+    }
+
+    /// Values per output sample.
+    pub fn out_len(&self) -> usize {
+        self.out_channels * self.out_pixels()
+    }
+
+    /// Output pixels per channel.
+    pub fn out_pixels(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    /// Length of one flattened receptive field (`in * k * k`), the kernel's row length.
+    pub fn patch_len(&self) -> usize {
+        self.in_channels * self.kernel * self.kernel
+    }
+
+    /// The input row read by kernel row `ki` at output row `oh`, if inside the image.
+    fn in_row(&self, oh: usize, ki: usize) -> Option<usize> {
+        (oh * self.stride + ki)
+            .checked_sub(self.padding)
+            .filter(|&r| r < self.in_h)
+    }
+
+    /// The output columns `lo..hi` whose kernel column `kj` reads inside the image
+    /// (input column `ow * stride + kj - padding`).
+    fn valid_cols(&self, kj: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = self.padding.saturating_sub(kj).div_ceil(s);
+        let hi = (self.in_w + self.padding)
+            .saturating_sub(kj)
+            .div_ceil(s)
+            .min(self.out_w);
+        (lo.min(hi), hi)
+    }
+
+    /// Checks slice lengths against the geometry; returns the batch size.
+    fn batch(&self, input: usize, output: usize) -> usize {
+        assert!(self.in_len() > 0 && self.out_len() > 0, "empty convolution");
+        let batch = input / self.in_len();
+        assert_eq!(input, batch * self.in_len(), "input length");
+        assert_eq!(output, batch * self.out_len(), "output length");
+        batch
+    }
+
+    /// Writes the receptive fields of one sample as columns: `cols[patch, pixel]`.
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let (k, pix) = (self.kernel, self.out_pixels());
+        for c in 0..self.in_channels {
+            let plane = &x[c * self.in_h * self.in_w..(c + 1) * self.in_h * self.in_w];
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = &mut cols[((c * k + ki) * k + kj) * pix..][..pix];
+                    let (lo, hi) = self.valid_cols(kj);
+                    for oh in 0..self.out_h {
+                        let out = &mut row[oh * self.out_w..(oh + 1) * self.out_w];
+                        let Some(ih) = self.in_row(oh, ki) else {
+                            out.fill(0.0);
+                            continue;
+                        };
+                        out[..lo].fill(0.0);
+                        out[hi..].fill(0.0);
+                        if lo == hi {
+                            continue;
+                        }
+                        let src = &plane[ih * self.in_w..(ih + 1) * self.in_w];
+                        let first = lo * self.stride + kj - self.padding;
+                        if self.stride == 1 {
+                            out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                        } else {
+                            let picks = src[first..].iter().step_by(self.stride);
+                            out[lo..hi].iter_mut().zip(picks).for_each(|(o, &v)| *o = v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds columns back into one sample's image: the adjoint of [`Self::im2col`].
+    fn col2im(&self, cols: &[f32], x: &mut [f32]) {
+        let (k, pix) = (self.kernel, self.out_pixels());
+        x.fill(0.0);
+        for c in 0..self.in_channels {
+            let plane = &mut x[c * self.in_h * self.in_w..(c + 1) * self.in_h * self.in_w];
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = &cols[((c * k + ki) * k + kj) * pix..][..pix];
+                    let (lo, hi) = self.valid_cols(kj);
+                    if lo == hi {
+                        continue;
+                    }
+                    for oh in 0..self.out_h {
+                        let Some(ih) = self.in_row(oh, ki) else {
+                            continue;
+                        };
+                        let dst = &mut plane[ih * self.in_w..(ih + 1) * self.in_w];
+                        let src = &row[oh * self.out_w + lo..oh * self.out_w + hi];
+                        let first = lo * self.stride + kj - self.padding;
+                        let targets = dst[first..].iter_mut().step_by(self.stride);
+                        targets.zip(src).for_each(|(d, &v)| *d += v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `y = conv(x, w) + bias` for a batch: `x` `[B, in, H, W]`, `w` `[out, in*k*k]`,
+    /// `bias` `[out]`, `y` `[B, out, OH, OW]`.
+    pub fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32]) {
+        self.batch(x.len(), y.len());
+        let (patch, pix) = (self.patch_len(), self.out_pixels());
+        assert_eq!(w.len(), self.out_channels * patch, "kernel length");
+        assert_eq!(bias.len(), self.out_channels, "bias length");
+        let kernel = MatRef::new(w, self.out_channels, patch);
+        y.par_chunks_mut(self.out_len())
+            .zip(x.par_chunks(self.in_len()))
+            .for_each_init(
+                || vec![0.0; patch * pix],
+                |cols, (ys, xs)| {
+                    self.im2col(xs, cols);
+                    for (row, &b) in ys.chunks_mut(pix).zip(bias) {
+                        row.fill(b);
+                    }
+                    matmul(ys, kernel, MatRef::new(cols, patch, pix), true);
+                },
+            );
+    }
+
+    /// The input's vector-Jacobian product: `gx = conv^T(gy)` for every sample.
+    pub fn input_vjp(&self, w: &[f32], gy: &[f32], gx: &mut [f32]) {
+        self.batch(gx.len(), gy.len());
+        let (patch, pix) = (self.patch_len(), self.out_pixels());
+        assert_eq!(w.len(), self.out_channels * patch, "kernel length");
+        let kernel_t = MatRef::new(w, self.out_channels, patch).t();
+        gx.par_chunks_mut(self.in_len())
+            .zip(gy.par_chunks(self.out_len()))
+            .for_each_init(
+                || vec![0.0; patch * pix],
+                |cols, (gxs, gys)| {
+                    matmul(
+                        cols,
+                        kernel_t,
+                        MatRef::new(gys, self.out_channels, pix),
+                        false,
+                    );
+                    self.col2im(cols, gxs);
+                },
+            );
+    }
+
+    /// The parameters' vector-Jacobian products summed over the batch: `gw` `[out,
+    /// in*k*k]` and `gb` `[out]` (both overwritten).
+    pub fn param_vjp(&self, x: &[f32], gy: &[f32], gw: &mut [f32], gb: &mut [f32]) {
+        self.batch(x.len(), gy.len());
+        let (patch, pix, out) = (self.patch_len(), self.out_pixels(), self.out_channels);
+        assert_eq!(gw.len(), out * patch, "kernel gradient length");
+        assert_eq!(gb.len(), out, "bias gradient length");
+        let (w_sum, b_sum) = x
+            .par_chunks(self.in_len())
+            .zip(gy.par_chunks(self.out_len()))
+            .fold(
+                || {
+                    (
+                        vec![0.0; out * patch],
+                        vec![0.0; out],
+                        vec![0.0; patch * pix],
+                    )
+                },
+                |(mut w_acc, mut b_acc, mut cols), (xs, gys)| {
+                    self.im2col(xs, &mut cols);
+                    let cols_t = MatRef::new(&cols, patch, pix).t();
+                    matmul(&mut w_acc, MatRef::new(gys, out, pix), cols_t, true);
+                    for (b, row) in b_acc.iter_mut().zip(gys.chunks(pix)) {
+                        *b += row.iter().sum::<f32>();
+                    }
+                    (w_acc, b_acc, cols)
+                },
+            )
+            .map(|(w, b, _)| (w, b))
+            .reduce(
+                || (vec![0.0; out * patch], vec![0.0; out]),
+                |(mut w1, mut b1), (w2, b2)| {
+                    w1.iter_mut().zip(&w2).for_each(|(a, b)| *a += b);
+                    b1.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
+                    (w1, b1)
+                },
+            );
+        gw.copy_from_slice(&w_sum);
+        gb.copy_from_slice(&b_sum);
+    }
+}
+
+/// Whether `v` replaces `best` as a window's maximum: larger, or a NaN (which then stays).
+#[inline(always)]
+fn beats(v: f32, best: f32) -> bool {
+    (v > best || v.is_nan()) && !best.is_nan()
+}
+
+/// The sizes of one max pooling (no padding, windows that fit: burn's floor mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolGeometry {
+    /// Channels.
+    pub channels: usize,
+    /// Input height.
+    pub in_h: usize,
+    /// Input width.
+    pub in_w: usize,
+    /// Square window size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Output height.
+    pub out_h: usize,
+    /// Output width.
+    pub out_w: usize,
+}
+
+impl PoolGeometry {
+    fn in_plane(&self) -> usize {
+        self.in_h * self.in_w
+    }
+
+    fn out_plane(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    /// Max pooling of `x` `[B, C, H, W]` into `y` `[B, C, OH, OW]`, recording in
+    /// `argmax` the in-plane index of each maximum. A NaN in a window wins, so NaNs
+    /// propagate as in a plain maximum.
+    pub fn max_forward(&self, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
+        let (ip, op) = (self.in_plane(), self.out_plane());
+        assert!(ip > 0 && op > 0, "empty pooling");
+        assert_eq!(x.len() / ip * op, y.len(), "pooling output length");
+        assert_eq!(x.len() % ip, 0, "pooling input length");
+        assert_eq!(argmax.len(), y.len(), "argmax length");
+        assert!(
+            (self.out_h - 1) * self.stride + self.kernel <= self.in_h
+                && (self.out_w - 1) * self.stride + self.kernel <= self.in_w,
+            "pooling windows leave the image"
+        );
+        if self.kernel == 2 && self.stride == 2 {
+            y.par_chunks_mut(op)
+                .zip(argmax.par_chunks_mut(op))
+                .zip(x.par_chunks(ip))
+                .for_each(|((ys, idx), xs)| self.max_2x2(xs, ys, idx));
+            return;
+        }
+        y.par_chunks_mut(op)
+            .zip(argmax.par_chunks_mut(op))
+            .zip(x.par_chunks(ip))
+            .for_each(|((ys, idx), xs)| {
+                for oh in 0..self.out_h {
+                    for ow in 0..self.out_w {
+                        let first = oh * self.stride * self.in_w + ow * self.stride;
+                        let (mut best, mut at) = (xs[first], first);
+                        for ki in 0..self.kernel {
+                            let row = first + ki * self.in_w;
+                            for (kj, &v) in xs[row..row + self.kernel].iter().enumerate() {
+                                // Branch-free select: the winner's position is data
+                                // dependent.
+                                let wins = beats(v, best);
+                                best = if wins { v } else { best };
+                                at = if wins { row + kj } else { at };
+                            }
+                        }
+                        ys[oh * self.out_w + ow] = best;
+                        idx[oh * self.out_w + ow] = at as u32;
+                    }
+                }
+            });
+    }
+
+    /// One plane of 2x2, stride-2 max pooling (the common case, unrolled).
+    fn max_2x2(&self, xs: &[f32], ys: &mut [f32], idx: &mut [u32]) {
+        let w = self.in_w;
+        for oh in 0..self.out_h {
+            let top = &xs[2 * oh * w..2 * oh * w + w];
+            let bottom = &xs[(2 * oh + 1) * w..(2 * oh + 2) * w];
+            let row_y = &mut ys[oh * self.out_w..(oh + 1) * self.out_w];
+            let row_i = &mut idx[oh * self.out_w..(oh + 1) * self.out_w];
+            for (ow, (y, i)) in row_y.iter_mut().zip(row_i.iter_mut()).enumerate() {
+                let c = 2 * ow;
+                let window = [top[c], top[c + 1], bottom[c], bottom[c + 1]];
+                let offsets = [c, c + 1, w + c, w + c + 1];
+                let (mut best, mut at) = (window[0], offsets[0]);
+                for (&v, &o) in window.iter().zip(&offsets).skip(1) {
+                    let wins = beats(v, best);
+                    best = if wins { v } else { best };
+                    at = if wins { o } else { at };
+                }
+                *y = best;
+                *i = (2 * oh * w + at) as u32;
+            }
+        }
+    }
+
+    /// The input's vector-Jacobian product of max pooling: each output gradient goes to
+    /// its window's maximum (`gx` is overwritten).
+    pub fn max_backward(&self, argmax: &[u32], gy: &[f32], gx: &mut [f32]) {
+        let (ip, op) = (self.in_plane(), self.out_plane());
+        assert_eq!(gy.len(), argmax.len(), "argmax length");
+        assert_eq!(gx.len() / ip * op, gy.len(), "pooling gradient length");
+        gx.par_chunks_mut(ip)
+            .zip(gy.par_chunks(op).zip(argmax.par_chunks(op)))
+            .for_each(|(gxs, (gys, idx))| {
+                gxs.fill(0.0);
+                for (&g, &i) in gys.iter().zip(idx) {
+                    gxs[i as usize] += g;
+                }
+            });
+    }
+}
