@@ -161,3 +161,39 @@ fn a_nan_in_a_pooling_window_propagates() {
     assert!(y[0].is_nan(), "NaN window gave {}", y[0]);
     assert_eq!((y[1], idx[1]), (2.0, 3));
 }
+
+#[test]
+fn kernel_gradients_repeat_bit_for_bit_at_any_thread_count() {
+    let geo = ConvGeometry {
+        in_channels: 4,
+        in_h: 10,
+        in_w: 10,
+        out_channels: 6,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+        out_h: 10,
+        out_w: 10,
+    };
+    let dev = cpu_device(CpuBackend::Flex);
+    let b = 37;
+    let x = random([b, 4, 10, 10], 1, &dev);
+    let g = random([b, 6, 10, 10], 2, &dev);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (mut gw, mut gb) = (vec![0.0; 6 * geo.patch_len()], vec![0.0; 6]);
+            geo.param_vjp(&x, &g, &mut gw, &mut gb);
+            (gw, gb)
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3, 4] {
+        for _ in 0..3 {
+            assert!(run(threads) == one, "{threads} threads changed the sum");
+        }
+    }
+}

@@ -98,6 +98,10 @@ fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
     }
 }
 
+/// Sample groups whose kernel gradients are summed separately (in parallel) and then in
+/// order.
+const PARAM_GROUPS: usize = 8;
+
 /// The sizes of one 2-D convolution over a batch of `NCHW` images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeometry {
@@ -279,42 +283,36 @@ impl ConvGeometry {
     /// The parameters' vector-Jacobian products summed over the batch: `gw` `[out,
     /// in*k*k]` and `gb` `[out]` (both overwritten).
     pub fn param_vjp(&self, x: &[f32], gy: &[f32], gw: &mut [f32], gb: &mut [f32]) {
-        self.batch(x.len(), gy.len());
+        let batch = self.batch(x.len(), gy.len());
         let (patch, pix, out) = (self.patch_len(), self.out_pixels(), self.out_channels);
         assert_eq!(gw.len(), out * patch, "kernel gradient length");
         assert_eq!(gb.len(), out, "bias gradient length");
-        let (w_sum, b_sum) = x
-            .par_chunks(self.in_len())
-            .zip(gy.par_chunks(self.out_len()))
-            .fold(
-                || {
-                    (
-                        vec![0.0; out * patch],
-                        vec![0.0; out],
-                        vec![0.0; patch * pix],
-                    )
-                },
-                |(mut w_acc, mut b_acc, mut cols), (xs, gys)| {
+        // Fixed groups of samples, summed in order: the result does not depend on how
+        // rayon schedules the groups, so runs repeat bit for bit at any thread count.
+        let group = batch.div_ceil(PARAM_GROUPS).max(1);
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = x
+            .par_chunks(group * self.in_len())
+            .zip(gy.par_chunks(group * self.out_len()))
+            .map(|(xs, gys)| {
+                let (mut w_acc, mut b_acc) = (vec![0.0; out * patch], vec![0.0; out]);
+                let mut cols = vec![0.0; patch * pix];
+                for (xs, gys) in xs.chunks(self.in_len()).zip(gys.chunks(self.out_len())) {
                     self.im2col(xs, &mut cols);
                     let cols_t = MatRef::new(&cols, patch, pix).t();
                     matmul(&mut w_acc, MatRef::new(gys, out, pix), cols_t, true);
                     for (b, row) in b_acc.iter_mut().zip(gys.chunks(pix)) {
                         *b += row.iter().sum::<f32>();
                     }
-                    (w_acc, b_acc, cols)
-                },
-            )
-            .map(|(w, b, _)| (w, b))
-            .reduce(
-                || (vec![0.0; out * patch], vec![0.0; out]),
-                |(mut w1, mut b1), (w2, b2)| {
-                    w1.iter_mut().zip(&w2).for_each(|(a, b)| *a += b);
-                    b1.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
-                    (w1, b1)
-                },
-            );
-        gw.copy_from_slice(&w_sum);
-        gb.copy_from_slice(&b_sum);
+                }
+                (w_acc, b_acc)
+            })
+            .collect();
+        gw.fill(0.0);
+        gb.fill(0.0);
+        for (w_part, b_part) in &partials {
+            gw.iter_mut().zip(w_part).for_each(|(a, b)| *a += b);
+            gb.iter_mut().zip(b_part).for_each(|(a, b)| *a += b);
+        }
     }
 }
 
