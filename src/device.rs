@@ -18,14 +18,11 @@ pub type Tensor<const D: usize> = burn::tensor::Tensor<Backend, D>;
 
 /// A tensor's values copied to the host as `f32`, row-major (one device read).
 pub fn to_host<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
-    t.to_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("converted to f32")
+    into_host(t.clone())
 }
 
-/// A tensor's values moved to the host as `f32`, row-major, without the extra copy of
-/// [`to_host`] when the backend already holds `f32` on the host.
+/// A tensor's values moved to the host as `f32`, row-major (no conversion pass when the
+/// backend already holds `f32`).
 pub fn into_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     let data = t.into_data();
     match data.dtype {
