@@ -5,13 +5,15 @@
 //! The crate is layered as the data flows: [`data`] (IDX files, named data sets, batching)
 //! → [`model`] (layers, forward passes and vector-Jacobian products) → [`ep`] (the energy,
 //! settling, EqProp) and [`estimate`] (backprop, EP, local EP, EqProp gradient estimators)
-//! → [`optim`] (update rules) → [`train`] (loop and metrics) → [`bench`](mod@bench). [`loss`] is the
+//! → [`optim`] (update rules) → [`train`] (loop and metrics; [`continual`]: task sequences
+//! and EWC) → [`bench`](mod@bench). [`loss`] is the
 //! task loss they share; [`device`] holds the tensor stack. The `mep` binary is the user
 //! interface; see ARCHITECTURE.md.
 
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod continual;
 pub mod data;
 pub mod device;
 pub mod ep;

@@ -255,13 +255,14 @@ fn the_spectral_bound_holds_by_svd_after_many_steps_and_timing_is_respected() {
 #[test]
 fn error_feedback_makes_applied_updates_track_the_gradients() {
     let (m, n) = (8, 6);
-    let run = |feedback| {
+    let lowrank = UpdateRule::LowRank {
+        rank_frac: 1.0 / 6.0,
+    };
+    let run = |update, feedback| {
         let config = CompositeConfig {
             lr: 1.0,
             momentum: 0.0,
-            update: UpdateRule::LowRank {
-                rank_frac: 1.0 / 6.0,
-            },
+            update,
             feedback,
             ..CompositeConfig::default()
         };
@@ -287,10 +288,18 @@ fn error_feedback_makes_applied_updates_track_the_gradients() {
         (
             frob_diff(&applied, &total),
             frob_diff(&total, &vec![0.0; total.len()]),
+            applied,
         )
     };
-    let (gap_ef, scale) = run(Feedback::ErrorFeedback { beta: 1.0 });
-    let (gap_plain, _) = run(Feedback::None);
+    let ef = |rank_frac| Feedback::ErrorFeedback {
+        beta: 1.0,
+        rank_frac,
+    };
+    let (gap_ef, scale, applied_ef) = run(lowrank, ef(None));
+    let (gap_plain, _, _) = run(lowrank, Feedback::None);
+    // Error feedback's own compression in front of the plain rule is the same algorithm.
+    let (_, _, applied_plain_ef) = run(UpdateRule::Plain, ef(Some(1.0 / 6.0)));
+    assert_eq!(applied_ef, applied_plain_ef);
     // With feedback the gap is the last residual (bounded); without it grows with steps.
     assert!(
         gap_ef < 0.05 * scale,
@@ -572,7 +581,25 @@ fn every_invalid_option_is_rejected() {
             ..ok
         },
         CompositeConfig {
-            feedback: Feedback::ErrorFeedback { beta: 0.0 },
+            feedback: Feedback::ErrorFeedback {
+                beta: 0.0,
+                rank_frac: Some(0.5),
+            },
+            ..ok
+        },
+        // No compression: error feedback would do nothing.
+        CompositeConfig {
+            feedback: Feedback::ErrorFeedback {
+                beta: 0.9,
+                rank_frac: None,
+            },
+            ..ok
+        },
+        CompositeConfig {
+            feedback: Feedback::ErrorFeedback {
+                beta: 0.9,
+                rank_frac: Some(1.5),
+            },
             ..ok
         },
     ];

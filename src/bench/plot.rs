@@ -1,4 +1,4 @@
-//! Line and bar charts written as SVG and PNG (plotters; text in the bundled DejaVu Sans).
+//! Line and bar charts and heat maps written as SVG and PNG (plotters; text in the bundled DejaVu Sans).
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -170,6 +170,86 @@ fn draw_bars<DB: DrawingBackend>(
     root.present().map_err(|e| e.to_string())
 }
 
+/// Colour of a value in [0, 1]: white through light blue to dark blue.
+fn heat(v: f64) -> RGBColor {
+    let v = v.clamp(0.0, 1.0);
+    let lerp = |a: f64, b: f64| (a + (b - a) * v).round() as u8;
+    RGBColor(lerp(247.0, 8.0), lerp(251.0, 48.0), lerp(255.0, 107.0))
+}
+
+fn draw_heat_map<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    cells: &[Vec<Option<f64>>],
+) -> Result<(), String> {
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let rows = cells.len().max(1);
+    let cols = cells.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..cols as f64, rows as f64..0f64)
+        .map_err(|e| e.to_string())?;
+    let centre = |x: &f64| {
+        let i = x.floor();
+        if (x - i - 0.5).abs() < 0.26 {
+            format!("{}", i as usize)
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(cols * 2 + 1)
+        .y_labels(rows * 2 + 1)
+        .x_label_formatter(&centre)
+        .y_label_formatter(&centre)
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    // Colours span the data's own range, so that a few points of forgetting show.
+    let (lo, hi) = range(cells.iter().flatten().flatten().copied(), 0.0);
+    let shade = move |v: f64| heat(0.15 + 0.85 * (v - lo) / (hi - lo).max(1e-9));
+    let filled = cells.iter().enumerate().flat_map(|(i, row)| {
+        row.iter()
+            .enumerate()
+            .filter_map(move |(j, v)| v.map(|v| (i, j, v)))
+    });
+    chart
+        .draw_series(filled.clone().map(|(i, j, v)| {
+            Rectangle::new(
+                [(j as f64, i as f64), (j as f64 + 1.0, i as f64 + 1.0)],
+                shade(v).filled(),
+            )
+        }))
+        .map_err(|e| e.to_string())?;
+    let font = (rows.max(cols) as f64).recip() * 140.0;
+    chart
+        .draw_series(filled.map(|(i, j, v)| {
+            let ink = if (v - lo) / (hi - lo).max(1e-9) > 0.5 {
+                WHITE
+            } else {
+                BLACK
+            };
+            Text::new(
+                format!("{:.0}", 100.0 * v),
+                (j as f64 + 0.3, i as f64 + 0.35),
+                ("sans-serif", font.clamp(10.0, 22.0))
+                    .into_font()
+                    .color(&ink),
+            )
+        }))
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
 fn both(
     stem: &Path,
     draw_svg: impl Fn(DrawingArea<SVGBackend, Shift>) -> Result<(), String>,
@@ -215,5 +295,21 @@ pub fn bar_chart(
         stem,
         |root| draw_bars(root, title, y_label, bars),
         |root| draw_bars(root, title, y_label, bars),
+    )
+}
+
+/// Writes a heat map of `cells` (row `i`, column `j`; values in [0, 1], drawn as percent;
+/// `None` cells stay blank) to `stem.svg` and `stem.png`; returns the two paths.
+pub fn heat_map(
+    stem: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    cells: &[Vec<Option<f64>>],
+) -> Result<Vec<PathBuf>, PlotError> {
+    both(
+        stem,
+        |root| draw_heat_map(root, title, x_label, y_label, cells),
+        |root| draw_heat_map(root, title, x_label, y_label, cells),
     )
 }

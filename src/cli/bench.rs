@@ -30,6 +30,9 @@ pub enum BenchCommand {
     /// Beyond the paper: EP (smep_plus) and backprop+Adam, MLP and CNN, MNIST and
     /// Fashion-MNIST.
     Sota(SuiteArgs),
+    /// Continual learning on permuted MNIST: EP, EP+error feedback, EP+EWC, backprop and
+    /// backprop+EWC with the same seeds.
+    Continual(super::continual::BenchContinualArgs),
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +72,7 @@ pub fn run(cmd: BenchCommand, globals: &Globals) -> Result<()> {
         BenchCommand::Xor(args) => suites::run(Suite::Xor, args, globals),
         BenchCommand::Speed(args) => suites::run(Suite::Speed, args, globals),
         BenchCommand::Sota(args) => suites::run(Suite::Sota, args, globals),
+        BenchCommand::Continual(args) => super::continual::bench(args, globals),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod check;
+mod continual;
 mod data;
 mod options;
 mod progress;
@@ -45,6 +46,9 @@ enum Command {
     Eval(train::EvalArgs),
     /// Compare an EP gradient with the backprop gradient of the same loss.
     CheckGradient(check::CheckArgs),
+    /// Continual learning on permuted MNIST: tasks in turn, one model and optimizer, the
+    /// accuracy matrix, forgetting and backward transfer; optional EWC.
+    Continual(Box<continual::ContinualArgs>),
     /// Benchmark suites.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -74,6 +78,7 @@ pub fn run() -> Result<()> {
         Command::Train(args) => train::run(*args, &globals),
         Command::Eval(args) => train::eval(args, &globals),
         Command::CheckGradient(args) => check::run(args, &globals),
+        Command::Continual(args) => continual::run(*args, &globals),
         Command::Bench(cmd) => bench::run(cmd, &globals),
     }
 }

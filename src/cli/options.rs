@@ -109,9 +109,15 @@ pub struct TrainOptions {
     /// Warm-up steps of the cosine schedule.
     #[arg(long)]
     pub warmup: Option<usize>,
-    /// Error feedback with this decay (for the lowrank update).
-    #[arg(long)]
+    /// Error feedback: carry the compression residual and re-inject it with this decay
+    /// (default 0.9 when given without a value). The lowrank update compresses by itself;
+    /// in front of a rule that does not (muon, plain, fisher, adam) the gradient is first
+    /// compressed to rank fraction --ef-rank. Dion feeds back its own residual.
+    #[arg(long, value_name = "BETA", num_args = 0..=1, default_missing_value = "0.9")]
     pub error_feedback: Option<f64>,
+    /// Rank fraction of error feedback's compression (default 0.2; see --error-feedback).
+    #[arg(long, value_name = "FRAC", requires = "error_feedback")]
+    pub ef_rank: Option<f64>,
     /// EqProp: free-phase steps (default 40).
     #[arg(long)]
     pub eqprop_free_steps: Option<usize>,
@@ -168,6 +174,7 @@ impl TrainOptions {
             schedule,
             warmup,
             error_feedback,
+            ef_rank,
             eqprop_free_steps,
             eqprop_nudged_steps,
             eqprop_step,
@@ -253,6 +260,7 @@ impl TrainOptions {
             ("vector-lr", self.vector_lr),
             ("clip-norm", self.clip_norm),
             ("error-feedback", self.error_feedback),
+            ("ef-rank", self.ef_rank),
         ];
         for (name, v) in values {
             if let Some(v) = v
@@ -456,8 +464,23 @@ impl TrainOptions {
                 }
             };
         }
+        if self.ef_rank.is_some() && self.error_feedback.is_none() {
+            bail!("--ef-rank sets error feedback's compression: use it with --error-feedback");
+        }
         if let Some(beta) = self.error_feedback {
-            o.feedback = Feedback::ErrorFeedback { beta };
+            let compresses = matches!(
+                o.update,
+                UpdateRule::LowRank { .. } | UpdateRule::Dion { .. }
+            );
+            if compresses && self.ef_rank.is_some() {
+                bail!(
+                    "--ef-rank applies to update rules that do not compress (not lowrank or dion)"
+                );
+            }
+            o.feedback = Feedback::ErrorFeedback {
+                beta,
+                rank_frac: (!compresses).then(|| self.ef_rank.unwrap_or(0.2)),
+            };
         }
         let batch = self.batch.unwrap_or(64).max(1);
         let total = self.epochs.unwrap_or(1) * samples.div_ceil(batch);

@@ -106,7 +106,8 @@ impl Split {
         self.inputs.truncate(n * self.dim);
     }
 
-    fn permute_features(&mut self, perm: &[usize]) {
+    /// Reorders every sample's features: feature `i` becomes the old feature `perm[i]`.
+    pub(crate) fn permute_features(&mut self, perm: &[usize]) {
         let mut row = vec![0f32; self.dim];
         for sample in self.inputs.chunks_exact_mut(self.dim) {
             for (dst, &src) in row.iter_mut().zip(perm) {

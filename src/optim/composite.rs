@@ -8,8 +8,9 @@
 //!    error and the parameters are left untouched), then optional global norm clipping.
 //! 2. Matrices (2-D weights; conv kernels as `out x in*k*k`):
 //!    * feedback: `c = C(g + beta e)`, `e <- g + beta e - c`, where `C` is the
-//!      [`UpdateRule::LowRank`] compression (the identity for every other rule, so
-//!      [`Feedback::ErrorFeedback`] is then a no-op);
+//!      [`UpdateRule::LowRank`] compression or the rank-`rank_frac` compression that
+//!      [`Feedback::ErrorFeedback`] puts in front of a rule that does not compress (error
+//!      feedback without any compression is rejected: it would be a silent no-op);
 //!    * momentum `m <- mu m + c`, using `m` (heavy-ball) or `c + mu m` (Nesterov);
 //!    * the update rule turns that into a direction `d`: as is ([`UpdateRule::Plain`],
 //!      [`UpdateRule::LowRank`]), orthogonalised ([`UpdateRule::Muon`]), low-rank
@@ -222,9 +223,16 @@ pub enum Feedback {
     /// None.
     None,
     /// Carry the compression residual `e` and re-inject `beta e` into the next gradient.
+    /// The compression is the [`UpdateRule::LowRank`] rule's own, or, for the rules that do
+    /// not compress (plain, Muon, Fisher, Adam), a rank-`rank_frac` compression in front of
+    /// the rule. Without a compression there is no residual, so that is an invalid option
+    /// (as is Dion, which feeds its own residual back into its momentum).
     ErrorFeedback {
         /// Decay of the carried residual, in (0, 1].
         beta: f64,
+        /// Rank fraction of the compression in front of a rule that does not compress.
+        #[serde(default)]
+        rank_frac: Option<f64>,
     },
 }
 
@@ -353,8 +361,33 @@ impl CompositeConfig {
             steps("spectral.power_iters", power_iters)?;
             steps("spectral.every", every)?;
         }
-        if let Feedback::ErrorFeedback { beta } = self.feedback {
+        if let Feedback::ErrorFeedback { beta, rank_frac } = self.feedback {
             frac("error_feedback.beta", beta)?;
+            match (self.update, rank_frac) {
+                (UpdateRule::LowRank { .. }, None) => {}
+                (UpdateRule::LowRank { .. } | UpdateRule::Dion { .. }, Some(f)) => {
+                    return Err(OptimError::InvalidOption {
+                        name: "error_feedback.rank_frac",
+                        value: f,
+                        reason: "must be unset with the lowrank and dion updates (they compress themselves)",
+                    });
+                }
+                (UpdateRule::Dion { .. }, None) => {
+                    return Err(OptimError::InvalidOption {
+                        name: "error_feedback.beta",
+                        value: beta,
+                        reason: "error feedback does not apply to dion (it feeds its own residual back into its momentum)",
+                    });
+                }
+                (_, Some(f)) => frac("error_feedback.rank_frac", f)?,
+                (_, None) => {
+                    return Err(OptimError::InvalidOption {
+                        name: "error_feedback.beta",
+                        value: beta,
+                        reason: "error feedback needs a lossy step: set a compression rank_frac or use the lowrank update",
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -489,13 +522,24 @@ impl CompositeOptimizer {
         factors: Option<&GradFactors>,
     ) -> Tensor<2> {
         let kind = self.info[k].kind;
-        // Compression with error feedback (only LowRank is lossy).
+        // Compression (the LowRank rule's, or error feedback's own) with error feedback.
         let fed = match (self.config.feedback, self.state[k].error.take()) {
-            (Feedback::ErrorFeedback { beta }, Some(e)) => g + e.mul_scalar(beta as f32),
+            (Feedback::ErrorFeedback { beta, .. }, Some(e)) => g + e.mul_scalar(beta as f32),
             _ => g,
         };
-        let compressed = match self.config.update {
-            UpdateRule::LowRank { rank_frac } => {
+        let compression = match (self.config.update, self.config.feedback) {
+            (UpdateRule::LowRank { rank_frac }, _)
+            | (
+                _,
+                Feedback::ErrorFeedback {
+                    rank_frac: Some(rank_frac),
+                    ..
+                },
+            ) => Some(rank_frac),
+            _ => None,
+        };
+        let compressed = match compression {
+            Some(rank_frac) => {
                 let (p, rt) = self.low_rank(k, &fed, rank_frac);
                 let c = p.matmul(rt.transpose());
                 if matches!(self.config.feedback, Feedback::ErrorFeedback { .. }) {

@@ -13,7 +13,7 @@ pub use monitor::{Monitor, MonitorRecord, ParamRecord, PhaseRecord};
 pub use trainer::{OptimizerKind, StepOutcome, TrainConfig, Trainer};
 
 use crate::data::DataError;
-use crate::device::DeviceError;
+use crate::device::{DeviceError, Tensor};
 use crate::model::ModelError;
 use crate::optim::OptimError;
 
@@ -48,6 +48,17 @@ pub enum TrainError {
     /// A training option is out of range.
     #[error("invalid training option: {0}")]
     InvalidOption(String),
+}
+
+/// A differentiable function of the parameters whose gradient the [`Trainer`] adds to every
+/// estimated gradient before the optimizer step (for example EWC's quadratic anchor). It
+/// works with any gradient estimator, because it only touches the gradient.
+pub trait Penalty {
+    /// `d penalty / d params[i]` for each parameter (`None`: zero).
+    fn gradient(&self, params: &[Tensor<2>]) -> Vec<Option<Tensor<2>>>;
+
+    /// The penalty at `params` (one host read).
+    fn value(&self, params: &[Tensor<2>]) -> f64;
 }
 
 /// Receives progress of a training run.

@@ -5,7 +5,7 @@ use std::time::Instant;
 use burn::tensor::{Int, TensorData};
 
 use super::Monitor;
-use super::{EpochMetrics, TrainError, TrainObserver};
+use super::{EpochMetrics, Penalty, TrainError, TrainObserver};
 use crate::data::{Batcher, Dataset, Split};
 use crate::device::{Device, Tensor};
 use crate::ep::SettleStats;
@@ -80,6 +80,7 @@ pub struct Trainer {
     optimizer: Box<dyn Optimizer>,
     device: Device,
     monitor: Option<Monitor>,
+    penalty: Option<Box<dyn Penalty>>,
     steps: usize,
     epoch: usize,
 }
@@ -114,6 +115,7 @@ impl Trainer {
             optimizer,
             device,
             monitor: None,
+            penalty: None,
             steps: 0,
             epoch: 0,
         }
@@ -123,6 +125,17 @@ impl Trainer {
     pub fn with_monitor(mut self, monitor: Monitor) -> Self {
         self.monitor = Some(monitor);
         self
+    }
+
+    /// Sets (or with `None` removes) the [`Penalty`] whose gradient is added to every
+    /// estimated gradient from the next step on.
+    pub fn set_penalty(&mut self, penalty: Option<Box<dyn Penalty>>) {
+        self.penalty = penalty;
+    }
+
+    /// The penalty in force, if any.
+    pub fn penalty(&self) -> Option<&dyn Penalty> {
+        self.penalty.as_deref()
     }
 
     /// The monitor's records since the last call.
@@ -136,6 +149,11 @@ impl Trainer {
     /// The model as trained so far.
     pub fn model(&self) -> &Network {
         &self.model
+    }
+
+    /// The device its tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The gradient estimator.
@@ -194,9 +212,17 @@ impl Trainer {
         }
         let correct = count_correct(estimate.output.clone(), labels);
         let params = self.model.params().to_vec();
-        let updated =
-            self.optimizer
-                .step_with_factors(params, estimate.grads, &estimate.factors)?;
+        let mut grads = estimate.grads;
+        if let Some(penalty) = &self.penalty {
+            for (g, extra) in grads.iter_mut().zip(penalty.gradient(&params)) {
+                if let Some(extra) = extra {
+                    *g = g.clone() + extra;
+                }
+            }
+        }
+        let updated = self
+            .optimizer
+            .step_with_factors(params, grads, &estimate.factors)?;
         self.model.set_params(updated)?;
         self.model
             .update_running_stats(&estimate.moments, labels.len());
