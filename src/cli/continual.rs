@@ -8,8 +8,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mep::bench::plot::{Series, heat_map, line_chart};
 use mep::continual::{
-    self, ContinualConfig, ContinualObserver, ContinualReport, Ewc, EwcConfig, EwcSetup,
-    PermutedTasks, TaskReport,
+    self, ContinualConfig, ContinualObserver, ContinualReport, Ewc, EwcConfig, EwcCoupling,
+    EwcSetup, PermutedTasks, TaskReport,
 };
 use mep::data::{DataLocator, Dataset};
 use mep::device::Workload;
@@ -33,6 +33,28 @@ pub struct EwcArgs {
     /// Training samples of each finished task whose per-sample gradients give its Fisher.
     #[arg(long, value_name = "N", default_value_t = 1000, requires = "ewc")]
     fisher_samples: usize,
+    /// How the penalty enters training: its gradient is added to the estimated gradient,
+    /// or (decoupled) its proximal map follows every optimizer step.
+    #[arg(long, value_enum, default_value_t = CouplingArg::Gradient, requires = "ewc")]
+    ewc_coupling: CouplingArg,
+}
+
+/// [`EwcCoupling`] on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CouplingArg {
+    /// Add the penalty's gradient to the estimated gradient.
+    Gradient,
+    /// Apply the penalty's proximal map after each optimizer step.
+    Decoupled,
+}
+
+impl From<CouplingArg> for EwcCoupling {
+    fn from(c: CouplingArg) -> Self {
+        match c {
+            CouplingArg::Gradient => EwcCoupling::Gradient,
+            CouplingArg::Decoupled => EwcCoupling::Decoupled,
+        }
+    }
 }
 
 impl EwcArgs {
@@ -41,6 +63,7 @@ impl EwcArgs {
             lambda,
             decay: self.ewc_decay,
             fisher_samples: self.fisher_samples,
+            coupling: self.ewc_coupling.into(),
         })
     }
 }
@@ -211,8 +234,8 @@ fn run_method(
             method
                 .ewc
                 .map(|e| format!(
-                    ", EWC lambda {} decay {} on {} samples",
-                    e.lambda, e.decay, e.fisher_samples
+                    ", EWC lambda {} decay {} ({:?}) on {} samples",
+                    e.lambda, e.decay, e.coupling, e.fisher_samples
                 ))
                 .unwrap_or_default()
         );
@@ -318,7 +341,16 @@ pub fn run(args: ContinualArgs, globals: &Globals) -> Result<()> {
         } else {
             ""
         },
-        ewc.map(|e| format!("+ewc{}", e.lambda)).unwrap_or_default()
+        ewc.map(|e| format!(
+            "+ewc{}{}",
+            e.lambda,
+            if e.coupling == EwcCoupling::Decoupled {
+                "d"
+            } else {
+                ""
+            }
+        ))
+        .unwrap_or_default()
     );
     let method = Method {
         label: label.clone(),
@@ -405,6 +437,12 @@ pub struct BenchContinualArgs {
     /// EWC strength of the backprop+EWC run.
     #[arg(long, default_value_t = 100.0)]
     bp_ewc: f64,
+    /// EWC coupling of the EP+EWC run.
+    #[arg(long, value_enum, default_value_t = CouplingArg::Gradient)]
+    ep_ewc_coupling: CouplingArg,
+    /// EWC coupling of the backprop+EWC run.
+    #[arg(long, value_enum, default_value_t = CouplingArg::Gradient)]
+    bp_ewc_coupling: CouplingArg,
     /// Fisher samples per task.
     #[arg(long, default_value_t = 1000)]
     fisher_samples: usize,
@@ -440,10 +478,11 @@ fn bench_methods(args: &BenchContinualArgs) -> Vec<Method> {
         test_samples: test,
         ..TrainOptions::default()
     };
-    let ewc = |lambda| EwcConfig {
+    let ewc = |lambda, coupling: CouplingArg| EwcConfig {
         lambda,
         decay: 1.0,
         fisher_samples: args.fisher_samples,
+        coupling: coupling.into(),
     };
     vec![
         Method {
@@ -462,7 +501,7 @@ fn bench_methods(args: &BenchContinualArgs) -> Vec<Method> {
         Method {
             label: "ep+ewc".into(),
             opts: base("smep"),
-            ewc: Some(ewc(args.ep_ewc)),
+            ewc: Some(ewc(args.ep_ewc, args.ep_ewc_coupling)),
         },
         Method {
             label: "backprop".into(),
@@ -472,7 +511,7 @@ fn bench_methods(args: &BenchContinualArgs) -> Vec<Method> {
         Method {
             label: "backprop+ewc".into(),
             opts: base("muon_backprop"),
-            ewc: Some(ewc(args.bp_ewc)),
+            ewc: Some(ewc(args.bp_ewc, args.bp_ewc_coupling)),
         },
     ]
 }

@@ -10,6 +10,23 @@ use crate::estimate::{EstimateError, GradientEstimator, TensorBatch};
 use crate::model::Network;
 use crate::train::Penalty;
 
+/// How the EWC penalty enters training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EwcCoupling {
+    /// Its gradient `lambda A (theta - c)` is added to the estimated gradient before the
+    /// optimizer step (the original EWC). An explicit step is only stable while
+    /// `lr * lambda * A` stays small, and a normalising update rule (Muon, Adam) rescales
+    /// the penalty's pull with the task gradient.
+    #[default]
+    Gradient,
+    /// After each optimizer step the parameters go through the penalty's proximal map with
+    /// the step's learning rate `eta`: `theta <- (theta + eta lambda A c) / (1 + eta lambda
+    /// A)`, which is stable for any lambda and independent of the update rule (as decoupled
+    /// weight decay is for an L2 penalty).
+    Decoupled,
+}
+
 /// EWC options.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EwcConfig {
@@ -22,15 +39,19 @@ pub struct EwcConfig {
     pub decay: f64,
     /// Training samples of each finished task used to estimate its Fisher.
     pub fisher_samples: usize,
+    /// Gradient (default) or decoupled (proximal) application.
+    #[serde(default)]
+    pub coupling: EwcCoupling,
 }
 
 impl Default for EwcConfig {
-    /// lambda 100, decay 1 (multi-task EWC), 1000 Fisher samples.
+    /// lambda 100, decay 1 (multi-task EWC), 1000 Fisher samples, gradient coupling.
     fn default() -> Self {
         Self {
             lambda: 100.0,
             decay: 1.0,
             fisher_samples: 1000,
+            coupling: EwcCoupling::Gradient,
         }
     }
 }
@@ -220,6 +241,27 @@ impl Penalty for Ewc {
                 let (a, c) = (self.importance.get(k)?, self.anchor.get(k)?);
                 Some((p.clone() - c.clone()).mul(a.clone()).mul_scalar(lambda))
             })
+            .collect()
+    }
+
+    fn decoupled(&self) -> bool {
+        self.config.coupling == EwcCoupling::Decoupled
+    }
+
+    fn proximal(&self, params: Vec<Tensor<2>>, step: f64) -> Vec<Tensor<2>> {
+        let scale = (step * self.config.lambda) as f32;
+        params
+            .into_iter()
+            .enumerate()
+            .map(
+                |(k, p)| match (self.importance.get(k), self.anchor.get(k)) {
+                    (Some(a), Some(c)) => {
+                        let s = a.clone().mul_scalar(scale);
+                        (p + s.clone().mul(c.clone())).div(s.add_scalar(1.0))
+                    }
+                    _ => p,
+                },
+            )
             .collect()
     }
 

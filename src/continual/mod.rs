@@ -12,7 +12,7 @@
 mod ewc;
 mod metrics;
 
-pub use ewc::{Ewc, EwcConfig, diagonal_fisher};
+pub use ewc::{Ewc, EwcConfig, EwcCoupling, diagonal_fisher};
 pub use metrics::AccuracyMatrix;
 
 use std::time::Instant;

@@ -51,6 +51,10 @@ impl Adam {
 }
 
 impl Optimizer for Adam {
+    fn learning_rate(&self) -> f64 {
+        self.lr
+    }
+
     fn step(
         &mut self,
         params: Vec<Tensor<2>>,

@@ -697,6 +697,10 @@ impl CompositeOptimizer {
 }
 
 impl Optimizer for CompositeOptimizer {
+    fn learning_rate(&self) -> f64 {
+        self.config.lr * self.config.schedule.factor(self.step)
+    }
+
     fn step(
         &mut self,
         params: Vec<Tensor<2>>,

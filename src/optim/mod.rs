@@ -94,6 +94,10 @@ pub trait Optimizer {
         grads: Vec<Tensor<2>>,
     ) -> Result<Vec<Tensor<2>>, OptimError>;
 
+    /// The learning rate the next step will use (after any schedule; the matrices' rate
+    /// for the composite optimizer). Decoupled penalties take their proximal step with it.
+    fn learning_rate(&self) -> f64;
+
     /// Whether [`Optimizer::step_with_factors`] uses per-sample gradient factors (so the
     /// estimator should produce them).
     fn needs_factors(&self) -> bool {

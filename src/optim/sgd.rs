@@ -47,6 +47,10 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
+    fn learning_rate(&self) -> f64 {
+        self.lr
+    }
+
     fn step(
         &mut self,
         params: Vec<Tensor<2>>,

@@ -59,6 +59,18 @@ pub trait Penalty {
 
     /// The penalty at `params` (one host read).
     fn value(&self, params: &[Tensor<2>]) -> f64;
+
+    /// Whether the trainer applies it decoupled from the optimizer: instead of adding
+    /// [`Penalty::gradient`] to the estimated gradient, it maps the optimizer's new
+    /// parameters through [`Penalty::proximal`] with the step's learning rate (as
+    /// decoupled weight decay does for an L2 penalty).
+    fn decoupled(&self) -> bool {
+        false
+    }
+
+    /// The proximal map `argmin_x penalty(x) + ||x - params||^2 / (2 step)` (used when
+    /// [`Penalty::decoupled`]).
+    fn proximal(&self, params: Vec<Tensor<2>>, step: f64) -> Vec<Tensor<2>>;
 }
 
 /// Receives progress of a training run.

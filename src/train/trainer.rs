@@ -213,16 +213,21 @@ impl Trainer {
         let correct = count_correct(estimate.output.clone(), labels);
         let params = self.model.params().to_vec();
         let mut grads = estimate.grads;
-        if let Some(penalty) = &self.penalty {
-            for (g, extra) in grads.iter_mut().zip(penalty.gradient(&params)) {
+        let penalty = self.penalty.as_deref();
+        if let Some(p) = penalty.filter(|p| !p.decoupled()) {
+            for (g, extra) in grads.iter_mut().zip(p.gradient(&params)) {
                 if let Some(extra) = extra {
                     *g = g.clone() + extra;
                 }
             }
         }
-        let updated = self
+        let lr = self.optimizer.learning_rate();
+        let mut updated = self
             .optimizer
             .step_with_factors(params, grads, &estimate.factors)?;
+        if let Some(p) = penalty.filter(|p| p.decoupled()) {
+            updated = p.proximal(updated, lr);
+        }
         self.model.set_params(updated)?;
         self.model
             .update_running_stats(&estimate.moments, labels.len());
