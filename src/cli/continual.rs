@@ -182,8 +182,14 @@ impl ContinualObserver for TaskBar {
             .collect();
         let mean = r.accuracies.iter().sum::<f64>() / r.accuracies.len() as f64;
         let secs: f64 = r.epochs.iter().map(|m| m.seconds).sum();
+        let settle = r
+            .epochs
+            .last()
+            .and_then(|m| Some((m.settle_steps_mean?, m.settle_residual_mean?)))
+            .map(|(steps, res)| format!("  settle {steps:.1} steps, residual {res:.3}"))
+            .unwrap_or_default();
         eprintln!(
-            "task {:>2}: mean {:5.2}%  [{}]  {:.1}s{}",
+            "task {:>2}: mean {:5.2}%  [{}]{settle}  {:.1}s{}",
             r.task,
             100.0 * mean,
             accs.join(" "),
