@@ -547,9 +547,9 @@ fn continual_runs_write_the_accuracy_matrix_metrics_and_charts() {
     ));
     assert!(close(&printed["average_forgetting"], r(0, 0) - r(1, 0)));
     assert!(close(&printed["backward_transfer"], r(1, 0) - r(0, 0)));
-    // One epoch of smep on 600 samples: measured 76% on task 0; a model that learned
+    // One epoch of smep on 600 samples: measured 62% on task 0; a model that learned
     // nothing scores about 10%.
-    assert!(r(0, 0) > 0.5, "{m:?}");
+    assert!(r(0, 0) > 0.45, "{m:?}");
     assert_eq!(printed["ewc"]["coupling"], "decoupled");
     assert!(
         printed["task_reports"][0]["fisher_seconds"]
@@ -566,7 +566,7 @@ fn continual_runs_write_the_accuracy_matrix_metrics_and_charts() {
         "--tasks must be at least 1",
     );
     fail(
-        &mep(&["continual", "--ewc", "-1", "--train-samples", "64"]),
+        &mep(&["continual", "--ewc=-1", "--train-samples", "64"]),
         "lambda must be a finite number >= 0",
     );
     fail(

@@ -30,8 +30,9 @@ pub enum BenchCommand {
     /// Beyond the paper: EP (smep_plus) and backprop+Adam, MLP and CNN, MNIST and
     /// Fashion-MNIST.
     Sota(SuiteArgs),
-    /// Continual learning on permuted MNIST: EP, EP+error feedback, EP+EWC, backprop and
-    /// backprop+EWC with the same seeds.
+    /// Continual learning on permuted MNIST (10 tasks, 784-256-128-10, one epoch per task):
+    /// EP, EP+error feedback, EP+EWC (momentum SGD at lr 0.05), backprop and backprop+EWC
+    /// (the sgd preset), with the same seeds.
     Continual(super::continual::BenchContinualArgs),
 }
 
