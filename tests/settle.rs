@@ -207,3 +207,146 @@ fn out_of_range_options_are_rejected() {
         Err(EstimateError::Batch(_))
     ));
 }
+
+/// The fused host loop for dense networks (linear layers joined by element-wise
+/// activations) computes the generic loop's iteration: same steps, same stop, the same
+/// states and residual curve up to float rounding, and the same divergence error.
+#[test]
+fn the_fused_dense_loop_matches_the_generic_loop() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let batch = mnist(32, &dev);
+    let cases: [(&str, Loss, f32, SettleConfig); 5] = [
+        // The paper's MLP, 30 steps, one-sided nudge.
+        (
+            "784-128-64-10",
+            Loss::default(),
+            0.5,
+            SettleConfig::default(),
+        ),
+        // Smooth activations, CE nudge, negative beta, a check every 3 steps, stopping
+        // early at the tolerance.
+        (
+            "784-48-tanh-32-sigmoid-10",
+            Loss::CrossEntropy { smoothing: 0.1 },
+            -0.3,
+            SettleConfig {
+                steps: 60,
+                check_every: 3,
+                tol: 0.05,
+                ..SettleConfig::default()
+            },
+        ),
+        // Hard sigmoid chain with the reference's MSE scale, checked every step.
+        (
+            "784-40-hsig-10",
+            Loss::Mse {
+                scale: mep::loss::MseScale::Reference,
+            },
+            0.2,
+            SettleConfig {
+                steps: 40,
+                tol: 0.0,
+                check_every: 1,
+                ..SettleConfig::default()
+            },
+        ),
+        // Linear layers with no activation between them, leaky ReLU.
+        (
+            "784-30-20-lrelu-10",
+            Loss::default(),
+            1.0,
+            SettleConfig {
+                lr: 0.2,
+                ..SettleConfig::default()
+            },
+        ),
+        // A step far too large: both loops must report the same divergence.
+        (
+            "784-64-10",
+            Loss::default(),
+            0.5,
+            SettleConfig {
+                lr: 3.0,
+                momentum: 0.9,
+                steps: 60,
+                ..SettleConfig::default()
+            },
+        ),
+    ];
+    let mut outcomes = Vec::new();
+    for (spec, loss, beta, config) in cases {
+        let net = net(spec, &dev);
+        let energy = EnergyModel::new(&net, loss);
+        let (ctx, free, eval) = energy.free_phase(&net, batch.x.clone(), batch.targets.clone());
+        let settler = Settler::new(config).unwrap();
+        let fast = settler.settle(&energy, &net, &ctx, &free, &eval, beta);
+        let slow = settler.settle_generic(&energy, &net, &ctx, &free, &eval, beta);
+        let (fast, slow) = match (fast, slow) {
+            (Ok(f), Ok(s)) => (f, s),
+            (Err(f), Err(s)) => {
+                let (
+                    SettleError::Diverged {
+                        layer: lf,
+                        step: sf,
+                        ..
+                    },
+                    SettleError::Diverged {
+                        layer: ls,
+                        step: ss,
+                        ..
+                    },
+                ) = (&f, &s)
+                else {
+                    panic!("{spec}: {f} vs {s}");
+                };
+                assert_eq!((lf, sf), (ls, ss), "{spec}");
+                outcomes.push("diverged".to_string());
+                continue;
+            }
+            (f, s) => panic!("{spec}: fused {:?} vs generic {:?}", f.err(), s.err()),
+        };
+        assert_eq!(fast.stats.steps, slow.stats.steps, "{spec}");
+        assert_eq!(fast.stats.converged, slow.stats.converged, "{spec}");
+        assert_eq!(
+            fast.residual_curve.len(),
+            slow.residual_curve.len(),
+            "{spec}"
+        );
+        for ((sf, rf), (ss, rs)) in fast.residual_curve.iter().zip(&slow.residual_curve) {
+            assert_eq!(sf, ss);
+            assert!(
+                (rf - rs).abs() <= 1e-4 * (1.0 + rs),
+                "{spec} step {sf}: {rf} vs {rs}"
+            );
+        }
+        for (a, b) in fast.states.iter().zip(&slow.states) {
+            let (a, b) = (to_vec(a), to_vec(b));
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-4 * scale,
+                "{spec}: states differ by {diff} (scale {scale})"
+            );
+        }
+        assert!(
+            (fast.stats.energy - slow.stats.energy).abs() <= 1e-4 * (1.0 + slow.stats.energy.abs())
+        );
+        outcomes.push(format!(
+            "{} steps{}",
+            fast.stats.steps,
+            if fast.stats.converged {
+                ", converged"
+            } else {
+                ""
+            }
+        ));
+    }
+    // Every branch was exercised: full budgets, an early stop and a divergence.
+    eprintln!("{outcomes:?}");
+    assert_eq!(outcomes[0], "30 steps");
+    assert!(outcomes[1].ends_with("converged"), "{outcomes:?}");
+    assert_eq!(outcomes[4], "diverged");
+}

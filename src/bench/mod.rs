@@ -1,9 +1,11 @@
 //! Benchmarks that measure the library itself (the CLI's `mep bench` prints them), and the
 //! charts and summary statistics of the experiment suites.
 
+mod cost;
 pub mod plot;
 mod settle;
 
+pub use cost::CostModel;
 pub use settle::{SettleBench, matmul_gflops, settle_bench};
 
 use std::time::Instant;

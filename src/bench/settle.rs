@@ -41,8 +41,13 @@ fn force(t: &Tensor<2>) {
     let _ = t.clone().slice([0..1, 0..1]).into_data();
 }
 
-/// GFLOP/s of `gemms` run back to back as plain matrix products (random operands).
+/// GFLOP/s of `gemms` run back to back as plain matrix products (random operands): on a
+/// CPU device with the host `gemm` kernel the settle loop itself uses (on the worker
+/// threads it would use), elsewhere with burn's matmul.
 pub fn matmul_gflops(gemms: &[Gemm], device: &Device, repeats: usize) -> f64 {
+    if matches!(device, Device::Flex(_) | Device::NdArray(_)) {
+        return crate::model::kernels::gemm_gflops(gemms, repeats);
+    }
     let operands: Vec<(Tensor<2>, Tensor<2>)> = gemms
         .iter()
         .map(|g| {

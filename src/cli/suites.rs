@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use mep::bench::mean_std;
 use mep::bench::plot::{Series, bar_chart, line_chart};
+use mep::bench::{CostModel, mean_std, settle_bench};
 use mep::data::{DataLocator, Dataset};
 use mep::device::Workload;
+use mep::estimate::TensorBatch;
+use mep::model::{ModelSpec, Shape};
 use mep::train::{EpochMetrics, Trainer};
 use serde::Serialize;
 
@@ -166,6 +168,7 @@ fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
                 "adam",
                 "muon_backprop",
                 "smep",
+                "smep_sgd",
                 "smep_plus",
                 "smep_fast",
                 "sdmep",
@@ -178,10 +181,20 @@ fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
                 } else {
                     "784-256-128-10"
                 };
+                let mut o = opts(label, "mnist", model, 1, 64, train, test);
+                if label == "smep_sgd" {
+                    // smep's EP gradient with the sgd row's optimizer (momentum SGD, no
+                    // spectral bound; lr 0.05 for the MSE loss): the EP/BP ratio of the
+                    // gradients alone, without Muon's Newton–Schulz.
+                    o.preset = Some("smep".into());
+                    o.update = Some("plain".into());
+                    o.lr = Some(0.05);
+                    o.gamma = Some(0.0);
+                }
                 out.push(Plan {
                     setting: "mnist",
                     label,
-                    opts: opts(label, "mnist", model, 1, 64, train, test),
+                    opts: o,
                     paper: None,
                 });
             }
@@ -474,8 +487,12 @@ pub fn run(suite: Suite, args: SuiteArgs, globals: &Globals) -> Result<()> {
         }
     }
     let rows = summarize(&runs);
+    let speed = match suite {
+        Suite::Speed => Some(speed_summary(&runs, &cache, &device, globals.seed)?),
+        _ => None,
+    };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let results = serde_json::json!({
+    let mut results = serde_json::json!({
         "suite": name,
         "quick": args.quick,
         "seeds": seeds,
@@ -484,11 +501,19 @@ pub fn run(suite: Suite, args: SuiteArgs, globals: &Globals) -> Result<()> {
         "summary": rows,
         "runs": runs,
     });
+    let mut md = table(&name, args.quick, &rows);
+    if let Some(speed) = &speed {
+        md.push_str(&speed_table(speed));
+        if let (Some(obj), serde_json::Value::Object(extra)) =
+            (results.as_object_mut(), serde_json::to_value(speed)?)
+        {
+            obj.extend(extra);
+        }
+    }
     write_atomic(
         &dir.join("results.json"),
         serde_json::to_string_pretty(&results)?.as_bytes(),
     )?;
-    let md = table(&name, args.quick, &rows);
     write_atomic(&dir.join("table.md"), md.as_bytes())?;
     let files = plots(&dir, &name, &runs, &rows)?;
     eprint!("{md}");
@@ -501,4 +526,142 @@ pub fn run(suite: Suite, args: SuiteArgs, globals: &Globals) -> Result<()> {
         println!("{}", serde_json::to_string(&results)?);
     }
     Ok(())
+}
+
+/// What `mep bench speed` adds to its results: the EP (smep) and backprop (sgd) epochs
+/// side by side, the settle loop against matrix-product throughput, and the cost model.
+#[derive(Debug, Clone, Serialize)]
+struct SpeedSummary {
+    /// Seconds of the smep epoch.
+    ep_epoch_seconds: f64,
+    /// Seconds of the sgd (backprop) epoch.
+    bp_epoch_seconds: f64,
+    /// Their ratio.
+    ep_bp_ratio: f64,
+    /// Seconds of the smep_sgd epoch (smep's gradient, the sgd row's optimizer).
+    ep_sgd_epoch_seconds: f64,
+    /// smep_sgd over sgd: EP's gradient against backprop's, same optimizer.
+    ep_sgd_bp_ratio: f64,
+    /// Test accuracy after the smep_sgd epoch.
+    ep_sgd_test_accuracy: f64,
+    /// Test accuracy after the smep epoch, in [0, 1].
+    test_accuracy: f64,
+    /// Mean settle steps per phase in the smep epoch.
+    settle_steps_mean: Option<f64>,
+    /// Achieved GFLOP/s of the settle loop (784-256-128-10, batch 64, 30 steps).
+    settle_gflops: f64,
+    /// GFLOP/s of plain matrix products of the settle step's shapes.
+    matmul_gflops: f64,
+    /// Microseconds per settle step.
+    settle_step_us: f64,
+    /// Worker threads.
+    threads: usize,
+    /// Matrix-product FLOPs of the parts of a step.
+    cost_model: CostModel,
+    /// Cost-model GFLOP of the smep epoch (EP gradients and Muon updates) and the GFLOP/s
+    /// it achieved.
+    ep_epoch_gflop: f64,
+    ep_epoch_gflops: f64,
+    /// Cost-model GFLOP of the sgd epoch and its GFLOP/s.
+    bp_epoch_gflop: f64,
+    bp_epoch_gflops: f64,
+    /// Seconds per optimizer step of every run, by method.
+    seconds_per_step: BTreeMap<String, f64>,
+}
+
+fn speed_summary(
+    runs: &[RunRecord],
+    cache: &BTreeMap<String, Dataset>,
+    device: &mep::device::Device,
+    seed: u64,
+) -> Result<SpeedSummary> {
+    let find = |label: &str| {
+        runs.iter()
+            .find(|r| r.label == label)
+            .with_context(|| format!("the speed suite has no {label} run"))
+    };
+    let (ep, bp, ep_sgd) = (find("smep")?, find("sgd")?, find("smep_sgd")?);
+    let samples = cache
+        .values()
+        .next()
+        .map(|d| d.train.len())
+        .context("no data set was loaded")?;
+    let batch = 64;
+    let spec: ModelSpec = "784-256-128-10".parse()?;
+    let net = spec.build(Shape::Image { c: 1, h: 28, w: 28 }, seed, device)?;
+    let x: Vec<f32> = (0..batch * 784)
+        .map(|i| ((i * 7919) % 256) as f32 / 255.0)
+        .collect();
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
+    let tensors = TensorBatch::new(&x, &labels, 10, device);
+    let settle = settle_bench(&spec.to_string(), &net, &tensors, 30, 0.5, 10)?;
+    let cost = CostModel::new(&net, 30, 1);
+    let ep_flop = cost.ep_epoch(samples, batch, true);
+    let bp_flop = cost.backprop_epoch(samples);
+    let steps = samples.div_ceil(batch) as f64;
+    Ok(SpeedSummary {
+        ep_epoch_seconds: ep.seconds_per_epoch,
+        bp_epoch_seconds: bp.seconds_per_epoch,
+        ep_bp_ratio: ep.seconds_per_epoch / bp.seconds_per_epoch,
+        ep_sgd_epoch_seconds: ep_sgd.seconds_per_epoch,
+        ep_sgd_bp_ratio: ep_sgd.seconds_per_epoch / bp.seconds_per_epoch,
+        ep_sgd_test_accuracy: ep_sgd.final_test_accuracy,
+        test_accuracy: ep.final_test_accuracy,
+        settle_steps_mean: ep.epochs.last().and_then(|m| m.settle_steps_mean),
+        settle_gflops: settle.settle_gflops,
+        matmul_gflops: settle.matmul_gflops,
+        settle_step_us: settle.settle_step_us,
+        threads: mep::device::threads(),
+        cost_model: cost,
+        ep_epoch_gflop: ep_flop / 1e9,
+        ep_epoch_gflops: ep_flop / 1e9 / ep.seconds_per_epoch,
+        bp_epoch_gflop: bp_flop / 1e9,
+        bp_epoch_gflops: bp_flop / 1e9 / bp.seconds_per_epoch,
+        seconds_per_step: runs
+            .iter()
+            .map(|r| (r.label.clone(), r.seconds_per_epoch / steps))
+            .collect(),
+    })
+}
+
+fn speed_table(s: &SpeedSummary) -> String {
+    let c = &s.cost_model;
+    format!(
+        "\n## EP (smep) against backprop (sgd), {} thread(s)\n\n\
+         | | value |\n|---|---|\n\
+         | smep epoch | {:.2} s ({:.1} GFLOP, {:.1} GFLOP/s) |\n\
+         | sgd epoch | {:.2} s ({:.1} GFLOP, {:.1} GFLOP/s) |\n\
+         | EP / BP time | {:.2}x |\n\
+         | smep_sgd epoch (EP gradient, momentum SGD) | {:.2} s, {:.2}x sgd, {:.2}% test |\n\
+         | smep test accuracy after the epoch | {:.2}% |\n\
+         | settle steps per phase (mean) | {} |\n\
+         | settle step (batch 64) | {:.1} us, {:.1} GFLOP/s against {:.1} GFLOP/s for its matrix products alone |\n\n\
+         Cost model (matrix-product MFLOP; per sample unless noted): forward {:.3}, settle step {:.3}, \
+         contrast {:.3}, EP gradient with {} steps {:.2}, backprop {:.3}, one Muon update of every \
+         matrix {:.1} per optimizer step.\n",
+        s.threads,
+        s.ep_epoch_seconds,
+        s.ep_epoch_gflop,
+        s.ep_epoch_gflops,
+        s.bp_epoch_seconds,
+        s.bp_epoch_gflop,
+        s.bp_epoch_gflops,
+        s.ep_bp_ratio,
+        s.ep_sgd_epoch_seconds,
+        s.ep_sgd_bp_ratio,
+        100.0 * s.ep_sgd_test_accuracy,
+        100.0 * s.test_accuracy,
+        s.settle_steps_mean
+            .map_or("-".into(), |m| format!("{m:.1}")),
+        s.settle_step_us,
+        s.settle_gflops,
+        s.matmul_gflops,
+        c.forward_per_sample / 1e6,
+        c.settle_step_per_sample / 1e6,
+        c.contrast_per_sample / 1e6,
+        c.settle_steps,
+        c.ep_gradient_per_sample / 1e6,
+        c.backprop_per_sample / 1e6,
+        c.muon_update / 1e6,
+    )
 }

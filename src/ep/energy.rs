@@ -120,7 +120,57 @@ impl BatchContext {
     }
 }
 
+/// The structure of a network whose energy the fused dense settle loop can handle: every
+/// state after the first is a linear layer fed by the previous state through at most one
+/// element-wise activation, no skips, nothing after the last state.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct DensePlan {
+    /// State widths `n_0..n_{L-1}`.
+    pub widths: Vec<usize>,
+    /// For each state `i >= 1`: its linear layer's index and the activation before it.
+    pub links: Vec<(usize, Option<crate::model::Activation>)>,
+}
+
+impl BatchContext {
+    /// The first state's prediction (cached for the batch).
+    pub(crate) fn first_prediction(&self) -> &Tensor<2> {
+        &self.first.1
+    }
+}
+
 impl EnergyModel {
+    /// The [`DensePlan`] of `net`, if its energy has the dense structure.
+    pub(crate) fn dense_plan(&self, net: &Network) -> Option<DensePlan> {
+        if !self.suffix.is_empty() || !net.skips().is_empty() {
+            return None;
+        }
+        let layers = net.layers();
+        let mut widths = Vec::with_capacity(self.segments.len());
+        let mut links = Vec::new();
+        for (i, seg) in self.segments.iter().enumerate() {
+            if seg.skip.is_some() || !seg.injections.is_empty() {
+                return None;
+            }
+            widths.push(layers[seg.layer].output.numel());
+            if i == 0 {
+                continue;
+            }
+            let LayerOp::Linear { .. } = layers[seg.layer].op else {
+                return None;
+            };
+            let activation = match seg.prefix.as_slice() {
+                [] => None,
+                [a] => match layers[*a].op {
+                    LayerOp::Activation(act) if act.scalar_derivative(0.5).is_some() => Some(act),
+                    _ => return None,
+                },
+                _ => return None,
+            };
+            links.push((seg.layer, activation));
+        }
+        Some(DensePlan { widths, links })
+    }
+
     /// The energy of `net` with nudge loss `loss`.
     pub fn new(net: &Network, loss: Loss) -> Self {
         let layers = net.layers();

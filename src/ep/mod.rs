@@ -3,6 +3,7 @@
 //!
 //! The gradient estimators built on these live in [`crate::estimate`].
 
+mod dense;
 mod energy;
 mod eqprop;
 mod settle;

@@ -157,7 +157,43 @@ impl Settler {
     }
 
     /// Descends the energy at nudge `beta` from `start` (whose evaluation is `start_eval`).
+    /// On a CPU device, networks with the dense structure (linear layers joined by
+    /// element-wise activations) run the fused host loop of `ep::dense`, which computes the
+    /// same iteration; everything else, and the adaptive step, runs
+    /// [`Settler::settle_generic`].
     pub fn settle(
+        &self,
+        model: &EnergyModel,
+        net: &Network,
+        ctx: &BatchContext,
+        start: &[Tensor<2>],
+        start_eval: &Evaluation,
+        beta: f32,
+    ) -> Result<Settled, SettleError> {
+        let on_host = matches!(
+            ctx.input().device(),
+            crate::device::Device::Flex(_) | crate::device::Device::NdArray(_)
+        );
+        if on_host
+            && !self.config.adaptive
+            && let Some(plan) = model.dense_plan(net)
+        {
+            return super::dense::settle(
+                &plan,
+                &self.config,
+                model,
+                net,
+                ctx,
+                start,
+                beta,
+                model.state_names(),
+            );
+        }
+        self.settle_generic(model, net, ctx, start, start_eval, beta)
+    }
+
+    /// The generic settle loop on burn tensors (any network, any device).
+    pub fn settle_generic(
         &self,
         model: &EnergyModel,
         net: &Network,

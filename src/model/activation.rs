@@ -75,6 +75,54 @@ impl Activation {
         }
     }
 
+    /// `f(x)` on one number, for host kernels (`None` for GELU, whose exact form needs
+    /// erf).
+    pub fn scalar(&self, x: f32) -> Option<f32> {
+        Some(match *self {
+            Self::Relu => x.max(0.0),
+            Self::LeakyRelu { slope } => {
+                if x > 0.0 {
+                    x
+                } else {
+                    slope * x
+                }
+            }
+            Self::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Self::Tanh => x.tanh(),
+            Self::HardSigmoid => x.clamp(0.0, 1.0),
+            Self::ClippedRelu { cap } => x.clamp(0.0, cap),
+            Self::Silu => x / (1.0 + (-x).exp()),
+            Self::Gelu => return None,
+        })
+    }
+
+    /// `f'(x)` on one number, with the same conventions as [`Activation::vjp`] at kinks
+    /// (`None` for GELU).
+    pub fn scalar_derivative(&self, x: f32) -> Option<f32> {
+        Some(match *self {
+            Self::Relu => f32::from(u8::from(x > 0.0)),
+            Self::LeakyRelu { slope } => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    slope
+                }
+            }
+            Self::Sigmoid => {
+                let s = 1.0 / (1.0 + (-x).exp());
+                s * (1.0 - s)
+            }
+            Self::Tanh => 1.0 - x.tanh().powi(2),
+            Self::HardSigmoid => f32::from(u8::from(x > 0.0 && x < 1.0)),
+            Self::ClippedRelu { cap } => f32::from(u8::from(x > 0.0 && x < cap)),
+            Self::Silu => {
+                let s = 1.0 / (1.0 + (-x).exp());
+                s * (1.0 + x * (1.0 - s))
+            }
+            Self::Gelu => return None,
+        })
+    }
+
     /// The vector-Jacobian product `grad * f'(x)` at input `x`.
     pub fn vjp<const D: usize>(&self, x: &Tensor<D>, grad: Tensor<D>) -> Tensor<D> {
         match *self {

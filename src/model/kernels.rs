@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 /// A row-major matrix view: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
-struct MatRef<'a> {
+pub(crate) struct MatRef<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -21,7 +21,7 @@ struct MatRef<'a> {
 
 impl<'a> MatRef<'a> {
     /// A contiguous row-major `rows x cols` matrix.
-    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Self {
             data,
             rows,
@@ -32,7 +32,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// The transpose (no data movement).
-    fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -53,7 +53,18 @@ impl<'a> MatRef<'a> {
 
 /// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), `dst` row-major
 /// `lhs.rows x rhs.cols`, single-threaded (callers parallelise over samples).
-fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
+pub(crate) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
+    matmul_with(dst, lhs, rhs, accumulate, 1);
+}
+
+/// [`matmul`] on up to `threads` threads (gemm's own rayon split; 1 runs inline).
+pub(crate) fn matmul_with(
+    dst: &mut [f32],
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    accumulate: bool,
+    threads: usize,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(k, rhs.rows, "inner dimensions differ");
     assert!(dst.len() >= m * n, "destination too small");
@@ -93,7 +104,12 @@ fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            // Splitting a small product costs more than it saves.
+            if threads > 1 && m * n * k >= 1 << 24 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }
@@ -435,4 +451,31 @@ impl PoolGeometry {
                 }
             });
     }
+}
+
+/// GFLOP/s of `gemms` run back to back with [`matmul_with`] on the worker threads
+/// (deterministic operands), median of `repeats` rounds.
+pub fn gemm_gflops(gemms: &[super::Gemm], repeats: usize) -> f64 {
+    let threads = crate::device::threads();
+    let operands: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = gemms
+        .iter()
+        .map(|g| {
+            let fill = |n: usize| (0..n).map(|i| ((i * 7919) % 199) as f32 / 99.0 - 1.0).collect();
+            (fill(g.m * g.k), fill(g.k * g.n), vec![0.0; g.m * g.n])
+        })
+        .collect();
+    let mut operands = operands;
+    let flops: f64 = gemms.iter().map(super::Gemm::flops).sum();
+    let us = crate::bench::median_us(repeats, || {
+        for (g, (a, b, c)) in gemms.iter().zip(operands.iter_mut()) {
+            matmul_with(
+                c,
+                MatRef::new(a, g.m, g.k),
+                MatRef::new(b, g.k, g.n),
+                false,
+                threads,
+            );
+        }
+    });
+    flops / us / 1e3
 }
