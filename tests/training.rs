@@ -624,3 +624,49 @@ fn the_continual_bench_compares_five_methods_on_the_same_seed() {
         assert_eq!(&png[1..4], b"PNG", "{chart}.png");
     }
 }
+
+#[test]
+fn the_speed_bench_reports_ep_against_backprop_with_its_cost_model() {
+    let dir = scratch_dir("speed-bench");
+    let out = mep(&[
+        "bench",
+        "speed",
+        "--quick",
+        "--out",
+        dir.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = |k: &str| {
+        s[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {s}"))
+    };
+    assert!((f("ep_bp_ratio") - f("ep_epoch_seconds") / f("bp_epoch_seconds")).abs() < 1e-9);
+    assert!(f("settle_gflops") > 0.0 && f("matmul_gflops") > 0.0);
+    assert!((0.0..=1.0).contains(&f("test_accuracy")));
+    // 784-256-128-10 by hand: the forward pass is 2 (784*256 + 256*128 + 128*10) FLOPs per
+    // sample; a settle step runs the second and third layers forward and transposed.
+    let c = &s["cost_model"];
+    let forward = 2.0 * (784.0 * 256.0 + 256.0 * 128.0 + 128.0 * 10.0);
+    let settle = 4.0 * (256.0 * 128.0 + 128.0 * 10.0);
+    assert_eq!(c["forward_per_sample"].as_f64().unwrap(), forward);
+    assert_eq!(c["settle_step_per_sample"].as_f64().unwrap(), settle);
+    assert_eq!(
+        c["ep_gradient_per_sample"].as_f64().unwrap(),
+        forward + 30.0 * settle + c["contrast_per_sample"].as_f64().unwrap()
+    );
+    assert_eq!(c["backprop_per_sample"].as_f64().unwrap(), 3.0 * forward);
+    // A Muon update costs more than a batch's EP gradient on this model.
+    assert!(
+        c["muon_update"].as_f64().unwrap() > 64.0 * c["ep_gradient_per_sample"].as_f64().unwrap()
+    );
+    for label in ["smep", "smep_sgd", "smep_adam", "sgd", "adam", "eqprop"] {
+        assert!(
+            s["seconds_per_step"][label].as_f64().unwrap() > 0.0,
+            "{label}"
+        );
+    }
+    let table = std::fs::read_to_string(dir.join("table.md")).unwrap();
+    assert!(table.contains("EP / BP time"), "{table}");
+}

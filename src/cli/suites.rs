@@ -169,6 +169,7 @@ fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
                 "muon_backprop",
                 "smep",
                 "smep_sgd",
+                "smep_adam",
                 "smep_plus",
                 "smep_fast",
                 "sdmep",
@@ -189,6 +190,15 @@ fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
                     o.preset = Some("smep".into());
                     o.update = Some("plain".into());
                     o.lr = Some(0.05);
+                    o.gamma = Some(0.0);
+                }
+                if label == "smep_adam" {
+                    // smep's EP gradient with Adam (lr 1e-3, no spectral bound): the adam
+                    // row's optimizer.
+                    o.preset = Some("smep".into());
+                    o.update = Some("adam".into());
+                    o.momentum = Some(0.0);
+                    o.lr = Some(1e-3);
                     o.gamma = Some(0.0);
                 }
                 out.push(Plan {
@@ -544,6 +554,11 @@ struct SpeedSummary {
     ep_sgd_bp_ratio: f64,
     /// Test accuracy after the smep_sgd epoch.
     ep_sgd_test_accuracy: f64,
+    /// Seconds of the smep_adam epoch (smep's gradient with Adam) and its ratio to adam.
+    ep_adam_epoch_seconds: f64,
+    ep_adam_bp_ratio: f64,
+    /// Test accuracy after the smep_adam epoch.
+    ep_adam_test_accuracy: f64,
     /// Test accuracy after the smep epoch, in [0, 1].
     test_accuracy: f64,
     /// Mean settle steps per phase in the smep epoch.
@@ -581,6 +596,7 @@ fn speed_summary(
             .with_context(|| format!("the speed suite has no {label} run"))
     };
     let (ep, bp, ep_sgd) = (find("smep")?, find("sgd")?, find("smep_sgd")?);
+    let (adam, ep_adam) = (find("adam")?, find("smep_adam")?);
     let samples = cache
         .values()
         .next()
@@ -606,6 +622,9 @@ fn speed_summary(
         ep_sgd_epoch_seconds: ep_sgd.seconds_per_epoch,
         ep_sgd_bp_ratio: ep_sgd.seconds_per_epoch / bp.seconds_per_epoch,
         ep_sgd_test_accuracy: ep_sgd.final_test_accuracy,
+        ep_adam_epoch_seconds: ep_adam.seconds_per_epoch,
+        ep_adam_bp_ratio: ep_adam.seconds_per_epoch / adam.seconds_per_epoch,
+        ep_adam_test_accuracy: ep_adam.final_test_accuracy,
         test_accuracy: ep.final_test_accuracy,
         settle_steps_mean: ep.epochs.last().and_then(|m| m.settle_steps_mean),
         settle_gflops: settle.settle_gflops,
@@ -633,6 +652,7 @@ fn speed_table(s: &SpeedSummary) -> String {
          | sgd epoch | {:.2} s ({:.1} GFLOP, {:.1} GFLOP/s) |\n\
          | EP / BP time | {:.2}x |\n\
          | smep_sgd epoch (EP gradient, momentum SGD) | {:.2} s, {:.2}x sgd, {:.2}% test |\n\
+         | smep_adam epoch (EP gradient, Adam) | {:.2} s, {:.2}x adam, {:.2}% test |\n\
          | smep test accuracy after the epoch | {:.2}% |\n\
          | settle steps per phase (mean) | {} |\n\
          | settle step (batch 64) | {:.1} us, {:.1} GFLOP/s against {:.1} GFLOP/s for its matrix products alone |\n\n\
@@ -650,6 +670,9 @@ fn speed_table(s: &SpeedSummary) -> String {
         s.ep_sgd_epoch_seconds,
         s.ep_sgd_bp_ratio,
         100.0 * s.ep_sgd_test_accuracy,
+        s.ep_adam_epoch_seconds,
+        s.ep_adam_bp_ratio,
+        100.0 * s.ep_adam_test_accuracy,
         100.0 * s.test_accuracy,
         s.settle_steps_mean
             .map_or("-".into(), |m| format!("{m:.1}")),

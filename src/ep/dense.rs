@@ -47,7 +47,9 @@ fn apply(activation: Option<Activation>, src: &[f32], dst: &mut [f32]) {
                 *d = x.clamp(0.0, 1.0);
             }
         }
-        Some(a) => map(dst, &|x| a.scalar(x).expect("planned activations have a host form")),
+        Some(a) => map(dst, &|x| {
+            a.scalar(x).expect("planned activations have a host form")
+        }),
     }
 }
 

@@ -460,7 +460,11 @@ pub fn gemm_gflops(gemms: &[super::Gemm], repeats: usize) -> f64 {
     let operands: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = gemms
         .iter()
         .map(|g| {
-            let fill = |n: usize| (0..n).map(|i| ((i * 7919) % 199) as f32 / 99.0 - 1.0).collect();
+            let fill = |n: usize| {
+                (0..n)
+                    .map(|i| ((i * 7919) % 199) as f32 / 99.0 - 1.0)
+                    .collect()
+            };
             (fill(g.m * g.k), fill(g.k * g.n), vec![0.0; g.m * g.n])
         })
         .collect();
