@@ -12,7 +12,7 @@
 use burn::tensor::TensorData;
 
 use super::energy::{BatchContext, DensePlan, EnergyModel, Evaluation};
-use super::settle::{BLOWUP_FACTOR, SettleConfig, SettleError, SettleStats, Settled};
+use super::settle::{ResidualCheck, SettleConfig, SettleError, SettleStats, Settled};
 use crate::device::{Tensor, to_host};
 use crate::loss::{Loss, MseScale};
 use crate::model::Activation;
@@ -112,7 +112,6 @@ fn loss_gradient(loss: Loss, output: &[f32], targets: &[f32], classes: usize, ou
 }
 
 /// Settles on the host; see the module docs. Same contract as [`super::Settler::settle`].
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn settle(
     plan: &DensePlan,
     config: &SettleConfig,
@@ -121,7 +120,6 @@ pub(crate) fn settle(
     ctx: &BatchContext,
     start: &[Tensor<2>],
     beta: f32,
-    state_names: &[String],
 ) -> Result<Settled, SettleError> {
     let batch = ctx.batch_size();
     let widths = &plan.widths;
@@ -184,8 +182,7 @@ pub(crate) fn settle(
     activate(&links, &states, &mut acts);
     evaluate(&states, &acts, &mut errors);
 
-    let threshold = config.tol * beta.abs();
-    let mut initial: Option<f32> = None;
+    let mut residuals = ResidualCheck::new(config, beta);
     let mut stats = SettleStats::default();
     let mut curve = Vec::new();
     loop {
@@ -228,27 +225,13 @@ pub(crate) fn settle(
                 .map(|r| r.iter().sum::<f32>())
                 .fold(f32::NEG_INFINITY, f32::max)
                 .sqrt();
-            stats.residual = total;
-            curve.push((stats.steps, total));
-            let reference = *initial.get_or_insert(total);
-            if !total.is_finite() || total > BLOWUP_FACTOR * reference.max(1e-6) {
-                let worst = layer_max
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| {
-                        let key = |v: f32| if v.is_finite() { v } else { f32::INFINITY };
-                        key(*a.1).total_cmp(&key(*b.1))
-                    })
-                    .map_or(0, |(i, _)| i);
-                return Err(SettleError::Diverged {
-                    layer: state_names[worst].clone(),
-                    step: stats.steps,
-                    norm: layer_max.get(worst).copied().unwrap_or(total),
-                    lr: config.lr,
-                    beta,
-                });
-            }
-            if total <= threshold {
+            if residuals.check(
+                &layer_max,
+                total,
+                model.state_names(),
+                &mut stats,
+                &mut curve,
+            )? {
                 stats.converged = true;
                 break;
             }

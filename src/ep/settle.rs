@@ -124,6 +124,61 @@ pub struct Settled {
     pub residual_curve: Vec<(usize, f32)>,
 }
 
+/// The convergence and divergence test both settle loops run at every check: it records
+/// the residual (the largest per-sample state-gradient norm) and its curve, fails when the
+/// residual is not finite or grew [`BLOWUP_FACTOR`] times past its first value, and says
+/// whether it fell under `tol * |beta|`.
+pub(crate) struct ResidualCheck {
+    threshold: f32,
+    initial: Option<f32>,
+    lr: f32,
+    beta: f32,
+}
+
+impl ResidualCheck {
+    pub(crate) fn new(config: &SettleConfig, beta: f32) -> Self {
+        Self {
+            threshold: config.tol * beta.abs(),
+            initial: None,
+            lr: config.lr,
+            beta,
+        }
+    }
+
+    /// `layer_max`: each state's largest per-sample gradient norm; `total`: the largest
+    /// per-sample norm over all states. Returns whether settling has converged.
+    pub(crate) fn check(
+        &mut self,
+        layer_max: &[f32],
+        total: f32,
+        names: &[String],
+        stats: &mut SettleStats,
+        curve: &mut Vec<(usize, f32)>,
+    ) -> Result<bool, SettleError> {
+        stats.residual = total;
+        curve.push((stats.steps, total));
+        let reference = *self.initial.get_or_insert(total);
+        if !total.is_finite() || total > BLOWUP_FACTOR * reference.max(1e-6) {
+            let worst = layer_max
+                .iter()
+                .enumerate()
+                .max_by(|a, b| {
+                    let key = |v: f32| if v.is_finite() { v } else { f32::INFINITY };
+                    key(*a.1).total_cmp(&key(*b.1))
+                })
+                .map_or(0, |(i, _)| i);
+            return Err(SettleError::Diverged {
+                layer: names[worst].clone(),
+                step: stats.steps,
+                norm: layer_max.get(worst).copied().unwrap_or(total),
+                lr: self.lr,
+                beta: self.beta,
+            });
+        }
+        Ok(total <= self.threshold)
+    }
+}
+
 /// Heavy-ball state descent on an [`EnergyModel`].
 #[derive(Debug, Clone)]
 pub struct Settler {
@@ -178,16 +233,7 @@ impl Settler {
             && !self.config.adaptive
             && let Some(plan) = model.dense_plan(net)
         {
-            return super::dense::settle(
-                &plan,
-                &self.config,
-                model,
-                net,
-                ctx,
-                start,
-                beta,
-                model.state_names(),
-            );
+            return super::dense::settle(&plan, &self.config, model, net, ctx, start, beta);
         }
         self.settle_generic(model, net, ctx, start, start_eval, beta)
     }
@@ -206,8 +252,7 @@ impl Settler {
         let mut states = start.to_vec();
         let mut eval = start_eval.clone();
         let mut momentum: Vec<Tensor<2>> = states.iter().map(Tensor::zeros_like).collect();
-        let threshold = c.tol * beta.abs();
-        let mut initial: Option<f32> = None;
+        let mut residuals = ResidualCheck::new(c, beta);
         let mut stats = SettleStats::default();
         let mut curve = Vec::new();
         let batch = ctx.batch_size();
@@ -222,27 +267,7 @@ impl Settler {
             let grads = model.state_gradients(net, ctx, &eval, beta);
             if stats.steps.is_multiple_of(c.check_every) {
                 let (layers, total) = Self::norms(&grads);
-                stats.residual = total;
-                curve.push((stats.steps, total));
-                let reference = *initial.get_or_insert(total);
-                if !total.is_finite() || total > BLOWUP_FACTOR * reference.max(1e-6) {
-                    let worst = layers
-                        .iter()
-                        .enumerate()
-                        .max_by(|a, b| {
-                            let key = |v: f32| if v.is_finite() { v } else { f32::INFINITY };
-                            key(*a.1).total_cmp(&key(*b.1))
-                        })
-                        .map_or(0, |(i, _)| i);
-                    return Err(SettleError::Diverged {
-                        layer: model.state_names()[worst].clone(),
-                        step: stats.steps,
-                        norm: layers.get(worst).copied().unwrap_or(total),
-                        lr: c.lr,
-                        beta,
-                    });
-                }
-                if total <= threshold {
+                if residuals.check(&layers, total, model.state_names(), &mut stats, &mut curve)? {
                     stats.converged = true;
                     break;
                 }
