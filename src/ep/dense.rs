@@ -10,6 +10,7 @@
 //! own allocation. `tests/settle.rs` checks it against the generic loop.
 
 use burn::tensor::TensorData;
+use rayon::prelude::*;
 
 use super::energy::{BatchContext, DensePlan, EnergyModel, Evaluation};
 use super::settle::{ResidualCheck, SettleConfig, SettleError, SettleStats, Settled};
@@ -17,7 +18,7 @@ use crate::device::{Tensor, to_host};
 use crate::loss::{Loss, MseScale};
 use crate::model::Activation;
 use crate::model::Network;
-use crate::model::kernels::{MatRef, matmul_with};
+use crate::model::kernels::{MatRef, matmul};
 
 /// One linear link `h_{i} = f(s_{i-1}) W + b` of the plan, on the host.
 struct Link {
@@ -111,7 +112,141 @@ fn loss_gradient(loss: Loss, output: &[f32], targets: &[f32], classes: usize, ou
     }
 }
 
+/// The buffers of a block of consecutive samples. Samples settle independently, so blocks
+/// step in parallel and only the residual check looks at all of them.
+struct Chunk {
+    rows: usize,
+    first: Vec<f32>,
+    targets: Vec<f32>,
+    states: Vec<Vec<f32>>,
+    momentum: Vec<Vec<f32>>,
+    errors: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+    /// `acts[i]` is f(s_i) for the link into state i + 1 (the state itself without one).
+    acts: Vec<Vec<f32>>,
+    nudge: Vec<f32>,
+    /// Per-sample squared gradient norm of each state, `[rows, depth]`.
+    sq: Vec<f32>,
+}
+
+impl Chunk {
+    fn new(
+        rows: std::ops::Range<usize>,
+        widths: &[usize],
+        first: &[f32],
+        targets: &[f32],
+        states: &[Vec<f32>],
+    ) -> Self {
+        let n = rows.len();
+        let slice = |v: &[f32], w: usize| v[rows.start * w..rows.end * w].to_vec();
+        let zeros = || widths.iter().map(|w| vec![0.0; n * w]).collect::<Vec<_>>();
+        let depth = widths.len();
+        Self {
+            rows: n,
+            first: slice(first, widths[0]),
+            targets: slice(targets, widths[depth - 1]),
+            states: states
+                .iter()
+                .zip(widths)
+                .map(|(s, &w)| slice(s, w))
+                .collect(),
+            momentum: zeros(),
+            errors: zeros(),
+            grads: zeros(),
+            acts: widths[..depth - 1]
+                .iter()
+                .map(|w| vec![0.0; n * w])
+                .collect(),
+            nudge: vec![0.0; n * widths[depth - 1]],
+            sq: vec![0.0; n * depth],
+        }
+    }
+
+    /// `acts` and the prediction errors `e_i = h_i - s_i` at the current states.
+    fn evaluate(&mut self, links: &[Link], widths: &[usize]) {
+        for (i, a) in self.acts.iter_mut().enumerate() {
+            apply(links[i].activation, &self.states[i], a);
+        }
+        for ((e, &h), &s) in self.errors[0]
+            .iter_mut()
+            .zip(&self.first)
+            .zip(&self.states[0])
+        {
+            *e = h - s;
+        }
+        for i in 1..widths.len() {
+            let (n_in, n_out) = (widths[i - 1], widths[i]);
+            let e = &mut self.errors[i];
+            for row in e.chunks_exact_mut(n_out) {
+                row.copy_from_slice(&links[i - 1].bias);
+            }
+            matmul(
+                e,
+                MatRef::new(&self.acts[i - 1], self.rows, n_in),
+                MatRef::new(&links[i - 1].weight, n_in, n_out),
+                true,
+            );
+            for (ei, &si) in e.iter_mut().zip(&self.states[i]) {
+                *ei -= si;
+            }
+        }
+    }
+
+    /// `g_i = -e_i + f'(s_i) (e_{i+1} W_{i+1}^T)` and `g_L = -e_L + beta dL/ds_L`; with
+    /// `norms`, also the per-sample squared norms.
+    fn gradients(&mut self, links: &[Link], widths: &[usize], loss: Loss, beta: f32, norms: bool) {
+        let depth = widths.len();
+        for i in 0..depth {
+            let g = &mut self.grads[i];
+            if i + 1 < depth {
+                let (n, n_next) = (widths[i], widths[i + 1]);
+                matmul(
+                    g,
+                    MatRef::new(&self.errors[i + 1], self.rows, n_next),
+                    MatRef::new(&links[i].weight, n, n_next).t(),
+                    false,
+                );
+                feedback(links[i].activation, g, &self.states[i], &self.errors[i]);
+            } else {
+                loss_gradient(
+                    loss,
+                    &self.states[i],
+                    &self.targets,
+                    widths[i],
+                    &mut self.nudge,
+                );
+                for ((gi, &ni), &ei) in g.iter_mut().zip(&self.nudge).zip(&self.errors[i]) {
+                    *gi = beta * ni - ei;
+                }
+            }
+            if norms {
+                for (b, row) in g.chunks_exact(widths[i]).enumerate() {
+                    self.sq[b * depth + i] = row.iter().map(|v| v * v).sum();
+                }
+            }
+        }
+    }
+
+    /// `m <- mu m + g; s <- s - lr m` in one pass per state, then the new errors.
+    fn step(&mut self, links: &[Link], widths: &[usize], momentum: f32, lr: f32) {
+        for ((s, m), g) in self
+            .states
+            .iter_mut()
+            .zip(&mut self.momentum)
+            .zip(&self.grads)
+        {
+            for ((si, mi), &gi) in s.iter_mut().zip(m.iter_mut()).zip(g) {
+                *mi = *mi * momentum + gi;
+                *si -= lr * *mi;
+            }
+        }
+        self.evaluate(links, widths);
+    }
+}
+
 /// Settles on the host; see the module docs. Same contract as [`super::Settler::settle`].
+/// The batch is split into one block of samples per worker thread (at least 16 samples
+/// each); the blocks step in parallel between residual checks.
 pub(crate) fn settle(
     plan: &DensePlan,
     config: &SettleConfig,
@@ -124,7 +259,6 @@ pub(crate) fn settle(
     let batch = ctx.batch_size();
     let widths = &plan.widths;
     let depth = widths.len();
-    let threads = crate::device::threads();
     let links: Vec<Link> = plan
         .links
         .iter()
@@ -139,89 +273,43 @@ pub(crate) fn settle(
         .collect();
     let first = to_host(ctx.first_prediction());
     let targets = to_host(ctx.targets());
-    let mut states: Vec<Vec<f32>> = start.iter().map(to_host).collect();
-    let mut momentum: Vec<Vec<f32>> = widths.iter().map(|n| vec![0.0; batch * n]).collect();
-    let mut errors = momentum.clone();
-    let mut grads = momentum.clone();
-    // `acts[i]` is f(s_i) for the link into state i + 1 (the state itself without one).
-    let mut acts: Vec<Vec<f32>> = widths[..depth - 1]
-        .iter()
-        .map(|n| vec![0.0; batch * n])
+    let states: Vec<Vec<f32>> = start.iter().map(to_host).collect();
+    let blocks = crate::device::threads().min(batch / 16).max(1);
+    let mut chunks: Vec<Chunk> = (0..blocks)
+        .map(|b| {
+            let rows = batch * b / blocks..batch * (b + 1) / blocks;
+            Chunk::new(rows, widths, &first, &targets, &states)
+        })
         .collect();
-    let mut nudge = vec![0.0; batch * widths[depth - 1]];
-    let mut sq = vec![0.0f32; batch * depth];
-
-    let activate = |links: &[Link], states: &[Vec<f32>], acts: &mut [Vec<f32>]| {
-        for (i, a) in acts.iter_mut().enumerate() {
-            apply(links[i].activation, &states[i], a);
+    let each = |chunks: &mut Vec<Chunk>, f: &(dyn Fn(&mut Chunk) + Sync)| {
+        if chunks.len() == 1 {
+            f(&mut chunks[0]);
+        } else {
+            chunks.par_iter_mut().for_each(f);
         }
     };
-    // Prediction errors e_i = h_i - s_i at the current states.
-    let evaluate = |states: &[Vec<f32>], acts: &[Vec<f32>], errors: &mut [Vec<f32>]| {
-        for ((e, &h), &s) in errors[0].iter_mut().zip(&first).zip(&states[0]) {
-            *e = h - s;
-        }
-        for i in 1..depth {
-            let (n_in, n_out) = (widths[i - 1], widths[i]);
-            let e = &mut errors[i];
-            for row in e.chunks_exact_mut(n_out) {
-                row.copy_from_slice(&links[i - 1].bias);
-            }
-            matmul_with(
-                e,
-                MatRef::new(&acts[i - 1], batch, n_in),
-                MatRef::new(&links[i - 1].weight, n_in, n_out),
-                true,
-                threads,
-            );
-            for (ei, &si) in e.iter_mut().zip(&states[i]) {
-                *ei -= si;
-            }
-        }
-    };
-    activate(&links, &states, &mut acts);
-    evaluate(&states, &acts, &mut errors);
+    each(&mut chunks, &|c| c.evaluate(&links, widths));
 
+    let loss = model.loss();
     let mut residuals = ResidualCheck::new(config, beta);
     let mut stats = SettleStats::default();
     let mut curve = Vec::new();
     loop {
-        // g_i = -e_i + f'(s_i) (e_{i+1} W_{i+1}^T), and g_L = -e_L + beta dL/ds_L.
-        for i in 0..depth {
-            let g = &mut grads[i];
-            if i + 1 < depth {
-                let (n, n_next) = (widths[i], widths[i + 1]);
-                matmul_with(
-                    g,
-                    MatRef::new(&errors[i + 1], batch, n_next),
-                    MatRef::new(&links[i].weight, n, n_next).t(),
-                    false,
-                    threads,
-                );
-                feedback(links[i].activation, g, &states[i], &errors[i]);
-            } else {
-                loss_gradient(model.loss(), &states[i], &targets, widths[i], &mut nudge);
-                for ((gi, &ni), &ei) in g.iter_mut().zip(&nudge).zip(&errors[i]) {
-                    *gi = beta * ni - ei;
-                }
-            }
-        }
-        if stats.steps.is_multiple_of(config.check_every) {
-            for (i, g) in grads.iter().enumerate() {
-                for (b, row) in g.chunks_exact(widths[i]).enumerate() {
-                    sq[b * depth + i] = row.iter().map(|v| v * v).sum();
-                }
-            }
+        let check = stats.steps.is_multiple_of(config.check_every);
+        each(&mut chunks, &|c| {
+            c.gradients(&links, widths, loss, beta, check)
+        });
+        if check {
+            let rows = || chunks.iter().flat_map(|c| c.sq.chunks_exact(depth));
             let layer_max: Vec<f32> = (0..depth)
                 .map(|i| {
-                    (0..batch)
-                        .map(|b| sq[b * depth + i])
+                    rows()
+                        .map(|r| r[i])
                         .fold(f32::NEG_INFINITY, f32::max)
                         .sqrt()
                 })
                 .collect();
-            let total = sq
-                .chunks_exact(depth)
+            let total = rows()
                 .map(|r| r.iter().sum::<f32>())
                 .fold(f32::NEG_INFINITY, f32::max)
                 .sqrt();
@@ -239,23 +327,20 @@ pub(crate) fn settle(
         if stats.steps >= config.steps {
             break;
         }
-        // m <- mu m + g; s <- s - lr m, in one pass per state.
-        for ((s, m), g) in states.iter_mut().zip(&mut momentum).zip(&grads) {
-            let (mu, lr) = (config.momentum, config.lr);
-            for ((si, mi), &gi) in s.iter_mut().zip(m.iter_mut()).zip(g) {
-                *mi = *mi * mu + gi;
-                *si -= lr * *mi;
-            }
-        }
-        activate(&links, &states, &mut acts);
-        evaluate(&states, &acts, &mut errors);
+        each(&mut chunks, &|c| {
+            c.step(&links, widths, config.momentum, config.lr)
+        });
         stats.steps += 1;
     }
     let device = ctx.input().device();
-    let states: Vec<Tensor<2>> = states
-        .into_iter()
-        .zip(widths)
-        .map(|(s, &n)| Tensor::from_data(TensorData::new(s, [batch, n]), &device))
+    let states: Vec<Tensor<2>> = (0..depth)
+        .map(|i| {
+            let values: Vec<f32> = chunks
+                .iter()
+                .flat_map(|c| c.states[i].iter().copied())
+                .collect();
+            Tensor::from_data(TensorData::new(values, [batch, widths[i]]), &device)
+        })
         .collect();
     let eval: Evaluation = model.evaluate(net, ctx, &states);
     let energy = model.per_sample_energy(ctx, &eval, beta).mean();

@@ -453,8 +453,9 @@ impl PoolGeometry {
     }
 }
 
-/// GFLOP/s of `gemms` run back to back with [`matmul_with`] on the worker threads
-/// (deterministic operands), median of `repeats` rounds.
+/// GFLOP/s of `gemms` run back to back with [`matmul`] (deterministic operands), median of
+/// `repeats` rounds. With several worker threads each product's rows are split into one
+/// block per thread, computed in parallel: how the dense settle loop uses the threads.
 pub fn gemm_gflops(gemms: &[super::Gemm], repeats: usize) -> f64 {
     let threads = crate::device::threads();
     let operands: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = gemms
@@ -472,13 +473,18 @@ pub fn gemm_gflops(gemms: &[super::Gemm], repeats: usize) -> f64 {
     let flops: f64 = gemms.iter().map(super::Gemm::flops).sum();
     let us = crate::bench::median_us(repeats, || {
         for (g, (a, b, c)) in gemms.iter().zip(operands.iter_mut()) {
-            matmul_with(
-                c,
-                MatRef::new(a, g.m, g.k),
-                MatRef::new(b, g.k, g.n),
-                false,
-                threads,
-            );
+            let block = g.m.div_ceil(threads.max(1)).max(1);
+            c.par_chunks_mut(block * g.n)
+                .zip(a.par_chunks(block * g.k))
+                .for_each(|(c, a)| {
+                    let rows = a.len() / g.k;
+                    matmul(
+                        c,
+                        MatRef::new(a, rows, g.k),
+                        MatRef::new(b, g.k, g.n),
+                        false,
+                    );
+                });
         }
     });
     flops / us / 1e3
