@@ -215,7 +215,7 @@ fn out_of_range_options_are_rejected() {
 fn the_fused_dense_loop_matches_the_generic_loop() {
     let dev = cpu_device(CpuBackend::Flex);
     let batch = mnist(32, &dev);
-    let cases: [(&str, Loss, f32, SettleConfig); 5] = [
+    let cases: [(&str, Loss, f32, SettleConfig); 6] = [
         // The paper's MLP, 30 steps, one-sided nudge.
         (
             "784-128-64-10",
@@ -257,6 +257,19 @@ fn the_fused_dense_loop_matches_the_generic_loop() {
             1.0,
             SettleConfig {
                 lr: 0.2,
+                ..SettleConfig::default()
+            },
+        ),
+        // Per-sample stopping: samples stop at different checks.
+        (
+            "784-48-tanh-32-sigmoid-10",
+            Loss::default(),
+            0.5,
+            SettleConfig {
+                steps: 60,
+                check_every: 2,
+                tol: 0.02,
+                per_sample: true,
                 ..SettleConfig::default()
             },
         ),
@@ -306,6 +319,7 @@ fn the_fused_dense_loop_matches_the_generic_loop() {
             (f, s) => panic!("{spec}: fused {:?} vs generic {:?}", f.err(), s.err()),
         };
         assert_eq!(fast.stats.steps, slow.stats.steps, "{spec}");
+        assert_eq!(fast.stats.sample_steps, slow.stats.sample_steps, "{spec}");
         assert_eq!(fast.stats.converged, slow.stats.converged, "{spec}");
         assert_eq!(
             fast.residual_curve.len(),
@@ -334,11 +348,17 @@ fn the_fused_dense_loop_matches_the_generic_loop() {
         assert!(
             (fast.stats.energy - slow.stats.energy).abs() <= 1e-4 * (1.0 + slow.stats.energy.abs())
         );
+        let stopped_early = fast.stats.sample_steps < fast.stats.steps as f32;
         outcomes.push(format!(
-            "{} steps{}",
+            "{} steps{}{}",
             fast.stats.steps,
             if fast.stats.converged {
                 ", converged"
+            } else {
+                ""
+            },
+            if stopped_early {
+                ", samples stopped early"
             } else {
                 ""
             }
@@ -348,5 +368,46 @@ fn the_fused_dense_loop_matches_the_generic_loop() {
     eprintln!("{outcomes:?}");
     assert_eq!(outcomes[0], "30 steps");
     assert!(outcomes[1].ends_with("converged"), "{outcomes:?}");
-    assert_eq!(outcomes[4], "diverged");
+    assert!(
+        outcomes[4].ends_with("samples stopped early"),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[5], "diverged");
+}
+
+/// With per-sample stopping each sample stops on its own residual, so it settles exactly as
+/// it would alone, and the batch's mean steps per sample fall below its longest settle.
+#[test]
+fn per_sample_stopping_settles_each_sample_as_alone() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let batch = mnist(32, &dev);
+    let config = SettleConfig {
+        steps: 80,
+        check_every: 2,
+        tol: 0.02,
+        per_sample: true,
+        ..SettleConfig::default()
+    };
+    let x = to_vec(&batch.x);
+    for spec in ["784-64-tanh-32-10", "784-64-32-10"] {
+        let net = net(spec, &dev);
+        let all = settle(&net, &batch, config, 0.5).unwrap();
+        assert!(
+            all.stats.sample_steps < all.stats.steps as f32,
+            "{spec}: {:?}",
+            all.stats
+        );
+        for r in [0, 7, 31] {
+            let one = TensorBatch::new(&x[r * 784..(r + 1) * 784], &batch.labels[r..=r], 10, &dev);
+            let alone = settle(&net, &one, config, 0.5).unwrap();
+            for (a, b) in all.states.iter().zip(&alone.states) {
+                let (a, b) = (row(a, r), to_vec(b));
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(diff < 1e-4, "{spec} sample {r}: {diff}");
+            }
+        }
+    }
 }

@@ -661,12 +661,22 @@ fn the_speed_bench_reports_ep_against_backprop_with_its_cost_model() {
     assert!(
         c["muon_update"].as_f64().unwrap() > 64.0 * c["ep_gradient_per_sample"].as_f64().unwrap()
     );
-    for label in ["smep", "smep_sgd", "smep_adam", "sgd", "adam", "eqprop"] {
+    for label in [
+        "smep",
+        "smep_sgd",
+        "smep_adam",
+        "smep_adam_es",
+        "sgd",
+        "adam",
+        "eqprop",
+    ] {
         assert!(
             s["seconds_per_step"][label].as_f64().unwrap() > 0.0,
             "{label}"
         );
     }
+    // Per-sample early stopping at tol 0.1 stops samples well before the 30-step budget.
+    assert!(f("ep_adam_es_settle_steps_mean") < 30.0);
     let table = std::fs::read_to_string(dir.join("table.md")).unwrap();
     assert!(table.contains("EP / BP time"), "{table}");
 }

@@ -86,6 +86,11 @@ pub struct TrainOptions {
     /// Per-sample adaptive settle step.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub adaptive: Option<bool>,
+    /// Per-sample stopping: a sample stops settling once its own state-gradient norm is
+    /// under --settle-tol * beta (at a check); the dense fast path then drops it from its
+    /// products.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub settle_per_sample: Option<bool>,
     /// Matrix update rule of the preset's composite optimizer: plain, muon, muon-cubic,
     /// dion, lowrank, fisher, adam.
     #[arg(long)]
@@ -166,6 +171,7 @@ impl TrainOptions {
             settle_tol,
             settle_check,
             adaptive,
+            settle_per_sample,
             update,
             gamma,
             vector_lr,
@@ -293,6 +299,7 @@ impl TrainOptions {
             tol: self.settle_tol.unwrap_or(base.tol),
             check_every: self.settle_check.unwrap_or(base.check_every),
             adaptive: self.adaptive.unwrap_or(base.adaptive),
+            per_sample: self.settle_per_sample.unwrap_or(base.per_sample),
             ..base
         }
     }

@@ -116,6 +116,12 @@ fn loss_gradient(loss: Loss, output: &[f32], targets: &[f32], classes: usize, ou
 /// step in parallel and only the residual check looks at all of them.
 struct Chunk {
     rows: usize,
+    /// Rows still moving: they are kept first, stopped ones are swapped behind them.
+    active: usize,
+    /// `order[p]`: the chunk row whose sample sits at position `p`.
+    order: Vec<usize>,
+    /// The step at which each chunk row stopped (per-sample stopping).
+    stopped: Vec<Option<usize>>,
     first: Vec<f32>,
     targets: Vec<f32>,
     states: Vec<Vec<f32>>,
@@ -143,6 +149,9 @@ impl Chunk {
         let depth = widths.len();
         Self {
             rows: n,
+            active: n,
+            order: (0..n).collect(),
+            stopped: vec![None; n],
             first: slice(first, widths[0]),
             targets: slice(targets, widths[depth - 1]),
             states: states
@@ -164,10 +173,17 @@ impl Chunk {
 
     /// `acts` and the prediction errors `e_i = h_i - s_i` at the current states.
     fn evaluate(&mut self, links: &[Link], widths: &[usize]) {
+        let r = self.active;
         for (i, a) in self.acts.iter_mut().enumerate() {
-            apply(links[i].activation, &self.states[i], a);
+            let w = widths[i];
+            apply(
+                links[i].activation,
+                &self.states[i][..r * w],
+                &mut a[..r * w],
+            );
         }
-        for ((e, &h), &s) in self.errors[0]
+        let w0 = widths[0];
+        for ((e, &h), &s) in self.errors[0][..r * w0]
             .iter_mut()
             .zip(&self.first)
             .zip(&self.states[0])
@@ -176,13 +192,13 @@ impl Chunk {
         }
         for i in 1..widths.len() {
             let (n_in, n_out) = (widths[i - 1], widths[i]);
-            let e = &mut self.errors[i];
+            let e = &mut self.errors[i][..r * n_out];
             for row in e.chunks_exact_mut(n_out) {
                 row.copy_from_slice(&links[i - 1].bias);
             }
             matmul(
                 e,
-                MatRef::new(&self.acts[i - 1], self.rows, n_in),
+                MatRef::new(&self.acts[i - 1][..r * n_in], r, n_in),
                 MatRef::new(&links[i - 1].weight, n_in, n_out),
                 true,
             );
@@ -192,30 +208,74 @@ impl Chunk {
         }
     }
 
+    /// Swaps the samples at positions `a` and `b` in every per-sample buffer.
+    fn swap(&mut self, a: usize, b: usize, widths: &[usize]) {
+        fn rows(buf: &mut [f32], w: usize, a: usize, b: usize) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            let (head, tail) = buf.split_at_mut(hi * w);
+            head[lo * w..(lo + 1) * w].swap_with_slice(&mut tail[..w]);
+        }
+        if a == b {
+            return;
+        }
+        let depth = widths.len();
+        rows(&mut self.first, widths[0], a, b);
+        rows(&mut self.targets, widths[depth - 1], a, b);
+        rows(&mut self.nudge, widths[depth - 1], a, b);
+        rows(&mut self.sq, depth, a, b);
+        for (i, &w) in widths.iter().enumerate() {
+            rows(&mut self.states[i], w, a, b);
+            rows(&mut self.momentum[i], w, a, b);
+            rows(&mut self.errors[i], w, a, b);
+            rows(&mut self.grads[i], w, a, b);
+            if i + 1 < depth {
+                rows(&mut self.acts[i], w, a, b);
+            }
+        }
+        self.order.swap(a, b);
+    }
+
+    /// Stops every moving sample whose total gradient norm (from the last
+    /// [`Chunk::gradients`] with norms) is at most `threshold`.
+    fn stop_converged(&mut self, threshold: f32, step: usize, widths: &[usize]) {
+        let depth = widths.len();
+        let mut p = 0;
+        while p < self.active {
+            let norm = self.sq[p * depth..(p + 1) * depth]
+                .iter()
+                .sum::<f32>()
+                .sqrt();
+            if norm <= threshold {
+                self.stopped[self.order[p]] = Some(step);
+                self.active -= 1;
+                self.swap(p, self.active, widths);
+            } else {
+                p += 1;
+            }
+        }
+    }
+
     /// `g_i = -e_i + f'(s_i) (e_{i+1} W_{i+1}^T)` and `g_L = -e_L + beta dL/ds_L`; with
     /// `norms`, also the per-sample squared norms.
     fn gradients(&mut self, links: &[Link], widths: &[usize], loss: Loss, beta: f32, norms: bool) {
         let depth = widths.len();
+        let r = self.active;
         for i in 0..depth {
-            let g = &mut self.grads[i];
+            let g = &mut self.grads[i][..r * widths[i]];
             if i + 1 < depth {
                 let (n, n_next) = (widths[i], widths[i + 1]);
                 matmul(
                     g,
-                    MatRef::new(&self.errors[i + 1], self.rows, n_next),
+                    MatRef::new(&self.errors[i + 1][..r * n_next], r, n_next),
                     MatRef::new(&links[i].weight, n, n_next).t(),
                     false,
                 );
                 feedback(links[i].activation, g, &self.states[i], &self.errors[i]);
             } else {
-                loss_gradient(
-                    loss,
-                    &self.states[i],
-                    &self.targets,
-                    widths[i],
-                    &mut self.nudge,
-                );
-                for ((gi, &ni), &ei) in g.iter_mut().zip(&self.nudge).zip(&self.errors[i]) {
+                let nudge = &mut self.nudge[..r * widths[i]];
+                let output = &self.states[i][..r * widths[i]];
+                loss_gradient(loss, output, &self.targets, widths[i], nudge);
+                for ((gi, &ni), &ei) in g.iter_mut().zip(nudge.iter()).zip(&self.errors[i]) {
                     *gi = beta * ni - ei;
                 }
             }
@@ -229,13 +289,15 @@ impl Chunk {
 
     /// `m <- mu m + g; s <- s - lr m` in one pass per state, then the new errors.
     fn step(&mut self, links: &[Link], widths: &[usize], momentum: f32, lr: f32) {
-        for ((s, m), g) in self
+        let r = self.active;
+        for (((s, m), g), &w) in self
             .states
             .iter_mut()
             .zip(&mut self.momentum)
             .zip(&self.grads)
+            .zip(widths)
         {
-            for ((si, mi), &gi) in s.iter_mut().zip(m.iter_mut()).zip(g) {
+            for ((si, mi), &gi) in s[..r * w].iter_mut().zip(m.iter_mut()).zip(g) {
                 *mi = *mi * momentum + gi;
                 *si -= lr * *mi;
             }
@@ -323,6 +385,10 @@ pub(crate) fn settle(
                 stats.converged = true;
                 break;
             }
+            if config.per_sample {
+                let (threshold, step) = (residuals.threshold(), stats.steps);
+                each(&mut chunks, &|c| c.stop_converged(threshold, step, widths));
+            }
         }
         if stats.steps >= config.steps {
             break;
@@ -333,15 +399,28 @@ pub(crate) fn settle(
         stats.steps += 1;
     }
     let device = ctx.input().device();
+    // Samples back in batch order.
     let states: Vec<Tensor<2>> = (0..depth)
         .map(|i| {
-            let values: Vec<f32> = chunks
-                .iter()
-                .flat_map(|c| c.states[i].iter().copied())
-                .collect();
-            Tensor::from_data(TensorData::new(values, [batch, widths[i]]), &device)
+            let w = widths[i];
+            let mut values = vec![0.0; batch * w];
+            let mut offset = 0;
+            for c in &chunks {
+                for (p, &row) in c.order.iter().enumerate() {
+                    let dst = (offset + row) * w;
+                    values[dst..dst + w].copy_from_slice(&c.states[i][p * w..(p + 1) * w]);
+                }
+                offset += c.rows;
+            }
+            Tensor::from_data(TensorData::new(values, [batch, w]), &device)
         })
         .collect();
+    stats.sample_steps = chunks
+        .iter()
+        .flat_map(|c| c.stopped.iter())
+        .map(|s| s.unwrap_or(stats.steps) as f32)
+        .sum::<f32>()
+        / batch.max(1) as f32;
     let eval: Evaluation = model.evaluate(net, ctx, &states);
     let energy = model.per_sample_energy(ctx, &eval, beta).mean();
     stats.energy = to_host(&energy)[0];

@@ -1,5 +1,7 @@
 //! Settling: heavy-ball descent of the energy in state space.
 
+use burn::tensor::TensorData;
+
 use super::energy::{BatchContext, EnergyModel, Evaluation};
 use crate::device::{Tensor, to_host};
 use crate::model::Network;
@@ -33,6 +35,12 @@ pub struct SettleConfig {
     /// accepted step grows it by [`ADAPTIVE_GROWTH`] up to [`ADAPTIVE_MAX_FACTOR`]` * lr`.
     /// Costs one extra energy evaluation and one host read per step.
     pub adaptive: bool,
+    /// Per-sample stopping: a sample whose own state-gradient norm is below `tol * |beta|`
+    /// at a check stops moving (for good), and settling ends when every sample has
+    /// stopped. Each sample then settles exactly as it would alone, and the fused dense
+    /// loop drops stopped samples from its products, so the saved steps save time.
+    #[serde(default)]
+    pub per_sample: bool,
 }
 
 impl Default for SettleConfig {
@@ -45,6 +53,7 @@ impl Default for SettleConfig {
             tol: 1e-3,
             check_every: 5,
             adaptive: false,
+            per_sample: false,
         }
     }
 }
@@ -109,6 +118,10 @@ pub struct SettleStats {
     pub rejected: usize,
     /// Mean per-sample energy at the settled states.
     pub energy: f32,
+    /// Mean over samples of the steps each sample moved (equals `steps` unless samples
+    /// stop on their own, see [`SettleConfig::per_sample`]).
+    #[serde(default)]
+    pub sample_steps: f32,
 }
 
 /// Settled states with their evaluation.
@@ -136,6 +149,11 @@ pub(crate) struct ResidualCheck {
 }
 
 impl ResidualCheck {
+    /// The per-sample convergence threshold `tol * |beta|`.
+    pub(crate) fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
     pub(crate) fn new(config: &SettleConfig, beta: f32) -> Self {
         Self {
             threshold: config.tol * beta.abs(),
@@ -198,17 +216,25 @@ impl Settler {
     }
 
     /// Per-layer largest per-sample squared norm `[1, L]` and the largest per-sample total.
-    fn norms(grads: &[Tensor<2>]) -> (Vec<f32>, f32) {
+    /// Per-layer largest per-sample norm, the largest per-sample total, and (with
+    /// `per_sample`) every sample's total norm.
+    fn norms(grads: &[Tensor<2>], per_sample: bool) -> (Vec<f32>, f32, Vec<f32>) {
         let per_layer: Vec<Tensor<2>> = grads
             .iter()
             .map(|g| g.clone().square().sum_dim(1))
             .collect();
         let stacked = Tensor::cat(per_layer, 1);
-        let total = stacked.clone().sum_dim(1).max_dim(0);
+        let totals = stacked.clone().sum_dim(1);
+        let samples = if per_sample {
+            to_host(&totals).into_iter().map(f32::sqrt).collect()
+        } else {
+            Vec::new()
+        };
+        let total = totals.max_dim(0);
         let layer_max = stacked.max_dim(0);
         let mut values = to_host(&Tensor::cat(vec![layer_max, total], 1));
         let total = values.pop().expect("one total").sqrt();
-        (values.into_iter().map(f32::sqrt).collect(), total)
+        (values.into_iter().map(f32::sqrt).collect(), total, samples)
     }
 
     /// Descends the energy at nudge `beta` from `start` (whose evaluation is `start_eval`).
@@ -263,13 +289,33 @@ impl Settler {
         let mut energy = c
             .adaptive
             .then(|| model.per_sample_energy(ctx, &eval, beta));
+        // Per-sample stopping: the step at which each sample stopped, and the mask of the
+        // samples still moving.
+        let mut stopped: Vec<Option<usize>> = vec![None; batch];
+        let mut mask: Option<Tensor<2>> = None;
         loop {
             let grads = model.state_gradients(net, ctx, &eval, beta);
             if stats.steps.is_multiple_of(c.check_every) {
-                let (layers, total) = Self::norms(&grads);
+                let (layers, total, samples) = Self::norms(&grads, c.per_sample);
                 if residuals.check(&layers, total, model.state_names(), &mut stats, &mut curve)? {
                     stats.converged = true;
                     break;
+                }
+                if c.per_sample {
+                    let threshold = residuals.threshold();
+                    for (stop, &norm) in stopped.iter_mut().zip(&samples) {
+                        if stop.is_none() && norm <= threshold {
+                            *stop = Some(stats.steps);
+                        }
+                    }
+                    let moving: Vec<f32> = stopped
+                        .iter()
+                        .map(|s| f32::from(u8::from(s.is_none())))
+                        .collect();
+                    mask = Some(Tensor::from_data(
+                        TensorData::new(moving, [batch, 1]),
+                        &device,
+                    ));
                 }
             }
             if stats.steps >= c.steps {
@@ -280,10 +326,14 @@ impl Settler {
             }
             match (&mut step_size, &mut energy) {
                 (Some(lr), Some(e_prev)) => {
+                    let rate = match &mask {
+                        Some(mask) => lr.clone() * mask.clone(),
+                        None => lr.clone(),
+                    };
                     let proposal: Vec<Tensor<2>> = states
                         .iter()
                         .zip(&momentum)
-                        .map(|(s, m)| s.clone() - m.clone() * lr.clone())
+                        .map(|(s, m)| s.clone() - m.clone() * rate.clone())
                         .collect();
                     let new_eval = model.evaluate(net, ctx, &proposal);
                     let e_new = model.per_sample_energy(ctx, &new_eval, beta);
@@ -313,13 +363,23 @@ impl Settler {
                 }
                 _ => {
                     for (s, m) in states.iter_mut().zip(&momentum) {
-                        *s = s.clone() - m.clone().mul_scalar(c.lr);
+                        let step = m.clone().mul_scalar(c.lr);
+                        *s = s.clone()
+                            - match &mask {
+                                Some(mask) => step * mask.clone(),
+                                None => step,
+                            };
                     }
                     eval = model.evaluate(net, ctx, &states);
                 }
             }
             stats.steps += 1;
         }
+        stats.sample_steps = stopped
+            .iter()
+            .map(|s| s.unwrap_or(stats.steps) as f32)
+            .sum::<f32>()
+            / batch.max(1) as f32;
         let energy = model.per_sample_energy(ctx, &eval, beta).mean();
         stats.energy = to_host(&energy)[0];
         Ok(Settled {

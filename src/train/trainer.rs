@@ -323,7 +323,7 @@ impl Trainer {
 struct SettleSummary {
     phases: bool,
     count: usize,
-    steps: usize,
+    steps: f64,
     residual: f64,
     unconverged: usize,
 }
@@ -333,14 +333,15 @@ impl SettleSummary {
         for s in stats {
             self.phases = true;
             self.count += 1;
-            self.steps += s.steps;
+            // Per sample: with per-sample stopping, samples stop at different steps.
+            self.steps += f64::from(s.sample_steps);
             self.residual += s.residual as f64;
             self.unconverged += usize::from(!s.converged);
         }
     }
 
     fn mean_steps(&self) -> Option<f64> {
-        (self.count > 0).then(|| self.steps as f64 / self.count as f64)
+        (self.count > 0).then(|| self.steps / self.count as f64)
     }
 
     fn mean_residual(&self) -> Option<f64> {
