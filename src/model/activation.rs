@@ -189,3 +189,39 @@ impl fmt::Display for Activation {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::TensorData;
+
+    use super::*;
+    use crate::device::{CpuBackend, cpu_device, to_host};
+
+    #[test]
+    fn host_forms_match_the_tensor_forms() {
+        let dev = cpu_device(CpuBackend::Flex);
+        // A grid that avoids the kinks (0 and the clip caps), where conventions differ.
+        let xs: Vec<f32> = (0..81).map(|i| -4.03 + 0.1 * i as f32).collect();
+        let x = Tensor::<2>::from_data(TensorData::new(xs.clone(), [1, xs.len()]), &dev);
+        let ones = Tensor::<2>::ones([1, xs.len()], &dev);
+        let all = [
+            Activation::Relu,
+            Activation::LeakyRelu { slope: 0.01 },
+            Activation::Sigmoid,
+            Activation::Tanh,
+            Activation::HardSigmoid,
+            Activation::ClippedRelu { cap: 1.5 },
+            Activation::Silu,
+        ];
+        for a in all {
+            let f = to_host(&a.apply(x.clone()));
+            let d = to_host(&a.vjp(&x, ones.clone()));
+            for (k, &xk) in xs.iter().enumerate() {
+                let (fs, ds) = (a.scalar(xk).unwrap(), a.scalar_derivative(xk).unwrap());
+                assert!((fs - f[k]).abs() < 1e-5, "{a} f({xk}): {fs} vs {}", f[k]);
+                assert!((ds - d[k]).abs() < 1e-5, "{a} f'({xk}): {ds} vs {}", d[k]);
+            }
+        }
+        assert_eq!(Activation::Gelu.scalar(0.3), None);
+    }
+}

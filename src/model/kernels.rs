@@ -54,17 +54,6 @@ impl<'a> MatRef<'a> {
 /// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), `dst` row-major
 /// `lhs.rows x rhs.cols`, single-threaded (callers parallelise over samples).
 pub(crate) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
-    matmul_with(dst, lhs, rhs, accumulate, 1);
-}
-
-/// [`matmul`] on up to `threads` threads (gemm's own rayon split; 1 runs inline).
-pub(crate) fn matmul_with(
-    dst: &mut [f32],
-    lhs: MatRef<'_>,
-    rhs: MatRef<'_>,
-    accumulate: bool,
-    threads: usize,
-) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(k, rhs.rows, "inner dimensions differ");
     assert!(dst.len() >= m * n, "destination too small");
@@ -104,12 +93,7 @@ pub(crate) fn matmul_with(
             false,
             false,
             false,
-            // Splitting a small product costs more than it saves.
-            if threads > 1 && m * n * k >= 1 << 24 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            },
+            gemm::Parallelism::None,
         );
     }
 }
