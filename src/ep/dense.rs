@@ -7,7 +7,10 @@
 //! product per layer for the feedback `e_{i+1} W_{i+1}^T` and one for the prediction
 //! `f(s_i) W_{i+1} + b`, and two fused passes per state (gradient, then momentum, state
 //! and activation together) instead of about ten separate tensor operations, each with its
-//! own allocation. `tests/settle.rs` checks it against the generic loop.
+//! own allocation. Samples settle independently, so the batch is split into one block per
+//! worker thread ([`Chunk`]) and the blocks step in parallel; with per-sample stopping a
+//! stopped sample is swapped behind the moving ones of its block and leaves every product.
+//! `tests/settle.rs` checks it against the generic loop.
 
 use burn::tensor::TensorData;
 use rayon::prelude::*;
