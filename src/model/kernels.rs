@@ -437,9 +437,10 @@ impl PoolGeometry {
     }
 }
 
-/// GFLOP/s of `gemms` run back to back with the host `gemm` product (deterministic operands), median of
-/// `repeats` rounds. With several worker threads each product's rows are split into one
-/// block per thread, computed in parallel: how the dense settle loop uses the threads.
+/// GFLOP/s of `gemms` run back to back with the host `gemm` product (deterministic
+/// operands), median of `repeats` rounds. With several worker threads each product's rows
+/// are split into one block per thread, computed in parallel: how the dense settle loop
+/// uses the threads.
 pub fn gemm_gflops(gemms: &[super::Gemm], repeats: usize) -> f64 {
     let threads = crate::device::threads();
     let operands: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = gemms
