@@ -460,21 +460,10 @@ pub struct BenchContinualArgs {
     /// Fisher samples per task.
     #[arg(long, default_value_t = 1000)]
     fisher_samples: usize,
-    /// Minute-scale smoke version: 3 tasks of 2000 training samples.
-    #[arg(long)]
-    quick: bool,
-    /// Seeds (every method runs with each).
-    #[arg(long, value_delimiter = ',')]
-    seeds: Option<Vec<u64>>,
-    /// Output directory (default results/continual).
-    #[arg(long, value_name = "DIR")]
-    out: Option<PathBuf>,
-    /// Do not download missing data sets.
-    #[arg(long)]
-    no_fetch: bool,
-    /// Print results.json on stdout as well.
-    #[arg(long)]
-    json: bool,
+    /// `--quick` (3 tasks of 2000 training samples), `--seeds` (every method runs with
+    /// each), `--out` (default results/continual), `--no-fetch`, `--json`.
+    #[command(flatten)]
+    suite: super::suites::SuiteArgs,
 }
 
 /// The bench's EP configuration: smep's estimator (one-sided beta 0.5, <= 30 settle
@@ -504,7 +493,7 @@ fn bench_options(preset: &str, train: Option<usize>, test: Option<usize>) -> Tra
 }
 
 fn bench_methods(args: &BenchContinualArgs) -> Vec<Method> {
-    let (train, test) = if args.quick {
+    let (train, test) = if args.suite.quick {
         (Some(2000), Some(1000))
     } else {
         (None, None)
@@ -550,7 +539,7 @@ fn bench_methods(args: &BenchContinualArgs) -> Vec<Method> {
 }
 
 pub fn bench(args: BenchContinualArgs, globals: &Globals) -> Result<()> {
-    let tasks = if args.quick { 3 } else { args.tasks };
+    let tasks = if args.suite.quick { 3 } else { args.tasks };
     check_tasks(tasks)?;
     let methods = bench_methods(&args);
     for m in &methods {
@@ -559,13 +548,18 @@ pub fn bench(args: BenchContinualArgs, globals: &Globals) -> Result<()> {
             Ewc::new(c)?;
         }
     }
-    let seeds = args.seeds.clone().unwrap_or_else(|| vec![globals.seed]);
+    let seeds = args
+        .suite
+        .seeds
+        .clone()
+        .unwrap_or_else(|| vec![globals.seed]);
     anyhow::ensure!(!seeds.is_empty(), "--seeds needs at least one seed");
     let dir = args
+        .suite
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("results/continual"));
-    let base = load_base(&methods[0].opts, globals, args.no_fetch)?;
+    let base = load_base(&methods[0].opts, globals, args.suite.no_fetch)?;
     let mut results = Vec::new();
     let total = methods.len() * seeds.len();
     for &seed in &seeds {
@@ -590,7 +584,7 @@ pub fn bench(args: BenchContinualArgs, globals: &Globals) -> Result<()> {
         .collect();
     let json = serde_json::json!({
         "suite": "continual",
-        "quick": args.quick,
+        "quick": args.suite.quick,
         "tasks": tasks,
         "seeds": seeds,
         "device": globals.device.to_string(),
@@ -605,7 +599,7 @@ pub fn bench(args: BenchContinualArgs, globals: &Globals) -> Result<()> {
     let mut md = format!(
         "# continual: permuted {} ({tasks} tasks{})\n\n| method | seed | average accuracy % | average forgetting % | backward transfer % | seconds |\n|---|---|---|---|---|---|\n",
         base.name,
-        if args.quick { ", quick" } else { "" }
+        if args.suite.quick { ", quick" } else { "" }
     );
     for r in &results {
         md.push_str(&format!(
@@ -626,7 +620,7 @@ pub fn bench(args: BenchContinualArgs, globals: &Globals) -> Result<()> {
         "results in {} (results.json, table.md, {n} charts)",
         dir.display()
     );
-    if args.json {
+    if args.suite.json {
         println!("{}", serde_json::to_string(&json)?);
     }
     Ok(())

@@ -41,19 +41,19 @@ pub enum Suite {
 pub struct SuiteArgs {
     /// Minute-scale smoke version of the suite.
     #[arg(long)]
-    quick: bool,
+    pub quick: bool,
     /// Seeds (each run is repeated per seed; the table shows mean +- std).
     #[arg(long, value_delimiter = ',')]
-    seeds: Option<Vec<u64>>,
+    pub seeds: Option<Vec<u64>>,
     /// Output directory (default results/NAME).
     #[arg(long, value_name = "DIR")]
-    out: Option<PathBuf>,
+    pub out: Option<PathBuf>,
     /// Do not download missing data sets.
     #[arg(long)]
-    no_fetch: bool,
+    pub no_fetch: bool,
     /// Print results.json on stdout as well.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// One planned run.

@@ -418,19 +418,9 @@ pub(crate) fn settle(
             Tensor::from_data(TensorData::new(values, [batch, w]), &device)
         })
         .collect();
-    stats.sample_steps = chunks
-        .iter()
-        .flat_map(|c| c.stopped.iter())
-        .map(|s| s.unwrap_or(stats.steps) as f32)
-        .sum::<f32>()
-        / batch.max(1) as f32;
+    let stopped: Vec<Option<usize>> = chunks.iter().flat_map(|c| c.stopped.clone()).collect();
     let eval: Evaluation = model.evaluate(net, ctx, &states);
-    let energy = model.per_sample_energy(ctx, &eval, beta).mean();
-    stats.energy = to_host(&energy)[0];
-    Ok(Settled {
-        states,
-        eval,
-        stats,
-        residual_curve: curve,
-    })
+    Ok(Settled::finish(
+        model, ctx, states, eval, stats, curve, &stopped, beta,
+    ))
 }

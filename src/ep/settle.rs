@@ -197,6 +197,36 @@ impl ResidualCheck {
     }
 }
 
+impl Settled {
+    /// The outcome of either settle loop: the mean steps per sample (`stopped[b]`: the step
+    /// at which sample `b` stopped, if it did) and the mean energy at the final states.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn finish(
+        model: &EnergyModel,
+        ctx: &BatchContext,
+        states: Vec<Tensor<2>>,
+        eval: Evaluation,
+        mut stats: SettleStats,
+        residual_curve: Vec<(usize, f32)>,
+        stopped: &[Option<usize>],
+        beta: f32,
+    ) -> Self {
+        stats.sample_steps = stopped
+            .iter()
+            .map(|s| s.unwrap_or(stats.steps) as f32)
+            .sum::<f32>()
+            / stopped.len().max(1) as f32;
+        let energy = model.per_sample_energy(ctx, &eval, beta).mean();
+        stats.energy = to_host(&energy)[0];
+        Self {
+            states,
+            eval,
+            stats,
+            residual_curve,
+        }
+    }
+}
+
 /// Heavy-ball state descent on an [`EnergyModel`].
 #[derive(Debug, Clone)]
 pub struct Settler {
@@ -375,18 +405,8 @@ impl Settler {
             }
             stats.steps += 1;
         }
-        stats.sample_steps = stopped
-            .iter()
-            .map(|s| s.unwrap_or(stats.steps) as f32)
-            .sum::<f32>()
-            / batch.max(1) as f32;
-        let energy = model.per_sample_energy(ctx, &eval, beta).mean();
-        stats.energy = to_host(&energy)[0];
-        Ok(Settled {
-            states,
-            eval,
-            stats,
-            residual_curve: curve,
-        })
+        Ok(Settled::finish(
+            model, ctx, states, eval, stats, curve, &stopped, beta,
+        ))
     }
 }
