@@ -200,6 +200,12 @@ pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
         })
 }
 
+/// Whether `device` is a CPU backend, whose tensors the host kernels (`model::kernels`,
+/// the dense settle loop) can read directly.
+pub fn is_host(device: &Device) -> bool {
+    matches!(device, Device::Flex(_) | Device::NdArray(_))
+}
+
 /// Number of worker threads the CPU kernels use.
 pub fn threads() -> usize {
     rayon::current_num_threads()

@@ -45,7 +45,7 @@ fn force(t: &Tensor<2>) {
 /// CPU device with the host `gemm` kernel the settle loop itself uses (on the worker
 /// threads it would use), elsewhere with burn's matmul.
 pub fn matmul_gflops(gemms: &[Gemm], device: &Device, repeats: usize) -> f64 {
-    if matches!(device, Device::Flex(_) | Device::NdArray(_)) {
+    if crate::device::is_host(device) {
         return crate::model::kernels::gemm_gflops(gemms, repeats);
     }
     let operands: Vec<(Tensor<2>, Tensor<2>)> = gemms

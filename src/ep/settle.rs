@@ -281,11 +281,7 @@ impl Settler {
         start_eval: &Evaluation,
         beta: f32,
     ) -> Result<Settled, SettleError> {
-        let on_host = matches!(
-            ctx.input().device(),
-            crate::device::Device::Flex(_) | crate::device::Device::NdArray(_)
-        );
-        if on_host
+        if crate::device::is_host(&ctx.input().device())
             && !self.config.adaptive
             && let Some(plan) = model.dense_plan(net)
         {

@@ -169,7 +169,7 @@ fn wrap(t: FloatTensor<Backend>) -> Tensor<4> {
 /// Whether `t` lives on a plain CPU device, where convolution and pooling run on the
 /// host kernels of [`super::kernels`] (autodiff and GPU tensors use burn's ops).
 fn on_host(t: &Tensor<2>) -> bool {
-    matches!(t.device(), Device::Flex(_) | Device::NdArray(_))
+    crate::device::is_host(&t.device())
 }
 
 /// A `[rows, cols]` tensor on `device` from host values.
