@@ -2,10 +2,12 @@
 //! charts and summary statistics of the experiment suites.
 
 mod cost;
+pub mod memory;
 pub mod plot;
 mod settle;
 
 pub use cost::CostModel;
+pub use memory::CountingAllocator;
 pub use settle::{SettleBench, matmul_gflops, settle_bench};
 
 use std::time::Instant;

@@ -34,6 +34,12 @@ pub enum BenchCommand {
     /// EP, EP+error feedback, EP+EWC (momentum SGD at lr 0.05), backprop and backprop+EWC
     /// (the sgd preset), with the same seeds.
     Continual(super::continual::BenchContinualArgs),
+    /// Peak memory of one training step against depth (64 -> 128 x (depth - 1) -> 10,
+    /// batch 32) for EP, backprop and checkpointed backprop, each in a fresh process.
+    Memory(super::memory::MemoryArgs),
+    /// One memory measurement in this process (what `bench memory` runs per row).
+    #[command(hide = true)]
+    MemoryProbe(super::memory::ProbeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +80,8 @@ pub fn run(cmd: BenchCommand, globals: &Globals) -> Result<()> {
         BenchCommand::Speed(args) => suites::run(Suite::Speed, args, globals),
         BenchCommand::Sota(args) => suites::run(Suite::Sota, args, globals),
         BenchCommand::Continual(args) => super::continual::bench(args, globals),
+        BenchCommand::Memory(args) => super::memory::run(args, globals),
+        BenchCommand::MemoryProbe(args) => super::memory::probe(args, globals),
     }
 }
 

@@ -4,6 +4,7 @@ mod bench;
 mod check;
 mod continual;
 mod data;
+mod memory;
 mod options;
 mod progress;
 mod suites;
@@ -56,6 +57,8 @@ enum Command {
 
 /// Settings every subcommand shares.
 pub struct Globals {
+    /// Worker threads asked for (0: one per core).
+    pub threads: usize,
     /// Seed.
     pub seed: u64,
     /// Device choice.
@@ -69,6 +72,7 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     device::set_threads(cli.threads).context("setting up worker threads")?;
     let globals = Globals {
+        threads: cli.threads,
         seed: cli.seed,
         device: cli.device,
         data_dir: cli.data_dir,

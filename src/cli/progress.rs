@@ -115,3 +115,16 @@ impl TrainObserver for EpochBar {
         }
     }
 }
+
+/// A bar over `total` items of work (`unit`), with the current item as its message.
+pub fn count_bar(total: u64, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "[{{bar:30}}] {{pos}}/{{len}} {unit} {{msg}} eta {{eta}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}

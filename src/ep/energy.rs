@@ -120,15 +120,25 @@ impl BatchContext {
     }
 }
 
-/// The structure of a network whose energy the fused dense settle loop can handle: every
-/// state after the first is a linear layer fed by the previous state through at most one
-/// element-wise activation, no skips, nothing after the last state.
+/// The structure of a dense layered network: every state after the first is a linear layer
+/// fed by the previous state through at most one element-wise activation, optionally plus
+/// the previous state itself (a residual block around the activation and the linear
+/// layer), and nothing follows the last state.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct DensePlan {
     /// State widths `n_0..n_{L-1}`.
     pub widths: Vec<usize>,
     /// For each state `i >= 1`: its linear layer's index and the activation before it.
     pub links: Vec<(usize, Option<crate::model::Activation>)>,
+    /// For each state `i >= 1`: whether its prediction adds `s_{i-1}` (a residual link).
+    pub residual: Vec<bool>,
+}
+
+impl DensePlan {
+    /// Whether any link is residual.
+    pub(crate) fn has_residual(&self) -> bool {
+        self.residual.iter().any(|&r| r)
+    }
 }
 
 impl BatchContext {
@@ -141,16 +151,23 @@ impl BatchContext {
 impl EnergyModel {
     /// The [`DensePlan`] of `net`, if its energy has the dense structure.
     pub(crate) fn dense_plan(&self, net: &Network) -> Option<DensePlan> {
-        if !self.suffix.is_empty() || !net.skips().is_empty() {
+        if !self.suffix.is_empty() {
             return None;
         }
         let layers = net.layers();
         let mut widths = Vec::with_capacity(self.segments.len());
         let mut links = Vec::new();
+        let mut residual = Vec::new();
         for (i, seg) in self.segments.iter().enumerate() {
-            if seg.skip.is_some() || !seg.injections.is_empty() {
-                return None;
-            }
+            let own_input = SkipSource {
+                segment: i,
+                position: 0,
+            };
+            let is_residual = match (seg.skip, seg.injections.as_slice()) {
+                (None, []) => false,
+                (Some(src), [(0, receiver)]) if i > 0 && src == own_input && *receiver == i => true,
+                _ => return None,
+            };
             widths.push(layers[seg.layer].output.numel());
             if i == 0 {
                 continue;
@@ -167,8 +184,18 @@ impl EnergyModel {
                 _ => return None,
             };
             links.push((seg.layer, activation));
+            residual.push(is_residual);
         }
-        Some(DensePlan { widths, links })
+        Some(DensePlan {
+            widths,
+            links,
+            residual,
+        })
+    }
+
+    /// The layers of the first state's segment, in order (its state layer last).
+    pub(crate) fn first_chain(&self) -> impl DoubleEndedIterator<Item = usize> + '_ {
+        self.segments[0].chain()
     }
 
     /// The energy of `net` with nudge loss `loss`.

@@ -6,8 +6,10 @@
 mod dense;
 mod energy;
 mod eqprop;
+pub(crate) mod lean;
 mod settle;
 
+pub(crate) use energy::DensePlan;
 pub use energy::{BatchContext, EnergyModel, Evaluation};
 pub use eqprop::{EqPropConfig, EqPropInit, EqPropModel, EqPropNetworkError};
 pub use settle::{

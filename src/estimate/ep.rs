@@ -4,6 +4,7 @@ use super::{
     Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar, scalar_of,
 };
 use crate::device::Tensor;
+use crate::ep::lean::LeanChain;
 use crate::ep::{BatchContext, EnergyModel, Evaluation, SettleConfig, Settler};
 use crate::loss::Loss;
 use crate::model::Network;
@@ -84,6 +85,7 @@ pub struct EpEstimator {
     calls: u64,
     local: bool,
     factors: bool,
+    lean: bool,
 }
 
 impl EpEstimator {
@@ -103,6 +105,7 @@ impl EpEstimator {
             config,
             local: false,
             factors: false,
+            lean: false,
         })
     }
 
@@ -111,6 +114,19 @@ impl EpEstimator {
     /// phase when centered).
     pub fn with_factors(mut self, on: bool) -> Self {
         self.factors = on;
+        self
+    }
+
+    /// Lean memory: on a dense layered network (linear layers joined by element-wise
+    /// activations, optionally residual) settle and contrast with the layer sweeps of
+    /// `ep::lean`, which keep only the parameters, the free states, the states and their
+    /// momentum buffers (one-sided nudging drops the free states once settling starts),
+    /// plus O(1) layers of temporaries: no copy of the weights and no per-layer tapes. It
+    /// is slower than the fused host loop on wide networks. Residual dense networks always
+    /// take this path (the fused loop has no residual links). Other networks, local EP,
+    /// factors, the adaptive step and per-sample stopping use the usual path.
+    pub fn with_lean_memory(mut self, on: bool) -> Self {
+        self.lean = on;
         self
     }
 
@@ -133,6 +149,75 @@ impl EpEstimator {
     /// The energy it settles.
     pub fn energy(&self) -> &EnergyModel {
         &self.energy
+    }
+
+    /// The plan of the lean path, when it applies to `net` (see
+    /// [`EpEstimator::with_lean_memory`]).
+    fn lean_plan(&self, net: &Network) -> Option<crate::ep::DensePlan> {
+        let settle = &self.config.settle;
+        if self.local || self.factors || settle.adaptive || settle.per_sample {
+            return None;
+        }
+        let plan = self.energy.dense_plan(net)?;
+        ((self.lean || plan.has_residual()) && LeanChain::supports(net, &self.energy))
+            .then_some(plan)
+    }
+
+    /// The estimate through `ep::lean`.
+    fn estimate_lean(
+        &mut self,
+        net: &Network,
+        batch: &TensorBatch,
+        plan: &crate::ep::DensePlan,
+    ) -> Result<Estimate, EstimateError> {
+        let chain = LeanChain::new(net, plan, &self.energy, &batch.x);
+        let first = chain.first_prediction();
+        let free = chain.free_states(&first);
+        let output = free.last().expect("at least one state").clone();
+        let loss = scalar(self.config.loss.mean(output.clone(), batch.targets.clone()));
+        let n = batch.len() as f32;
+        let beta = self.config.beta;
+        self.calls += 1;
+        let settle = &self.config.settle;
+        let phase =
+            |states: Vec<Tensor<2>>, b: f32| chain.phase(settle, &first, &batch.targets, states, b);
+        let (grads, phases) = match self.config.nudging {
+            Nudging::Centered => {
+                let plus = phase(free.clone(), beta)?;
+                let minus = phase(free, -beta)?;
+                let grads = plus
+                    .terms
+                    .iter()
+                    .zip(&minus.terms)
+                    .map(|(p, m)| (p.clone() - m.clone()).div_scalar(2.0 * beta * n))
+                    .collect();
+                (grads, vec![plus, minus])
+            }
+            nudging => {
+                let sign = if nudging == Nudging::RandomSign
+                    && crate::data::dataset::mix(self.config.seed, self.calls) & 1 == 1
+                {
+                    -1.0
+                } else {
+                    1.0
+                };
+                let mut one = phase(free, sign * beta)?;
+                let grads = std::mem::take(&mut one.terms)
+                    .into_iter()
+                    .map(|g| g.div_scalar(sign * beta * n))
+                    .collect();
+                (grads, vec![one])
+            }
+        };
+        Ok(Estimate {
+            grads,
+            loss,
+            output,
+            settle: phases.iter().map(|p| p.stats).collect(),
+            residual_curves: phases.into_iter().map(|p| p.curve).collect(),
+            moments: Default::default(),
+            factors: Vec::new(),
+        })
     }
 
     /// `sum_batch dE/dtheta` at a settled evaluation (global or local).
@@ -171,6 +256,9 @@ impl GradientEstimator for EpEstimator {
 
     fn estimate(&mut self, net: &Network, batch: &TensorBatch) -> Result<Estimate, EstimateError> {
         check_batch(net, batch)?;
+        if let Some(plan) = self.lean_plan(net) {
+            return self.estimate_lean(net, batch, &plan);
+        }
         let (ctx, free, free_eval) =
             self.energy
                 .free_phase(net, batch.x.clone(), batch.targets.clone());

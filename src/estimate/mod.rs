@@ -1,6 +1,8 @@
 //! Gradient estimators: one trait, several strategies.
 //!
 //! * [`BackpropEstimator`]: burn autodiff of the mean loss through the forward pass.
+//! * [`CheckpointedBackprop`]: the same gradient through the layers' own VJPs, keeping only
+//!   every k-th layer input and recomputing the rest (gradient checkpointing).
 //! * [`EpEstimator`]: equilibrium propagation on the layered prediction-error energy, with
 //!   one-sided, random-sign or centered nudging ([`Nudging`]); its `local` variant
 //!   ([`EpEstimator::local`]) computes each layer's update from that layer's own input and
@@ -11,11 +13,13 @@
 //! overwrite, they never accumulate across calls.
 
 mod backprop;
+mod checkpointed;
 mod ep;
 mod eqprop;
 mod fidelity;
 
 pub use backprop::BackpropEstimator;
+pub use checkpointed::CheckpointedBackprop;
 pub use ep::{EpConfig, EpEstimator, Nudging};
 pub use eqprop::EqPropEstimator;
 pub use fidelity::{GradientComparison, compare};
