@@ -239,3 +239,123 @@ fn per_sample_factors_reconstruct_the_linear_weight_gradients() {
         "ep",
     );
 }
+
+fn max_rel_diff(a: &[Tensor<2>], b: &[Tensor<2>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let (x, y) = (mep::device::to_host(x), mep::device::to_host(y));
+            let scale = y.iter().map(|v| v.abs()).fold(0.0f32, f32::max).max(1e-12);
+            x.iter()
+                .zip(&y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max)
+                / scale
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn checkpointed_backprop_equals_autodiff_at_every_interval() {
+    use mep::estimate::{BackpropEstimator, CheckpointedBackprop};
+    use mep::loss::Loss;
+    let dev = cpu_device(CpuBackend::Flex);
+    let net = build(
+        "20-16-tanh-16-12-sigmoid-12-10-lrelu-8-5",
+        Shape::Flat(20),
+        &dev,
+    );
+    let batch = random_batch(9, 20, 5, 3, &dev);
+    for loss in [Loss::default(), Loss::CrossEntropy { smoothing: 0.1 }] {
+        let reference = grads(&mut BackpropEstimator::new(loss).unwrap(), &net, &batch);
+        let mut first: Option<Vec<Vec<f32>>> = None;
+        // 11 layers: every interval from one layer per segment to a single segment.
+        for every in [Some(1), Some(2), Some(3), Some(4), None, Some(11), Some(50)] {
+            let mut est = CheckpointedBackprop::new(loss, every).unwrap();
+            let estimate = est.estimate(&net, &batch).unwrap();
+            let diff = max_rel_diff(&estimate.grads, &reference);
+            assert!(diff < 1e-5, "interval {every:?}: {diff}");
+            // The recomputation repeats the forward exactly: the same bits at any interval.
+            let bits: Vec<Vec<f32>> = estimate.grads.iter().map(mep::device::to_host).collect();
+            match &first {
+                Some(f) => assert_eq!(f, &bits, "interval {every:?}"),
+                None => first = Some(bits),
+            }
+        }
+    }
+    assert_eq!(
+        CheckpointedBackprop::new(Loss::default(), None)
+            .unwrap()
+            .interval(11),
+        4
+    );
+}
+
+#[test]
+fn checkpointed_backprop_rejects_what_it_cannot_differentiate() {
+    use mep::estimate::{CheckpointedBackprop, EstimateError};
+    use mep::loss::Loss;
+    let dev = cpu_device(CpuBackend::Flex);
+    assert!(matches!(
+        CheckpointedBackprop::new(Loss::default(), Some(0)),
+        Err(EstimateError::InvalidOption(_))
+    ));
+    let batch = random_batch(4, 20, 5, 3, &dev);
+    for spec in ["20-8-res[8]-5", "20-8-bn-8-5"] {
+        let net = build(spec, Shape::Flat(20), &dev);
+        let mut est = CheckpointedBackprop::new(Loss::default(), None).unwrap();
+        let err = est.estimate(&net, &batch).unwrap_err();
+        assert!(
+            matches!(err, EstimateError::InvalidOption(_)),
+            "{spec}: {err}"
+        );
+    }
+}
+
+#[test]
+fn lean_memory_ep_equals_the_fused_loop() {
+    use mep::loss::Loss;
+    let dev = cpu_device(CpuBackend::Flex);
+    let batch = random_batch(24, 20, 5, 7, &dev);
+    for spec in [
+        "20-16-tanh-12-12-5",
+        "20-16-res[16]-res[tanh-16]-res[id-16]-5",
+    ] {
+        let net = build(spec, Shape::Flat(20), &dev);
+        for (nudging, loss) in [
+            (Nudging::OneSided, Loss::default()),
+            (Nudging::Centered, Loss::CrossEntropy { smoothing: 0.0 }),
+            (Nudging::RandomSign, Loss::default()),
+        ] {
+            let config = EpConfig {
+                beta: 0.1,
+                nudging,
+                loss,
+                settle: SettleConfig {
+                    steps: 40,
+                    tol: 0.0,
+                    momentum: 0.8,
+                    ..SettleConfig::default()
+                },
+                seed: 11,
+            };
+            let mut fused = EpEstimator::new(&net, config).unwrap();
+            let mut lean = EpEstimator::new(&net, config)
+                .unwrap()
+                .with_lean_memory(true);
+            for call in 0..2 {
+                let a = fused.estimate(&net, &batch).unwrap();
+                let b = lean.estimate(&net, &batch).unwrap();
+                let diff = max_rel_diff(&b.grads, &a.grads);
+                assert!(diff < 1e-4, "{spec} {nudging} call {call}: {diff}");
+                assert_eq!(a.settle.len(), b.settle.len());
+                for (x, y) in a.settle.iter().zip(&b.settle) {
+                    assert_eq!(x.steps, y.steps);
+                    assert!((x.residual - y.residual).abs() <= 1e-4 * x.residual.max(1e-3));
+                    assert!((x.energy - y.energy).abs() <= 1e-4 * x.energy.abs().max(1e-3));
+                }
+                assert!((a.loss - b.loss).abs() < 1e-6);
+            }
+        }
+    }
+}

@@ -215,7 +215,7 @@ fn out_of_range_options_are_rejected() {
 fn the_fused_dense_loop_matches_the_generic_loop() {
     let dev = cpu_device(CpuBackend::Flex);
     let batch = mnist(32, &dev);
-    let cases: [(&str, Loss, f32, SettleConfig); 6] = [
+    let cases: [(&str, Loss, f32, SettleConfig); 7] = [
         // The paper's MLP, 30 steps, one-sided nudge.
         (
             "784-128-64-10",
@@ -270,6 +270,18 @@ fn the_fused_dense_loop_matches_the_generic_loop() {
                 check_every: 2,
                 tol: 0.02,
                 per_sample: true,
+                ..SettleConfig::default()
+            },
+        ),
+        // Residual links (with and without an activation in the block), CE nudge.
+        (
+            "784-32-res[32]-res[tanh-32]-res[id-32]-10",
+            Loss::CrossEntropy { smoothing: 0.0 },
+            0.5,
+            SettleConfig {
+                steps: 40,
+                tol: 0.0,
+                momentum: 0.9,
                 ..SettleConfig::default()
             },
         ),
@@ -372,7 +384,8 @@ fn the_fused_dense_loop_matches_the_generic_loop() {
         outcomes[4].ends_with("samples stopped early"),
         "{outcomes:?}"
     );
-    assert_eq!(outcomes[5], "diverged");
+    assert_eq!(outcomes[5], "40 steps");
+    assert_eq!(outcomes[6], "diverged");
 }
 
 /// With per-sample stopping each sample stops on its own residual, so it settles exactly as

@@ -42,6 +42,9 @@ pub struct CheckArgs {
     /// Settle tolerance, in units of beta.
     #[arg(long, default_value_t = 1e-5)]
     tol: f32,
+    /// Heavy-ball momentum of settling.
+    #[arg(long, default_value_t = 0.5)]
+    settle_momentum: f32,
     /// Estimator to check: ep, local-ep or eqprop (backprop is the reference).
     #[arg(long, value_enum, default_value = "ep")]
     estimator: EstimatorArg,
@@ -122,6 +125,7 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         lr: args.settle_lr,
         steps: args.steps,
         tol: args.tol,
+        momentum: args.settle_momentum,
         check_every: 10,
         ..SettleConfig::default()
     };

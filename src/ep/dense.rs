@@ -26,6 +26,8 @@ use crate::model::kernels::{MatRef, matmul};
 /// One linear link `h_{i} = f(s_{i-1}) W + b` of the plan, on the host.
 struct Link {
     activation: Option<Activation>,
+    /// Whether the prediction adds the state below (a residual link).
+    residual: bool,
     /// `[inputs, outputs]`, row-major.
     weight: Vec<f32>,
     bias: Vec<f32>,
@@ -205,8 +207,16 @@ impl Chunk {
                 MatRef::new(&links[i - 1].weight, n_in, n_out),
                 true,
             );
-            for (ei, &si) in e.iter_mut().zip(&self.states[i]) {
-                *ei -= si;
+            if links[i - 1].residual {
+                for ((ei, &si), &below) in
+                    e.iter_mut().zip(&self.states[i]).zip(&self.states[i - 1])
+                {
+                    *ei += below - si;
+                }
+            } else {
+                for (ei, &si) in e.iter_mut().zip(&self.states[i]) {
+                    *ei -= si;
+                }
             }
         }
     }
@@ -258,7 +268,7 @@ impl Chunk {
         }
     }
 
-    /// `g_i = -e_i + f'(s_i) (e_{i+1} W_{i+1}^T)` and `g_L = -e_L + beta dL/ds_L`; with
+    /// `g_i = -e_i + f'(s_i) (e_{i+1} W_{i+1}^T)` (`+ e_{i+1}` through a residual link) and `g_L = -e_L + beta dL/ds_L`; with
     /// `norms`, also the per-sample squared norms.
     fn gradients(&mut self, links: &[Link], widths: &[usize], loss: Loss, beta: f32, norms: bool) {
         let depth = widths.len();
@@ -274,6 +284,11 @@ impl Chunk {
                     false,
                 );
                 feedback(links[i].activation, g, &self.states[i], &self.errors[i]);
+                if links[i].residual {
+                    for (gi, &ei) in g.iter_mut().zip(&self.errors[i + 1][..r * n_next]) {
+                        *gi += ei;
+                    }
+                }
             } else {
                 let nudge = &mut self.nudge[..r * widths[i]];
                 let output = &self.states[i][..r * widths[i]];
@@ -327,10 +342,12 @@ pub(crate) fn settle(
     let links: Vec<Link> = plan
         .links
         .iter()
-        .map(|&(layer, activation)| {
+        .zip(&plan.residual)
+        .map(|(&(layer, activation), &residual)| {
             let p = net.layers()[layer].params(net.params());
             Link {
                 activation,
+                residual,
                 weight: to_host(&p[0]),
                 bias: to_host(&p[1]),
             }

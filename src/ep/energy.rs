@@ -134,13 +134,6 @@ pub(crate) struct DensePlan {
     pub residual: Vec<bool>,
 }
 
-impl DensePlan {
-    /// Whether any link is residual.
-    pub(crate) fn has_residual(&self) -> bool {
-        self.residual.iter().any(|&r| r)
-    }
-}
-
 impl BatchContext {
     /// The first state's prediction (cached for the batch).
     pub(crate) fn first_prediction(&self) -> &Tensor<2> {

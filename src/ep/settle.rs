@@ -284,7 +284,6 @@ impl Settler {
         if crate::device::is_host(&ctx.input().device())
             && !self.config.adaptive
             && let Some(plan) = model.dense_plan(net)
-            && !plan.has_residual()
         {
             return super::dense::settle(&plan, &self.config, model, net, ctx, start, beta);
         }

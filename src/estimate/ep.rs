@@ -122,8 +122,7 @@ impl EpEstimator {
     /// `ep::lean`, which keep only the parameters, the free states, the states and their
     /// momentum buffers (one-sided nudging drops the free states once settling starts),
     /// plus O(1) layers of temporaries: no copy of the weights and no per-layer tapes. It
-    /// is slower than the fused host loop on wide networks. Residual dense networks always
-    /// take this path (the fused loop has no residual links). Other networks, local EP,
+    /// is slower than the fused host loop on wide networks. Other networks, local EP,
     /// factors, the adaptive step and per-sample stopping use the usual path.
     pub fn with_lean_memory(mut self, on: bool) -> Self {
         self.lean = on;
@@ -159,8 +158,7 @@ impl EpEstimator {
             return None;
         }
         let plan = self.energy.dense_plan(net)?;
-        ((self.lean || plan.has_residual()) && LeanChain::supports(net, &self.energy))
-            .then_some(plan)
+        (self.lean && LeanChain::supports(net, &self.energy)).then_some(plan)
     }
 
     /// The estimate through `ep::lean`.

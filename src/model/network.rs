@@ -178,8 +178,9 @@ impl NetworkBuilder {
 
     /// Resolves sizes, checks shapes and initialises parameters from `seed`: He-uniform
     /// for linear and conv weights (`U(-sqrt(6/fan_in), sqrt(6/fan_in))`), Xavier-uniform
-    /// for attention projections, zero biases, unit gains. The same seed gives the same
-    /// weights on every device.
+    /// for attention projections, zero biases, unit gains; with more than one residual
+    /// block, the last weight of every block is scaled by `1/sqrt(blocks)`. The same seed
+    /// gives the same weights on every device.
     pub fn build(&self, seed: u64, device: &Device) -> Result<Network, ModelError> {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         let mut net = Network {
@@ -227,6 +228,18 @@ impl NetworkBuilder {
             return Err(invalid(
                 "a network needs at least one linear, conv or attention layer",
             ));
+        }
+        // Each residual block adds its branch's variance to the stream: with B blocks at
+        // He scale the activations grow like 2^B. Scaling each block's last weight by
+        // 1/sqrt(B) keeps the growth near e (and the state Hessian near that of a
+        // shallow net, so settling stays stable at depth).
+        let blocks = net.skips.len();
+        if blocks > 1 {
+            let scale = 1.0 / (blocks as f32).sqrt();
+            for skip in &net.skips {
+                let slot = net.layers[skip.end].first_param;
+                net.params[slot] = net.params[slot].clone().mul_scalar(scale);
+            }
         }
         Ok(net)
     }
