@@ -307,7 +307,6 @@ impl TrainOptions {
             check_every: self.settle_check.unwrap_or(base.check_every),
             adaptive: self.adaptive.unwrap_or(base.adaptive),
             per_sample: self.settle_per_sample.unwrap_or(base.per_sample),
-            ..base
         }
     }
 
