@@ -426,3 +426,83 @@ fn presets_resolve_with_overrides_and_bad_names_fail_cleanly() {
         "must be 0 with the adam update",
     );
 }
+
+#[test]
+fn bench_memory_measures_each_method_in_a_fresh_process() {
+    let out_dir = scratch_dir("bench-memory");
+    let out = mep(
+        &[
+            "--threads",
+            "1",
+            "bench",
+            "memory",
+            "--quick",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = &json_lines(&out)[0];
+    let rows = v["rows"].as_array().unwrap();
+    // 3 depths x (4 methods + EP at 10 and 100 settle steps).
+    assert_eq!(rows.len(), 18);
+    let find = |method: &str, depth: u64, steps: Option<u64>| {
+        rows.iter()
+            .find(|r| {
+                r["method"] == method
+                    && r["depth"] == depth
+                    && (steps.is_none() || r["settle_steps"] == steps.unwrap())
+            })
+            .unwrap_or_else(|| panic!("no {method} row at depth {depth}"))
+    };
+    for r in rows {
+        for key in ["peak_bytes", "rss_peak_bytes", "model_bytes", "param_bytes"] {
+            assert!(r[key].as_u64().unwrap() > 0, "{key} in {r}");
+        }
+        // Each probe ran in its own process: its resident peak covers its own heap peak.
+        assert!(
+            r["rss_peak_bytes"].as_u64() >= r["peak_bytes"].as_u64(),
+            "{r}"
+        );
+    }
+    let ep = |steps| find("ep", 100, Some(steps))["peak_bytes"].as_u64().unwrap();
+    assert!(
+        ep(100).abs_diff(ep(10)) <= 1024,
+        "{} vs {}",
+        ep(10),
+        ep(100)
+    );
+    let bp = find("backprop", 100, None)["peak_bytes"].as_u64().unwrap();
+    assert!(ep(30) <= bp, "EP {} > backprop {bp}", ep(30));
+    assert!(
+        find("backprop_checkpointed", 100, None)["checkpoint_every"]
+            .as_u64()
+            .unwrap()
+            >= 10
+    );
+    assert!(v["per_layer"].as_array().unwrap().len() >= 4);
+    for f in [
+        "results.json",
+        "table.md",
+        "peak_memory.svg",
+        "peak_memory.png",
+    ] {
+        assert!(out_dir.join(f).exists(), "{f}");
+    }
+
+    let out = mep(&["bench", "memory", "--depths", "0"], None);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--depths must be positive"),
+        "{}",
+        stderr(&out)
+    );
+    let out = mep(
+        &["bench", "memory-probe", "--method", "nope", "--depth", "3"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown method"), "{}", stderr(&out));
+}
