@@ -30,6 +30,9 @@ pub enum BenchCommand {
     /// Beyond the paper: EP (smep_plus) and backprop+Adam, MLP and CNN, MNIST and
     /// Fashion-MNIST.
     Sota(SuiteArgs),
+    /// Residual MLPs with 50 and 100 linear layers (width 128): EP and backprop+Adam, one
+    /// epoch on 10k MNIST samples; accuracy, time, settle steps and per-layer gradient norms.
+    Deep(SuiteArgs),
     /// Continual learning on permuted MNIST (10 tasks, 784-256-128-10, one epoch per task):
     /// EP, EP+error feedback, EP+EWC (momentum SGD at lr 0.05), backprop and backprop+EWC
     /// (the sgd preset), with the same seeds.
@@ -79,6 +82,7 @@ pub fn run(cmd: BenchCommand, globals: &Globals) -> Result<()> {
         BenchCommand::Xor(args) => suites::run(Suite::Xor, args, globals),
         BenchCommand::Speed(args) => suites::run(Suite::Speed, args, globals),
         BenchCommand::Sota(args) => suites::run(Suite::Sota, args, globals),
+        BenchCommand::Deep(args) => suites::run(Suite::Deep, args, globals),
         BenchCommand::Continual(args) => super::continual::bench(args, globals),
         BenchCommand::Memory(args) => super::memory::run(args, globals),
         BenchCommand::MemoryProbe(args) => super::memory::probe(args, globals),

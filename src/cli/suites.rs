@@ -16,7 +16,7 @@ use mep::train::{EpochMetrics, Trainer};
 use serde::Serialize;
 
 use super::Globals;
-use super::options::{TrainOptions, build_network, load_or_fetch};
+use super::options::{EstimatorArg, OptimizerArg, TrainOptions, build_network, load_or_fetch};
 use super::progress::EpochBar;
 use super::train::write_atomic;
 
@@ -35,6 +35,42 @@ pub enum Suite {
     /// Beyond the paper: EP (smep_plus) and backprop+Adam on MNIST and Fashion-MNIST, MLP and
     /// CNN.
     Sota,
+    /// Depth: residual MLPs of width 128 with 50 and 100 linear layers, EP and backprop,
+    /// one epoch on 10k MNIST samples, with per-layer gradient norms at initialisation.
+    Deep,
+}
+
+/// Depths of the deep suite, with their setting names.
+fn deep_depths(quick: bool) -> &'static [(usize, &'static str)] {
+    if quick {
+        &[(6, "depth6"), (10, "depth10")]
+    } else {
+        &[(50, "depth50"), (100, "depth100")]
+    }
+}
+
+/// The deep suite's model: `784 -> 128`, `depth - 2` residual blocks `relu -> fc128`, then
+/// `fc10`: `depth` linear layers.
+pub fn deep_model(depth: usize) -> String {
+    let mut spec = String::from("784-128");
+    for _ in 0..depth.saturating_sub(2) {
+        spec.push_str("-res[128]");
+    }
+    spec.push_str("-10");
+    spec
+}
+
+/// The deep suite's EP settings: settle steps `2 * depth`, heavy-ball momentum 0.9 (a deep
+/// residual chain's state Hessian is ill-conditioned like a path graph's, which momentum
+/// 0.5 crosses only slowly), step 0.5, random-sign nudging at beta 0.1 with the CE loss.
+fn deep_ep(o: &mut TrainOptions, depth: usize) {
+    o.estimator = Some(EstimatorArg::Ep);
+    o.beta = Some(0.1);
+    o.nudging = Some("random".into());
+    o.settle_steps = Some(2 * depth);
+    o.settle_lr = Some(0.5);
+    o.settle_momentum = Some(0.9);
+    o.settle_tol = Some(0.0);
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +124,36 @@ fn opts(
 fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
     let mut out = Vec::new();
     match suite {
+        Suite::Deep => {
+            let (train, test) = if quick { (1000, 500) } else { (10000, 10000) };
+            for &(depth, setting) in deep_depths(quick) {
+                for label in ["ep", "backprop"] {
+                    let model = deep_model(depth);
+                    let mut o = TrainOptions {
+                        dataset: Some("mnist".into()),
+                        model: Some(model),
+                        epochs: Some(1),
+                        batch: Some(64),
+                        train_samples: Some(train),
+                        test_samples: Some(test),
+                        estimator: Some(EstimatorArg::Backprop),
+                        optimizer: Some(OptimizerArg::Adam),
+                        lr: Some(1e-3),
+                        loss: Some("ce".into()),
+                        ..TrainOptions::default()
+                    };
+                    if label == "ep" {
+                        deep_ep(&mut o, depth);
+                    }
+                    out.push(Plan {
+                        setting,
+                        label,
+                        opts: o,
+                        paper: None,
+                    });
+                }
+            }
+        }
         Suite::Table1 => {
             let settings: [(&str, Option<usize>, Option<usize>); 2] = if quick {
                 [
@@ -509,6 +575,10 @@ pub fn run(suite: Suite, args: SuiteArgs, globals: &Globals) -> Result<()> {
         Suite::Speed => Some(speed_summary(&runs, &cache, &device, globals.seed)?),
         _ => None,
     };
+    let deep = match suite {
+        Suite::Deep => Some(deep_gradients(&plan, &cache, &device, globals.seed)?),
+        _ => None,
+    };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut results = serde_json::json!({
         "suite": name,
@@ -520,6 +590,13 @@ pub fn run(suite: Suite, args: SuiteArgs, globals: &Globals) -> Result<()> {
         "runs": runs,
     });
     let mut md = table(&name, args.quick, &rows);
+    if let Some(deep) = &deep {
+        md.push_str(&deep_table(deep));
+        if let Some(obj) = results.as_object_mut() {
+            obj.insert("gradient_norms".into(), serde_json::to_value(deep)?);
+        }
+        deep_chart(&dir, deep)?;
+    }
     if let Some(speed) = &speed {
         md.push_str(&speed_table(speed));
         if let (Some(obj), serde_json::Value::Object(extra)) =
@@ -543,6 +620,123 @@ pub fn run(suite: Suite, args: SuiteArgs, globals: &Globals) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&results)?);
     }
+    Ok(())
+}
+
+/// One layer's weight gradient at initialisation: EP's and backprop's norms and cosine.
+#[derive(Debug, Clone, Serialize)]
+struct LayerGradient {
+    depth: usize,
+    layer: String,
+    ep_norm: f64,
+    backprop_norm: f64,
+    cosine: f64,
+}
+
+/// Per-layer weight gradients of each deep-suite model at initialisation on one batch of 64
+/// training samples: the EP run's estimator against backprop of the same loss.
+fn deep_gradients(
+    plan: &[Plan],
+    cache: &BTreeMap<String, Dataset>,
+    device: &mep::device::Device,
+    seed: u64,
+) -> Result<Vec<LayerGradient>> {
+    let dataset = cache.values().next().context("no data set was loaded")?;
+    let mut out = Vec::new();
+    for p in plan.iter().filter(|p| p.label == "ep") {
+        let spec = p.opts.model()?;
+        let net = build_network(&spec, dataset, seed, device)?;
+        let depth = net.param_info().len() / 2;
+        let n = 64.min(dataset.train.len());
+        let features = dataset.train.dim();
+        let x = &dataset.train.inputs()[..n * features];
+        let labels = &dataset.train.labels()[..n];
+        let batch = TensorBatch::new(x, labels, dataset.classes, device);
+        let mut ep = p.opts.setup(&net, dataset.train.len(), seed)?.estimator;
+        let loss = ep.loss().context("EP has a loss")?;
+        let mut bp = mep::estimate::BackpropEstimator::new(loss)?;
+        use mep::estimate::GradientEstimator as _;
+        let ep_grads = ep.estimate(&net, &batch)?.grads;
+        let bp_grads = bp.estimate(&net, &batch)?.grads;
+        let cmp = mep::estimate::compare(&net, &ep_grads, &bp_grads);
+        for c in cmp {
+            if c.name.ends_with("weight") {
+                out.push(LayerGradient {
+                    depth,
+                    layer: c.name.clone(),
+                    ep_norm: c.norm,
+                    backprop_norm: c.reference_norm,
+                    cosine: c.cosine,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn deep_table(rows: &[LayerGradient]) -> String {
+    let mut md = String::from(
+        "\n### Weight gradients at initialisation (one batch of 64)\n\n| depth | layer | EP norm | backprop norm | ratio | cosine |\n|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let keep = r.layer == "fc1.weight"
+            || rows
+                .iter()
+                .filter(|o| o.depth == r.depth)
+                .last()
+                .is_some_and(|last| last.layer == r.layer)
+            || r.layer
+                .trim_start_matches("fc")
+                .trim_end_matches(".weight")
+                .parse::<usize>()
+                .is_ok_and(|k| k % 10 == 0);
+        if keep {
+            md.push_str(&format!(
+                "| {} | {} | {:.3e} | {:.3e} | {:.3} | {:.3} |\n",
+                r.depth,
+                r.layer,
+                r.ep_norm,
+                r.backprop_norm,
+                r.ep_norm / r.backprop_norm.max(1e-30),
+                r.cosine
+            ));
+        }
+    }
+    md
+}
+
+fn deep_chart(dir: &Path, rows: &[LayerGradient]) -> Result<()> {
+    let mut depths: Vec<usize> = rows.iter().map(|r| r.depth).collect();
+    depths.dedup();
+    let series: Vec<Series> = depths
+        .iter()
+        .flat_map(|&d| {
+            let layer = |f: &dyn Fn(&LayerGradient) -> f64| -> Vec<(f64, f64)> {
+                rows.iter()
+                    .filter(|r| r.depth == d)
+                    .enumerate()
+                    .map(|(i, r)| ((i + 1) as f64, f(r)))
+                    .collect()
+            };
+            [
+                Series {
+                    label: format!("depth {d}: EP / backprop norm"),
+                    points: layer(&|r| r.ep_norm / r.backprop_norm.max(1e-30)),
+                },
+                Series {
+                    label: format!("depth {d}: cosine"),
+                    points: layer(&|r| r.cosine),
+                },
+            ]
+        })
+        .collect();
+    line_chart(
+        &dir.join("gradients_per_layer"),
+        "EP against backprop per layer, at initialisation",
+        "layer",
+        "norm ratio / cosine",
+        &series,
+    )?;
     Ok(())
 }
 
