@@ -682,8 +682,7 @@ fn deep_table(rows: &[LayerGradient]) -> String {
         let keep = r.layer == "fc1.weight"
             || rows
                 .iter()
-                .filter(|o| o.depth == r.depth)
-                .last()
+                .rfind(|o| o.depth == r.depth)
                 .is_some_and(|last| last.layer == r.layer)
             || r.layer
                 .trim_start_matches("fc")
