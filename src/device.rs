@@ -61,6 +61,15 @@ pub enum DeviceError {
         "device `{0}` needs CUDA, but this binary was built without it; rebuild with `cargo build --release --features cuda`"
     )]
     CudaNotBuilt(String),
+    /// A CUDA device was asked for but cannot run a computation (no GPU, no driver, or the
+    /// index is out of range).
+    #[error("device `{device}` cannot be used: {reason}")]
+    Unusable {
+        /// The device as named.
+        device: String,
+        /// What the probe computation reported.
+        reason: String,
+    },
     /// The thread count is invalid or the thread pool was already set up.
     #[error("cannot use {threads} threads: {reason}")]
     Threads {
@@ -169,14 +178,61 @@ pub fn cpu_device(backend: CpuBackend) -> Device {
     }
 }
 
+/// Opens CUDA device `index` and runs [`probe`] on it: burn panics on the first tensor
+/// operation of a device it cannot use, so the probe turns that into an error up front.
 #[cfg(feature = "cuda")]
-fn cuda_device(index: usize, _choice: &DeviceChoice) -> Result<Device, DeviceError> {
-    Ok(Device::Cuda(burn::backend::cuda::CudaDevice::new(index)))
+fn cuda_device(index: usize, choice: &DeviceChoice) -> Result<Device, DeviceError> {
+    let device = Device::Cuda(burn::backend::cuda::CudaDevice::new(index));
+    probe(&device).map_err(|reason| DeviceError::Unusable {
+        device: choice.to_string(),
+        reason,
+    })?;
+    Ok(device)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(_index: usize, choice: &DeviceChoice) -> Result<Device, DeviceError> {
     Err(DeviceError::CudaNotBuilt(choice.to_string()))
+}
+
+/// Runs one small computation on `device` (`[1, 2] * 2`, read back) and reports why it
+/// failed: a panic inside the backend (its message; the panic is caught and not printed)
+/// or a wrong result.
+pub fn probe(device: &Device) -> Result<(), String> {
+    let device = device.clone();
+    catch_quietly(move || {
+        let t = Tensor::<1>::from_floats([1.0, 2.0], &device);
+        into_host(t.mul_scalar(2.0))
+    })
+    .and_then(|values| {
+        if values == [2.0, 4.0] {
+            Ok(())
+        } else {
+            Err(format!(
+                "a test computation returned {values:?} instead of [2.0, 4.0]"
+            ))
+        }
+    })
+}
+
+/// Runs `f`, turning a panic into its message. The (process-wide) panic hook is silenced
+/// meanwhile; callers are serialised so that each restores the hook it found.
+fn catch_quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = HOOK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(f);
+    std::panic::set_hook(hook);
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()))
+            .unwrap_or_else(|| "the backend panicked".to_string())
+    })
 }
 
 /// The same device with reverse-mode autodiff enabled.
@@ -209,4 +265,25 @@ pub fn is_host(device: &Device) -> bool {
 /// Number of worker threads the CPU kernels use.
 pub fn threads() -> usize {
     rayon::current_num_threads()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_passes_on_both_cpu_backends() {
+        for backend in [CpuBackend::Flex, CpuBackend::NdArray] {
+            assert_eq!(probe(&cpu_device(backend)), Ok(()), "{backend:?}");
+        }
+    }
+
+    #[test]
+    fn a_panicking_probe_becomes_its_message() {
+        let owned = catch_quietly(|| -> () { panic!("no CUDA driver: {}", 7) });
+        assert_eq!(owned, Err("no CUDA driver: 7".to_string()));
+        let literal = catch_quietly(|| -> () { panic!("static message") });
+        assert_eq!(literal, Err("static message".to_string()));
+        assert_eq!(catch_quietly(|| 3), Ok(3));
+    }
 }

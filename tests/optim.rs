@@ -3,7 +3,7 @@
 mod common;
 
 use burn::tensor::TensorData;
-use common::{random_orthonormal, svd};
+use common::{exact_quintic, gaussianish, random_orthonormal, svd};
 use mep::device::{CpuBackend, Device, Tensor, cpu_device};
 use mep::estimate::GradFactors;
 use mep::model::{ParamInfo, ParamKind};
@@ -30,11 +30,6 @@ fn h(t: &Tensor<2>) -> Vec<f64> {
         .into_iter()
         .map(f64::from)
         .collect()
-}
-
-fn gaussianish(m: usize, n: usize, seed: u64) -> Vec<f64> {
-    let q = random_orthonormal(m * n, 1, seed);
-    q.iter().map(|x| x * (m * n) as f64 / 3.0).collect()
 }
 
 /// `U diag(s) V^T` with random orthonormal factors.
@@ -119,32 +114,6 @@ fn newton_schulz_approaches_the_polar_factor_of_the_svd() {
         let rel = frob_diff(&cubic, &p) / frob_diff(&p, &vec![0.0; p.len()]);
         assert!(rel < 1e-3, "{m}x{n} cubic x40: {rel}");
     }
-}
-
-/// The quintic Newton–Schulz map in exact (f64) arithmetic through the SVD:
-/// `U f(S / |G|_F) V^T` with `f` the scalar quintic iterated `steps` times.
-fn exact_quintic(g: &[f64], m: usize, n: usize, steps: usize) -> Vec<f64> {
-    let (u, s, v) = svd(g, m, n);
-    let k = m.min(n);
-    let norm = s.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let (a, b, c) = (3.4445, -4.7750, 2.0315);
-    let f: Vec<f64> = s
-        .iter()
-        .map(|&x| {
-            let mut y = x / norm;
-            for _ in 0..steps {
-                y = a * y + b * y.powi(3) + c * y.powi(5);
-            }
-            y
-        })
-        .collect();
-    let mut out = vec![0.0; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            out[i * n + j] = (0..k).map(|q| u[i * k + q] * f[q] * v[j * k + q]).sum();
-        }
-    }
-    out
 }
 
 #[test]

@@ -149,3 +149,36 @@ pub fn random_orthonormal(m: usize, k: usize, seed: u64) -> Vec<f64> {
     }
     q
 }
+
+/// A seeded `m x n` matrix with roughly Gaussian entries (a random unit vector scaled by
+/// `m n / 3`), row-major.
+pub fn gaussianish(m: usize, n: usize, seed: u64) -> Vec<f64> {
+    let q = random_orthonormal(m * n, 1, seed);
+    q.iter().map(|x| x * (m * n) as f64 / 3.0).collect()
+}
+
+/// The quintic Newton–Schulz map in exact (f64) arithmetic through the SVD:
+/// `U f(S / |G|_F) V^T` with `f` the scalar quintic iterated `steps` times.
+pub fn exact_quintic(g: &[f64], m: usize, n: usize, steps: usize) -> Vec<f64> {
+    let (u, s, v) = svd(g, m, n);
+    let k = m.min(n);
+    let norm = s.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let (a, b, c) = (3.4445, -4.7750, 2.0315);
+    let f: Vec<f64> = s
+        .iter()
+        .map(|&x| {
+            let mut y = x / norm;
+            for _ in 0..steps {
+                y = a * y + b * y.powi(3) + c * y.powi(5);
+            }
+            y
+        })
+        .collect();
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|q| u[i * k + q] * f[q] * v[j * k + q]).sum();
+        }
+    }
+    out
+}
