@@ -190,6 +190,13 @@ fn errors_are_one_clear_line_with_nonzero_exit() {
             ),
             "built without",
         );
+    } else if !std::env::var("MEP_TEST_DEVICE").is_ok_and(|d| d.starts_with("cuda")) {
+        // A CUDA build on a machine without a usable GPU: burn would panic on the first
+        // tensor operation; the device probe turns that into one clear line.
+        assert_clean_failure(
+            &mep(&["--device", "cuda", "train", "--dataset", "xor"], None),
+            "device `cuda:0` cannot be used",
+        );
     }
 }
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The on-device check of the GPU issue: one short run on a lent GPU machine (see the
+# `device` tool). Two stages:
+#
+#   scripts/gpu-check.sh --stage   here (x86-64): builds mep and the device-parametrised
+#                                  test executable with `--features cuda` (into target-gpu/,
+#                                  or $CARGO_TARGET_DIR)
+#                                  and copies them, with MNIST, into gpu-stage/ (ignored
+#                                  by git; carry it: about 40 MiB)
+#   scripts/gpu-check.sh --run     there: nvidia-smi, the fidelity tests on CUDA, the
+#                                  EP-vs-backprop check, `bench speed --quick`, and one full
+#                                  MNIST epoch of smep and of adam; JSON into $OUT
+#
+# Each step has its own time limit so that the whole run stays inside a 10-minute call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=gpu-stage
+
+case "${1:-}" in
+--stage)
+  set -e
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-gpu}
+  cargo build --release --locked --features cuda
+  tests=$(cargo test --release --locked --features cuda --test device --no-run \
+    --message-format=json | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+  rm -rf "$stage" && mkdir -p "$stage/data/mnist"
+  cp "$CARGO_TARGET_DIR/release/mep" "$stage/mep"
+  cp "$tests" "$stage/device-tests"
+  strip "$stage/mep" "$stage/device-tests"
+  cp "${MEP_DATA_DIR:-../shared/data}"/mnist/*.gz "$stage/data/mnist/"
+  du -sh "$stage"
+  ;;
+--run)
+  out=${OUT:-/tmp/gpu-check}
+  mkdir -p "$out"
+  export MEP_DATA_DIR=$PWD/$stage/data
+  mep=$stage/mep
+  step() { echo; echo "== $*"; }
+  step "nvidia-smi"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  step "fidelity tests on cuda"
+  MEP_TEST_DEVICE=cuda timeout 180 "$stage/device-tests" --nocapture --test-threads 1
+  step "EP against backprop on cuda (check-gradient)"
+  timeout 120 "$mep" --device cuda check-gradient --steps 300 --beta 0.001
+  step "bench speed --quick on cuda"
+  timeout 240 "$mep" --device cuda bench speed --quick --json --out "$out/speed" >"$out/speed.json"
+  tail -c 2000 "$out/speed.json"
+  for preset in adam smep; do
+    step "one full MNIST epoch: $preset on cuda"
+    timeout 240 "$mep" --device cuda train --preset "$preset" --dataset mnist \
+      --model 784-256-128-10 --epochs 1 --json --out "$out/train-$preset" | tee "$out/$preset.json"
+  done
+  ;;
+*)
+  echo "usage: $0 --stage | --run" >&2
+  exit 2
+  ;;
+esac
