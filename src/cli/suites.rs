@@ -40,13 +40,38 @@ pub enum Suite {
     Deep,
 }
 
-/// Depths of the deep suite, with their setting names.
-fn deep_depths(quick: bool) -> &'static [(usize, &'static str)] {
-    if quick {
-        &[(6, "depth6"), (10, "depth10")]
-    } else {
-        &[(50, "depth50"), (100, "depth100")]
+/// One depth of the deep suite and its EP settle settings.
+///
+/// A residual chain's state Hessian is conditioned like a path graph's: the nudge needs
+/// about `depth` steps to reach the first layer, and heavy-ball momentum must grow with
+/// depth to cross it (`1 - 1/depth` here). The step is 0.6 where the residual branches
+/// are small (many blocks, each scaled by `1/sqrt(blocks)` at init); with 4 blocks the
+/// state Hessian's largest eigenvalue is larger and 0.6 diverges, so depth 6 takes 0.3.
+/// Each setting was checked with `mep check-gradient` at initialisation (first-layer
+/// cosine to backprop: 0.998 at depth 6 and 10, 0.988 at 50, 0.986 at 100).
+struct DeepSetting {
+    depth: usize,
+    name: &'static str,
+    settle_lr: f32,
+    momentum: f32,
+    steps: usize,
+}
+
+/// Depths of the deep suite.
+fn deep_settings(quick: bool) -> &'static [DeepSetting] {
+    const fn s(depth: usize, name: &'static str, settle_lr: f32, momentum: f32) -> DeepSetting {
+        let steps = if 5 * depth > 60 { 5 * depth } else { 60 };
+        DeepSetting {
+            depth,
+            name,
+            settle_lr,
+            momentum,
+            steps,
+        }
     }
+    const QUICK: [DeepSetting; 2] = [s(6, "depth6", 0.3, 0.9), s(10, "depth10", 0.6, 0.9)];
+    const FULL: [DeepSetting; 2] = [s(50, "depth50", 0.6, 0.98), s(100, "depth100", 0.6, 0.99)];
+    if quick { &QUICK } else { &FULL }
 }
 
 /// The deep suite's model: `784 -> 128`, `depth - 2` residual blocks `relu -> fc128`, then
@@ -61,18 +86,16 @@ pub fn deep_model(depth: usize) -> String {
 }
 
 /// The deep suite's EP settings: one-sided nudging at `beta = 0.05 / depth` with the CE
-/// loss, `5 * depth` settle steps of 0.6 with heavy-ball momentum 0.98. A residual chain's
-/// state Hessian is ill-conditioned like a path graph's (the signal needs about `depth`
-/// steps to reach the first layer, and momentum 0.5 crosses it only slowly), and the
-/// nudged output moves about `depth` times as far as in a shallow net, so the nudge
-/// shrinks with depth (`tests/fidelity.rs` measures both at depth 20).
-fn deep_ep(o: &mut TrainOptions, depth: usize) {
+/// loss (the nudged output of a residual chain moves about `depth` times as far as in a
+/// shallow net, so the nudge shrinks with depth: `tests/fidelity.rs` measures it at depth
+/// 20) and the setting's settle step, momentum and `5 * depth` (at least 60) steps.
+fn deep_ep(o: &mut TrainOptions, setting: &DeepSetting) {
     o.estimator = Some(EstimatorArg::Ep);
-    o.beta = Some(0.05 / depth as f32);
+    o.beta = Some(0.05 / setting.depth as f32);
     o.nudging = Some("one-sided".into());
-    o.settle_steps = Some(5 * depth);
-    o.settle_lr = Some(0.6);
-    o.settle_momentum = Some(0.98);
+    o.settle_steps = Some(setting.steps);
+    o.settle_lr = Some(setting.settle_lr);
+    o.settle_momentum = Some(setting.momentum);
     o.settle_tol = Some(0.0);
 }
 
@@ -129,7 +152,8 @@ fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
     match suite {
         Suite::Deep => {
             let (train, test) = if quick { (1000, 500) } else { (10000, 10000) };
-            for &(depth, setting) in deep_depths(quick) {
+            for deep in deep_settings(quick) {
+                let (depth, setting) = (deep.depth, deep.name);
                 for label in ["ep", "backprop"] {
                     let model = deep_model(depth);
                     let mut o = TrainOptions {
@@ -151,7 +175,7 @@ fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
                         ..TrainOptions::default()
                     };
                     if label == "ep" {
-                        deep_ep(&mut o, depth);
+                        deep_ep(&mut o, deep);
                     }
                     out.push(Plan {
                         setting,
