@@ -215,22 +215,35 @@ pub fn probe(device: &Device) -> Result<(), String> {
     })
 }
 
-/// Runs `f`, turning a panic into its message. The (process-wide) panic hook is silenced
-/// meanwhile; callers are serialised so that each restores the hook it found.
+/// Runs `f`, turning a panic into a message. The (process-wide) panic hook is replaced
+/// meanwhile by one that records the first panic's message on any thread, so that a
+/// backend whose worker thread panicked (leaving the caller a bare channel error) is
+/// reported by the worker's own message; callers are serialised so that each restores
+/// the hook it found.
 fn catch_quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
-    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = HOOK
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    use std::sync::{Arc, Mutex, PoisonError};
+    static HOOK: Mutex<()> = Mutex::new(());
+    let _guard = HOOK.lock().unwrap_or_else(PoisonError::into_inner);
+    let first: Arc<Mutex<Option<String>>> = Arc::default();
+    let record = Arc::clone(&first);
     let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload_as_str()
+            .unwrap_or("the backend panicked")
+            .to_string();
+        record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(message);
+    }));
     let result = std::panic::catch_unwind(f);
     std::panic::set_hook(hook);
-    result.map_err(|payload| {
-        payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()))
+    result.map_err(|_| {
+        first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
             .unwrap_or_else(|| "the backend panicked".to_string())
     })
 }
@@ -285,5 +298,15 @@ mod tests {
         let literal = catch_quietly(|| -> () { panic!("static message") });
         assert_eq!(literal, Err("static message".to_string()));
         assert_eq!(catch_quietly(|| 3), Ok(3));
+        // A worker thread's panic is the reason, not the caller's channel error after it.
+        let worker = catch_quietly(|| -> () {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            std::thread::spawn(move || {
+                let _tx = tx;
+                panic!("cannot load libcuda.so");
+            });
+            rx.recv().unwrap();
+        });
+        assert_eq!(worker, Err("cannot load libcuda.so".to_string()));
     }
 }
