@@ -8,7 +8,8 @@
 #                                  and copies them, with MNIST, into gpu-stage/ (ignored
 #                                  by git; carry it: about 28 MiB)
 #   scripts/gpu-check.sh --run     there: nvidia-smi, the fidelity tests on CUDA, the
-#                                  EP-vs-backprop check, `bench speed --quick`, and one full
+#                                  EP-vs-backprop check in f32, f16 and bf16, `bench
+#                                  speed --quick`, and one full
 #                                  MNIST epoch of smep and of adam; JSON into $OUT
 #
 # Each step has its own time limit so that the whole run stays inside a 10-minute call.
@@ -54,8 +55,12 @@ case "${1:-}" in
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   step "fidelity tests on cuda"
   MEP_TEST_DEVICE=cuda timeout 180 "$bin/device-tests" --nocapture --test-threads 1
-  step "EP against backprop on cuda (check-gradient)"
-  timeout 120 "$mep" --device cuda check-gradient --steps 300 --beta 0.001
+  # Each precision at the smallest nudge it resolves (tests/fidelity.rs on the CPU).
+  for pb in f32:0.001 f16:0.01 bf16:0.1; do
+    step "EP in ${pb%%:*} against backprop in f32 on cuda (check-gradient, beta ${pb##*:})"
+    timeout 120 "$mep" --device cuda check-gradient --steps 300 \
+      --precision "${pb%%:*}" --beta "${pb##*:}"
+  done
   step "bench speed --quick on cuda"
   timeout 240 "$mep" --device cuda bench speed --quick --json --out "$out/speed" >"$out/speed.json"
   tail -c 2000 "$out/speed.json"

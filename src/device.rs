@@ -56,6 +56,9 @@ pub enum DeviceError {
     /// The device string could not be parsed.
     #[error("unknown device `{0}` (expected cpu, cpu:flex, cpu:ndarray, cuda or cuda:N)")]
     Unknown(String),
+    /// The precision string could not be parsed.
+    #[error("unknown precision `{0}` (expected f32, bf16 or f16)")]
+    UnknownPrecision(String),
     /// CUDA was asked for but this binary was built without the `cuda` feature.
     #[error(
         "device `{0}` needs CUDA, but this binary was built without it; rebuild with `cargo build --release --features cuda`"
@@ -78,6 +81,59 @@ pub enum DeviceError {
         /// Why it failed.
         reason: String,
     },
+}
+
+/// Floating-point precision of EP's forward pass, settling and contrast (the optimizer's
+/// update always runs in f32 on f32 parameters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats (the default).
+    #[default]
+    F32,
+    /// bfloat16: f32's range, 8 significant bits.
+    Bf16,
+    /// IEEE half precision: 11 significant bits, range up to 65504.
+    F16,
+}
+
+impl Precision {
+    /// burn's float type of this precision.
+    pub fn dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Self::F32 => burn::tensor::FloatDType::F32,
+            Self::Bf16 => burn::tensor::FloatDType::BF16,
+            Self::F16 => burn::tensor::FloatDType::F16,
+        }
+    }
+
+    /// `t` in this precision (no copy when it already is).
+    pub fn cast<const D: usize>(self, t: Tensor<D>) -> Tensor<D> {
+        t.cast(self.dtype())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "fp16" | "half" | "float16" => Ok(Self::F16),
+            _ => Err(DeviceError::UnknownPrecision(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
 }
 
 /// The CPU backends compiled into mep.

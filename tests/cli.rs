@@ -174,6 +174,25 @@ fn errors_are_one_clear_line_with_nonzero_exit() {
         &mep(&["data", "fetch", "xor"], None),
         "has no files to download",
     );
+    assert_clean_failure(
+        &mep(&["train", "--dataset", "xor", "--precision", "f8"], None),
+        "unknown precision `f8`",
+    );
+    assert_clean_failure(
+        &mep(
+            &[
+                "train",
+                "--dataset",
+                "xor",
+                "--model",
+                "2-4-2",
+                "--precision",
+                "bf16",
+            ],
+            None,
+        ),
+        "--precision bf16 applies to the EP estimators",
+    );
     if !cfg!(feature = "cuda") {
         assert_clean_failure(
             &mep(

@@ -77,6 +77,7 @@ fn ep_matches_backprop_on_the_test_device() {
         loss,
         settle,
         seed: 1,
+        ..EpConfig::default()
     };
     let estimate = EpEstimator::new(&net, config)
         .unwrap()

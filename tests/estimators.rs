@@ -338,6 +338,7 @@ fn lean_memory_ep_equals_the_fused_loop() {
                     ..SettleConfig::default()
                 },
                 seed: 11,
+                ..EpConfig::default()
             };
             let mut fused = EpEstimator::new(&net, config).unwrap();
             let mut lean = EpEstimator::new(&net, config)

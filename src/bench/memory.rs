@@ -324,6 +324,7 @@ pub fn run_probe(probe: &MemoryProbe, device: &Device) -> Result<MemoryRow, Memo
                     ..SettleConfig::default()
                 },
                 seed: probe.seed,
+                ..EpConfig::default()
             };
             let lean = probe.method == MemoryMethod::Ep;
             let estimator = EpEstimator::new(&net, config)?.with_lean_memory(lean);

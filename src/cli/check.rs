@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use clap::Args;
 use mep::data::{DataLocator, LoadOptions};
-use mep::device::Workload;
+use mep::device::{Precision, Workload};
 use mep::ep::{EqPropConfig, EqPropInit, EqPropModel, SettleConfig, SettleStats};
 use mep::estimate::{
     BackpropEstimator, EpConfig, EpEstimator, GradientComparison, GradientEstimator, Nudging,
@@ -45,6 +45,10 @@ pub struct CheckArgs {
     /// Heavy-ball momentum of settling.
     #[arg(long, default_value_t = 0.5)]
     settle_momentum: f32,
+    /// Precision of EP's free phase, settling and contrast (f32, bf16 or f16); the backprop
+    /// reference stays in f32, so the comparison shows what the precision costs.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Estimator to check: ep, local-ep or eqprop (backprop is the reference).
     #[arg(long, value_enum, default_value = "ep")]
     estimator: EstimatorArg,
@@ -68,6 +72,7 @@ struct Report {
     batch: usize,
     beta: f32,
     nudging: Nudging,
+    precision: Precision,
     steps: usize,
     loss: String,
     seed: u64,
@@ -135,6 +140,7 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         loss: args.loss,
         settle,
         seed: globals.seed,
+        precision: args.precision,
     };
     let mut free_residual = None;
     let (estimate, reference, settle_stats, reference_name) = match args.estimator {
@@ -150,6 +156,9 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
             (e.grads, r.grads, e.settle, "backprop")
         }
         EstimatorArg::Eqprop => {
+            if args.precision != Precision::F32 {
+                bail!("--precision applies to the EP estimators (ep, local-ep)");
+            }
             let config = EqPropConfig {
                 beta: args.beta,
                 random_sign: false,
@@ -215,6 +224,7 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         batch: args.batch,
         beta: args.beta,
         nudging: args.nudging,
+        precision: args.precision,
         steps: args.steps,
         loss: args.loss.to_string(),
         seed: globals.seed,
@@ -231,8 +241,12 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         EstimatorArg::Eqprop => "EqProp",
         _ => "EP",
     };
+    let precision = match args.precision {
+        Precision::F32 => String::new(),
+        p => format!(", in {p}"),
+    };
     println!(
-        "{label} gradient ({} nudging, beta {}, {} steps) vs {}: {} on a batch of {} from {}",
+        "{label} gradient ({} nudging, beta {}, {} steps{precision}) vs {}: {} on a batch of {} from {}",
         args.nudging, args.beta, args.steps, reference_name, args.model, args.batch, data.name
     );
     println!("{:<16} {:>10} {:>11}", "parameter", "cosine", "norm ratio");

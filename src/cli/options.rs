@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use mep::data::{self, DataError, DataLocator, LoadOptions, Normalization};
+use mep::device::Precision;
 use mep::ep::{EqPropConfig, EqPropInit, SettleConfig};
 use mep::estimate::{EpConfig, GradientEstimator, Nudging};
 use mep::loss::Loss;
@@ -71,6 +72,11 @@ pub struct TrainOptions {
     /// EP nudging: one-sided, random or centered.
     #[arg(long)]
     pub nudging: Option<String>,
+    /// Precision of EP's free phase, settling and contrast: f32 (default), bf16 or f16;
+    /// the optimizer's update stays in f32. Meant for GPUs: the CPU backends run the
+    /// lower precisions slowly, on the generic settle loop.
+    #[arg(long)]
+    pub precision: Option<String>,
     /// Most settle steps per phase (default 30).
     #[arg(long)]
     pub settle_steps: Option<usize>,
@@ -170,6 +176,7 @@ impl TrainOptions {
             standardize,
             beta,
             nudging,
+            precision,
             settle_steps,
             settle_lr,
             settle_tol,
@@ -254,6 +261,7 @@ impl TrainOptions {
         self.preset()?;
         self.loss()?;
         self.nudging()?;
+        self.precision()?;
         self.train_config(0)?;
         self.finite()
     }
@@ -298,6 +306,23 @@ impl TrainOptions {
             .transpose()
     }
 
+    fn precision(&self) -> Result<Option<Precision>> {
+        self.precision
+            .as_deref()
+            .map(|p| p.parse::<Precision>().map_err(|e| anyhow!(e)))
+            .transpose()
+    }
+
+    /// `--precision` other than f32 is an EP option: an error for other estimators.
+    fn precision_needs_ep(&self, is_ep: bool) -> Result<()> {
+        match self.precision()? {
+            Some(p) if p != Precision::F32 && !is_ep => {
+                bail!("--precision {p} applies to the EP estimators (ep, local-ep)")
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn override_settle(&self, base: SettleConfig) -> SettleConfig {
         SettleConfig {
             lr: self.settle_lr.unwrap_or(base.lr),
@@ -317,6 +342,7 @@ impl TrainOptions {
             loss,
             settle: self.override_settle(base.settle),
             seed,
+            precision: self.precision()?.unwrap_or(base.precision),
         })
     }
 
@@ -344,6 +370,7 @@ impl TrainOptions {
             let batch = self.batch.unwrap_or(64).max(1);
             let steps = self.epochs.unwrap_or(1) * samples.div_ceil(batch);
             let mut p = preset.config().for_steps(steps);
+            self.precision_needs_ep(p.estimator.ep_config_mut().is_some())?;
             match &mut p.estimator {
                 EstimatorChoice::Backprop { loss } => *loss = self.loss()?.unwrap_or(*loss),
                 EstimatorChoice::EqProp(c) => *c = self.eqprop(*c)?,
@@ -389,6 +416,10 @@ impl TrainOptions {
             bail!("--{name} configures the composite optimizer: use it with --preset");
         }
         let estimator_kind = self.estimator.unwrap_or(EstimatorArg::Backprop);
+        self.precision_needs_ep(matches!(
+            estimator_kind,
+            EstimatorArg::Ep | EstimatorArg::LocalEp
+        ))?;
         let kind: OptimizerKind = self.optimizer.unwrap_or(OptimizerArg::Adam).into();
         let lr = self.lr.unwrap_or(kind.default_lr());
         let momentum = self.momentum.unwrap_or(0.9);

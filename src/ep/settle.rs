@@ -269,8 +269,9 @@ impl Settler {
 
     /// Descends the energy at nudge `beta` from `start` (whose evaluation is `start_eval`).
     /// On a CPU device, networks with the dense structure (linear layers joined by
-    /// element-wise activations) run the fused host loop of `ep::dense`, which computes the
-    /// same iteration; everything else, and the adaptive step, runs
+    /// element-wise activations) in f32 run the fused host loop of `ep::dense`, which
+    /// computes the same iteration; everything else (lower precision, the adaptive step)
+    /// runs
     /// [`Settler::settle_generic`].
     pub fn settle(
         &self,
@@ -283,6 +284,7 @@ impl Settler {
     ) -> Result<Settled, SettleError> {
         if crate::device::is_host(&ctx.input().device())
             && !self.config.adaptive
+            && start.iter().all(|s| s.dtype() == burn::tensor::DType::F32)
             && let Some(plan) = model.dense_plan(net)
         {
             return super::dense::settle(&plan, &self.config, model, net, ctx, start, beta);

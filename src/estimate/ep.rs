@@ -3,7 +3,7 @@
 use super::{
     Estimate, EstimateError, GradientEstimator, TensorBatch, check_batch, scalar, scalar_of,
 };
-use crate::device::Tensor;
+use crate::device::{Precision, Tensor};
 use crate::ep::lean::LeanChain;
 use crate::ep::{BatchContext, EnergyModel, Evaluation, SettleConfig, Settler};
 use crate::loss::Loss;
@@ -61,6 +61,9 @@ pub struct EpConfig {
     pub settle: SettleConfig,
     /// Seed of the random nudge signs.
     pub seed: u64,
+    /// Precision of the free phase, settling and contrast; the gradient comes back in f32.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for EpConfig {
@@ -72,6 +75,7 @@ impl Default for EpConfig {
             loss: Loss::default(),
             settle: SettleConfig::default(),
             seed: 0,
+            precision: Precision::F32,
         }
     }
 }
@@ -154,7 +158,12 @@ impl EpEstimator {
     /// [`EpEstimator::with_lean_memory`]).
     fn lean_plan(&self, net: &Network) -> Option<crate::ep::DensePlan> {
         let settle = &self.config.settle;
-        if self.local || self.factors || settle.adaptive || settle.per_sample {
+        if self.local
+            || self.factors
+            || settle.adaptive
+            || settle.per_sample
+            || self.config.precision != Precision::F32
+        {
             return None;
         }
         let plan = self.energy.dense_plan(net)?;
@@ -254,6 +263,37 @@ impl GradientEstimator for EpEstimator {
 
     fn estimate(&mut self, net: &Network, batch: &TensorBatch) -> Result<Estimate, EstimateError> {
         check_batch(net, batch)?;
+        let precision = self.config.precision;
+        if precision != Precision::F32 {
+            // The whole estimate on a low-precision copy of the network and batch; the
+            // tensors it returns are brought back to f32 for the optimizer.
+            let low = TensorBatch {
+                x: precision.cast(batch.x.clone()),
+                targets: precision.cast(batch.targets.clone()),
+                labels: batch.labels.clone(),
+                indices: batch.indices.clone(),
+            };
+            let mut e = self.estimate_at(&net.cast(precision), &low)?;
+            let f32 = |t: Tensor<2>| Precision::F32.cast(t);
+            e.grads = e.grads.into_iter().map(f32).collect();
+            e.output = f32(e.output);
+            for f in e.factors.iter_mut().flatten() {
+                f.inputs = f32(f.inputs.clone());
+                f.output_grads = f32(f.output_grads.clone());
+            }
+            return Ok(e);
+        }
+        self.estimate_at(net, batch)
+    }
+}
+
+impl EpEstimator {
+    /// The estimate in the precision of `net`'s parameters and `batch`'s tensors.
+    fn estimate_at(
+        &mut self,
+        net: &Network,
+        batch: &TensorBatch,
+    ) -> Result<Estimate, EstimateError> {
         if let Some(plan) = self.lean_plan(net) {
             return self.estimate_lean(net, batch, &plan);
         }

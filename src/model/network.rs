@@ -589,6 +589,18 @@ impl Network {
         Ok(())
     }
 
+    /// A copy whose parameters are in `precision` (the same network in lower precision,
+    /// for EP's settling; see [`crate::device::Precision`]).
+    pub fn cast(&self, precision: crate::device::Precision) -> Network {
+        let mut low = self.clone();
+        low.params = self
+            .params
+            .iter()
+            .map(|p| precision.cast(p.clone()))
+            .collect();
+        low
+    }
+
     /// Replaces the running statistics (from a checkpoint); sizes were checked by the
     /// caller.
     pub fn set_running_stats(&mut self, running: Vec<RunningStats>) {

@@ -135,6 +135,7 @@ fn ep(beta: f32, steps: usize, loss: Loss) -> EpConfig {
             ..SettleConfig::default()
         },
         seed: 0,
+        ..EpConfig::default()
     }
 }
 
