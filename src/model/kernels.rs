@@ -42,6 +42,36 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Its number of rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Its number of columns.
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows `start..start + count` (no data movement).
+    pub(crate) fn sub_rows(self, start: usize, count: usize) -> Self {
+        assert!(start + count <= self.rows, "rows out of range");
+        Self {
+            data: &self.data[start * self.row_stride..],
+            rows: count,
+            ..self
+        }
+    }
+
+    /// Columns `start..start + count` (no data movement).
+    pub(crate) fn sub_cols(self, start: usize, count: usize) -> Self {
+        assert!(start + count <= self.cols, "columns out of range");
+        Self {
+            data: &self.data[start * self.col_stride..],
+            cols: count,
+            ..self
+        }
+    }
+
     /// Whether every element the view names lies inside `data`.
     fn in_bounds(&self) -> bool {
         self.rows == 0
@@ -82,6 +112,58 @@ pub(crate) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, accumula
             1,
             n as isize,
             accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `dst[i.., j..] = lhs * rhs`: the product written as the block at row `i`, column `j` of
+/// a row-major `dst` with `dst_cols` columns (single-threaded).
+pub(crate) fn matmul_into(
+    dst: &mut [f32],
+    dst_cols: usize,
+    i: usize,
+    j: usize,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(k, rhs.rows, "inner dimensions differ");
+    assert!(j + n <= dst_cols, "block past the destination's columns");
+    assert!(
+        m == 0 || n == 0 || (i + m - 1) * dst_cols + j + n <= dst.len(),
+        "block past the destination's rows"
+    );
+    assert!(
+        lhs.in_bounds() && rhs.in_bounds(),
+        "matrix view out of bounds"
+    );
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: the asserts above keep every index gemm reads from `lhs`/`rhs` and writes to
+    // the block of `dst` (row stride `dst_cols`) inside its slice; `dst` is borrowed
+    // mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(i * dst_cols + j),
+            1,
+            dst_cols as isize,
+            false,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
             lhs.row_stride as isize,
