@@ -666,6 +666,8 @@ fn the_speed_bench_reports_ep_against_backprop_with_its_cost_model() {
         "smep_sgd",
         "smep_adam",
         "smep_adam_es",
+        "smep_es",
+        "smep_plus_es",
         "sgd",
         "adam",
         "eqprop",
@@ -676,7 +678,13 @@ fn the_speed_bench_reports_ep_against_backprop_with_its_cost_model() {
         );
     }
     // Per-sample early stopping at tol 0.1 stops samples well before the 30-step budget.
-    assert!(f("ep_adam_es_settle_steps_mean") < 30.0);
+    for key in [
+        "ep_adam_es_settle_steps_mean",
+        "smep_es_settle_steps_mean",
+        "smep_plus_es_settle_steps_mean",
+    ] {
+        assert!(f(key) < 30.0, "{key}: {}", f(key));
+    }
     let table = std::fs::read_to_string(dir.join("table.md")).unwrap();
     assert!(table.contains("EP / BP time"), "{table}");
 }

@@ -269,7 +269,9 @@ fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
                 "smep_sgd",
                 "smep_adam",
                 "smep_adam_es",
+                "smep_es",
                 "smep_plus",
+                "smep_plus_es",
                 "smep_fast",
                 "sdmep",
                 "local_ep",
@@ -300,10 +302,14 @@ fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
                     o.lr = Some(1e-3);
                     o.gamma = Some(0.0);
                 }
-                if label == "smep_adam_es" {
+                if label == "smep_es" || label == "smep_plus_es" {
+                    // The preset itself with its 30-step budget cut short per sample.
+                    o.preset = Some(label.trim_end_matches("_es").into());
+                }
+                if label.ends_with("_es") {
                     // Per-sample early stopping: a sample stops once its own residual is
                     // under 0.1 beta (measured: 6.1 steps per sample, 96.41% against
-                    // 96.46% with all 30).
+                    // 96.46% with all 30 for smep_adam).
                     o.settle_per_sample = Some(true);
                     o.settle_tol = Some(0.1);
                 }
@@ -798,6 +804,15 @@ struct SpeedSummary {
     ep_adam_es_bp_ratio: f64,
     ep_adam_es_test_accuracy: f64,
     ep_adam_es_settle_steps_mean: Option<f64>,
+    /// smep itself with per-sample early stopping (smep_es): seconds, test accuracy and
+    /// mean settle steps per sample.
+    smep_es_epoch_seconds: f64,
+    smep_es_test_accuracy: f64,
+    smep_es_settle_steps_mean: Option<f64>,
+    /// The same for smep_plus (smep_plus_es).
+    smep_plus_es_epoch_seconds: f64,
+    smep_plus_es_test_accuracy: f64,
+    smep_plus_es_settle_steps_mean: Option<f64>,
     /// Test accuracy after the smep epoch, in [0, 1].
     test_accuracy: f64,
     /// Mean settle steps per phase in the smep epoch.
@@ -836,6 +851,8 @@ fn speed_summary(
     };
     let (ep, bp, ep_sgd) = (find("smep")?, find("sgd")?, find("smep_sgd")?);
     let (adam, ep_adam, ep_es) = (find("adam")?, find("smep_adam")?, find("smep_adam_es")?);
+    let (smep_es, plus_es) = (find("smep_es")?, find("smep_plus_es")?);
+    let steps_of = |r: &RunRecord| r.epochs.last().and_then(|m| m.settle_steps_mean);
     let samples = cache
         .values()
         .next()
@@ -867,7 +884,13 @@ fn speed_summary(
         ep_adam_es_epoch_seconds: ep_es.seconds_per_epoch,
         ep_adam_es_bp_ratio: ep_es.seconds_per_epoch / adam.seconds_per_epoch,
         ep_adam_es_test_accuracy: ep_es.final_test_accuracy,
-        ep_adam_es_settle_steps_mean: ep_es.epochs.last().and_then(|m| m.settle_steps_mean),
+        ep_adam_es_settle_steps_mean: steps_of(ep_es),
+        smep_es_epoch_seconds: smep_es.seconds_per_epoch,
+        smep_es_test_accuracy: smep_es.final_test_accuracy,
+        smep_es_settle_steps_mean: steps_of(smep_es),
+        smep_plus_es_epoch_seconds: plus_es.seconds_per_epoch,
+        smep_plus_es_test_accuracy: plus_es.final_test_accuracy,
+        smep_plus_es_settle_steps_mean: steps_of(plus_es),
         test_accuracy: ep.final_test_accuracy,
         settle_steps_mean: ep.epochs.last().and_then(|m| m.settle_steps_mean),
         settle_gflops: settle.settle_gflops,
@@ -886,6 +909,11 @@ fn speed_summary(
     })
 }
 
+/// A mean step count for the table (`-` when the run did not settle).
+fn steps_text(steps: Option<f64>) -> String {
+    steps.map_or("-".into(), |m| format!("{m:.1}"))
+}
+
 fn speed_table(s: &SpeedSummary) -> String {
     let c = &s.cost_model;
     format!(
@@ -897,6 +925,8 @@ fn speed_table(s: &SpeedSummary) -> String {
          | smep_sgd epoch (EP gradient, momentum SGD) | {:.2} s, {:.2}x sgd, {:.2}% test |\n\
          | smep_adam epoch (EP gradient, Adam) | {:.2} s, {:.2}x adam, {:.2}% test |\n\
          | smep_adam_es (per-sample early stopping, tol 0.1) | {:.2} s, {:.2}x adam, {:.2}% test, {} steps per sample |\n\
+         | smep_es (smep, per-sample early stopping, tol 0.1) | {:.2} s, {:.2}% test, {} steps per sample |\n\
+         | smep_plus_es (smep_plus, per-sample early stopping, tol 0.1) | {:.2} s, {:.2}% test, {} steps per sample |\n\
          | smep test accuracy after the epoch | {:.2}% |\n\
          | settle steps per phase (mean) | {} |\n\
          | settle step (batch 64) | {:.1} us, {:.1} GFLOP/s against {:.1} GFLOP/s for its matrix products alone |\n\n\
@@ -920,11 +950,15 @@ fn speed_table(s: &SpeedSummary) -> String {
         s.ep_adam_es_epoch_seconds,
         s.ep_adam_es_bp_ratio,
         100.0 * s.ep_adam_es_test_accuracy,
-        s.ep_adam_es_settle_steps_mean
-            .map_or("-".into(), |m| format!("{m:.1}")),
+        steps_text(s.ep_adam_es_settle_steps_mean),
+        s.smep_es_epoch_seconds,
+        100.0 * s.smep_es_test_accuracy,
+        steps_text(s.smep_es_settle_steps_mean),
+        s.smep_plus_es_epoch_seconds,
+        100.0 * s.smep_plus_es_test_accuracy,
+        steps_text(s.smep_plus_es_settle_steps_mean),
         100.0 * s.test_accuracy,
-        s.settle_steps_mean
-            .map_or("-".into(), |m| format!("{m:.1}")),
+        steps_text(s.settle_steps_mean),
         s.settle_step_us,
         s.settle_gflops,
         s.matmul_gflops,
