@@ -5,7 +5,7 @@ use crate::ep::EnergyModel;
 use crate::loss::Loss;
 use crate::model::{Network, ParamKind};
 use crate::optim::NsIteration;
-use crate::optim::linalg::newton_schulz_flops;
+use crate::optim::linalg::{newton_schulz_flops, newton_schulz_host_flops};
 
 /// Matrix-product FLOPs of the parts of a training step (element-wise work is not counted).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -20,8 +20,8 @@ pub struct CostModel {
     pub ep_gradient_per_sample: f64,
     /// One backprop gradient (forward, input and parameter VJPs), per sample.
     pub backprop_per_sample: f64,
-    /// One Muon update of every matrix (5 quintic Newton–Schulz steps), per optimizer step
-    /// (independent of the batch size).
+    /// One Muon update of every matrix (5 quintic Newton–Schulz steps) as computed on the
+    /// network's device, per optimizer step (independent of the batch size).
     pub muon_update: f64,
     /// Settle steps per phase assumed.
     pub settle_steps: usize,
@@ -38,13 +38,22 @@ impl CostModel {
         let settle = energy.settle_step_flops(net, 1);
         let ep = energy.gradient_flops(net, 1, settle_steps, phases);
         let contrast = ep - forward - (settle_steps * phases) as f64 * settle;
+        let host = net
+            .params()
+            .first()
+            .is_some_and(|p| crate::device::is_host(&p.device()));
+        let ns = if host {
+            newton_schulz_host_flops
+        } else {
+            newton_schulz_flops
+        };
         let muon = net
             .param_info()
             .iter()
             .map(|p| match p.kind {
                 ParamKind::Matrix {
                     fan_in, fan_out, ..
-                } => newton_schulz_flops(fan_out, fan_in, 5, NsIteration::Quintic),
+                } => ns(fan_out, fan_in, 5, NsIteration::Quintic),
                 ParamKind::Vector => 0.0,
             })
             .sum();
