@@ -113,9 +113,46 @@ fn symmetric_product(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>) {
             matmul_into(dst, r, i, j, lhs.sub_rows(i, bi), rhs.sub_cols(j, bj));
         }
     }
-    for i in 0..r {
-        for j in 0..i {
-            dst[i * r + j] = dst[j * r + i];
+    // Tile by tile, so that both the reads and the writes stay in cache.
+    for i0 in (0..r).step_by(SYMMETRIC_BLOCK) {
+        for j0 in (0..=i0).step_by(SYMMETRIC_BLOCK) {
+            for i in i0..(i0 + SYMMETRIC_BLOCK).min(r) {
+                for j in j0..(j0 + SYMMETRIC_BLOCK).min(i) {
+                    dst[i * r + j] = dst[j * r + i];
+                }
+            }
+        }
+    }
+}
+
+/// `sum v^2` in f64, in eight interleaved partial sums (which vectorise).
+fn sum_of_squares(values: &[f32]) -> f64 {
+    let mut partial = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| f64::from(v).powi(2))
+        .sum();
+    for chunk in chunks {
+        for (p, &v) in partial.iter_mut().zip(chunk) {
+            *p += f64::from(v) * f64::from(v);
+        }
+    }
+    partial.iter().sum::<f64>() + tail
+}
+
+/// `src` (row-major `rows x cols`) transposed and scaled into `dst` (`cols x rows`), in
+/// tiles so that the strided side stays in cache.
+fn transpose_scaled(src: &[f32], rows: usize, cols: usize, scale: f32, dst: &mut [f32]) {
+    const TILE: usize = 32;
+    for i0 in (0..rows).step_by(TILE) {
+        for j0 in (0..cols).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(rows) {
+                for j in j0..(j0 + TILE).min(cols) {
+                    dst[j * rows + i] = src[i * cols + j] * scale;
+                }
+            }
         }
     }
 }
@@ -133,16 +170,12 @@ pub fn newton_schulz_host(g: &[f32], rows: usize, cols: usize, steps: usize) -> 
     let tall = rows > cols;
     // In f64: the quintic is not scale-invariant, and an f32 running sum over 2e5 squares
     // is off by about 1e-5.
-    let norm = (g.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt() + 1e-7) as f32;
+    let norm = (sum_of_squares(g).sqrt() + 1e-7) as f32;
     // X: the scaled input in its wide orientation, row-major `r x c` (a tall input is
     // transposed once, so that every product below reads contiguous rows).
     let scaled: Vec<f32> = if tall {
         let mut t = vec![0.0; r * c];
-        for (row, values) in g.chunks_exact(cols).enumerate() {
-            for (col, &v) in values.iter().enumerate() {
-                t[col * c + row] = v / norm;
-            }
-        }
+        transpose_scaled(g, rows, cols, 1.0 / norm, &mut t);
         t
     } else {
         g.iter().map(|v| v / norm).collect()
