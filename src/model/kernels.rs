@@ -84,48 +84,7 @@ impl<'a> MatRef<'a> {
 /// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), `dst` row-major
 /// `lhs.rows x rhs.cols`, single-threaded (callers parallelise over samples).
 pub(crate) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert_eq!(k, rhs.rows, "inner dimensions differ");
-    assert!(dst.len() >= m * n, "destination too small");
-    assert!(
-        lhs.in_bounds() && rhs.in_bounds(),
-        "matrix view out of bounds"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: the asserts above guarantee that every index gemm reads from `lhs`/`rhs`
-    // and writes to `dst` (row-major, `n` columns) lies inside its slice; the slices do
-    // not alias because `dst` is borrowed mutably.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    matmul_block(dst, rhs.cols, 0, 0, lhs, rhs, accumulate);
 }
 
 /// `dst[i.., j..] = lhs * rhs`: the product written as the block at row `i`, column `j` of
@@ -138,18 +97,40 @@ pub(crate) fn matmul_into(
     lhs: MatRef<'_>,
     rhs: MatRef<'_>,
 ) {
+    matmul_block(dst, dst_cols, i, j, lhs, rhs, false);
+}
+
+/// `lhs * rhs` written (or added, with `accumulate`) to the block at row `i`, column `j`
+/// of a row-major `dst` with `dst_cols` columns.
+fn matmul_block(
+    dst: &mut [f32],
+    dst_cols: usize,
+    i: usize,
+    j: usize,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    accumulate: bool,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(k, rhs.rows, "inner dimensions differ");
     assert!(j + n <= dst_cols, "block past the destination's columns");
     assert!(
         m == 0 || n == 0 || (i + m - 1) * dst_cols + j + n <= dst.len(),
-        "block past the destination's rows"
+        "destination too small"
     );
     assert!(
         lhs.in_bounds() && rhs.in_bounds(),
         "matrix view out of bounds"
     );
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for row in i..i + m {
+                dst[row * dst_cols + j..row * dst_cols + j + n].fill(0.0);
+            }
+        }
         return;
     }
     // SAFETY: the asserts above keep every index gemm reads from `lhs`/`rhs` and writes to
@@ -163,7 +144,7 @@ pub(crate) fn matmul_into(
             dst.as_mut_ptr().add(i * dst_cols + j),
             1,
             dst_cols as isize,
-            false,
+            accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
             lhs.row_stride as isize,
