@@ -84,25 +84,12 @@ impl<'a> MatRef<'a> {
 /// `dst = lhs * rhs` (or `dst += lhs * rhs` when `accumulate`), `dst` row-major
 /// `lhs.rows x rhs.cols`, single-threaded (callers parallelise over samples).
 pub(crate) fn matmul(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
-    matmul_block(dst, rhs.cols, 0, 0, lhs, rhs, accumulate);
-}
-
-/// `dst[i.., j..] = lhs * rhs`: the product written as the block at row `i`, column `j` of
-/// a row-major `dst` with `dst_cols` columns (single-threaded).
-pub(crate) fn matmul_into(
-    dst: &mut [f32],
-    dst_cols: usize,
-    i: usize,
-    j: usize,
-    lhs: MatRef<'_>,
-    rhs: MatRef<'_>,
-) {
-    matmul_block(dst, dst_cols, i, j, lhs, rhs, false);
+    matmul_into(dst, rhs.cols, 0, 0, lhs, rhs, accumulate);
 }
 
 /// `lhs * rhs` written (or added, with `accumulate`) to the block at row `i`, column `j`
-/// of a row-major `dst` with `dst_cols` columns.
-fn matmul_block(
+/// of a row-major `dst` with `dst_cols` columns (single-threaded).
+pub(crate) fn matmul_into(
     dst: &mut [f32],
     dst_cols: usize,
     i: usize,

@@ -41,8 +41,9 @@ pub(crate) fn frobenius(x: &Tensor<2>) -> Tensor<2> {
 /// `Q_{k+1} = p(A_k) Q_k` need only `r x r` products, and `X_0` is multiplied once at the
 /// end: the `r^2 c` products are paid twice in all instead of twice per step. (Forming
 /// `Q G Q` instead costs as much but multiplies by `Q`, which grows like `3.44^k` on
-/// directions with tiny singular values, and lost up to 8% of the result to rounding.) For 784 x 256 and 5 quintic steps that is 0.78 instead of
-/// 1.20 GFLOP ([`newton_schulz_flops`]).
+/// directions with tiny singular values, and lost up to 8% of the result to rounding.)
+/// For 784 x 256 and 5 quintic steps that is 0.78 instead of 1.20 GFLOP
+/// ([`newton_schulz_flops`]).
 ///
 /// On a CPU device in f32 the Gram-space iteration runs on host buffers
 /// ([`newton_schulz_host`]), where every `r x r` product is symmetric and only its blocks
@@ -110,7 +111,15 @@ fn symmetric_product(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>) {
         let bi = SYMMETRIC_BLOCK.min(r - i);
         for j in (i..r).step_by(SYMMETRIC_BLOCK) {
             let bj = SYMMETRIC_BLOCK.min(r - j);
-            matmul_into(dst, r, i, j, lhs.sub_rows(i, bi), rhs.sub_cols(j, bj));
+            matmul_into(
+                dst,
+                r,
+                i,
+                j,
+                lhs.sub_rows(i, bi),
+                rhs.sub_cols(j, bj),
+                false,
+            );
         }
     }
     // Tile by tile, so that both the reads and the writes stay in cache.
