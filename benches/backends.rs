@@ -16,7 +16,7 @@ use mep::ep::{EnergyModel, SettleConfig, Settler};
 use mep::estimate::{BackpropEstimator, TensorBatch};
 use mep::loss::Loss;
 use mep::model::{ModelSpec, Network};
-use mep::optim::{Optimizer, Sgd};
+use mep::optim::{CompositeConfig, CompositeOptimizer, Optimizer};
 use mep::train::Trainer;
 
 const BATCH: usize = 64;
@@ -61,9 +61,16 @@ fn network(dev: &Device) -> Network {
 
 fn backprop_step_us(backend: CpuBackend) -> f64 {
     let dev = cpu_device(backend);
-    let sgd: Box<dyn Optimizer> = Box::new(Sgd::new(0.01, 0.9, false, 0.0).unwrap());
+    let net = network(&dev);
+    let sgd: Box<dyn Optimizer> = Box::new(
+        CompositeOptimizer::new(
+            CompositeConfig::sgd(0.01, 0.9, false, 0.0),
+            net.param_info(),
+        )
+        .unwrap(),
+    );
     let estimator = BackpropEstimator::new(Loss::CrossEntropy { smoothing: 0.0 }).unwrap();
-    let mut trainer = Trainer::new(network(&dev), Box::new(estimator), sgd, dev.clone());
+    let mut trainer = Trainer::new(net, Box::new(estimator), sgd, dev.clone());
     let (x, labels, _) = inputs(&dev);
     time_us(200, || {
         trainer.train_step(&x, &labels, None).unwrap();

@@ -6,9 +6,10 @@
 //! → [`model`] (layers, forward passes and vector-Jacobian products) → [`ep`] (the energy,
 //! settling, EqProp) and [`estimate`] (backprop, EP, local EP, EqProp gradient estimators)
 //! → [`optim`] (update rules) → [`train`] (loop and metrics; [`continual`]: task sequences
-//! and EWC) → [`bench`](mod@bench). [`loss`] is the
-//! task loss they share; [`device`] holds the tensor stack. The `mep` binary is the user
-//! interface; see ARCHITECTURE.md.
+//! and EWC) → [`bench`](mod@bench) → [`experiment`] (options, presets and recipes, run
+//! setup, suites: everything a front-end needs). [`loss`] is the task loss they share;
+//! [`device`] holds the tensor stack. The `mep` binary is one front-end; see
+//! ARCHITECTURE.md for the module graph.
 
 #![warn(missing_docs)]
 
@@ -18,6 +19,7 @@ pub mod data;
 pub mod device;
 pub mod ep;
 pub mod estimate;
+pub mod experiment;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -11,8 +11,9 @@ use mep::device::{CpuBackend, DeviceChoice, Tensor, Workload, autodiff, cpu_devi
 use mep::estimate::BackpropEstimator;
 use mep::loss::Loss;
 use mep::model::{ModelSpec, Network};
-use mep::optim::{Adam, Optimizer, Sgd};
-use mep::train::{OptimizerKind, Silent, TrainConfig, Trainer};
+use mep::model::{ParamInfo, ParamKind};
+use mep::optim::{CompositeConfig, CompositeOptimizer, Optimizer};
+use mep::train::{Silent, TrainConfig, Trainer};
 
 const CE: Loss = Loss::CrossEntropy { smoothing: 0.0 };
 
@@ -29,7 +30,8 @@ fn mlp(spec: &str, seed: u64, dev: &Device) -> Network {
         .unwrap()
 }
 
-fn backprop_trainer(model: Network, optimizer: Box<dyn Optimizer>, dev: Device) -> Trainer {
+fn backprop_trainer(model: Network, config: CompositeConfig, dev: Device) -> Trainer {
+    let optimizer = Box::new(CompositeOptimizer::new(config, model.param_info()).unwrap());
     Trainer::new(
         model,
         Box::new(BackpropEstimator::new(CE).unwrap()),
@@ -120,38 +122,83 @@ fn mlp_backprop_gradient_matches_central_finite_differences() {
     assert_eq!(checked, model.num_params());
 }
 
+fn matrix_info(fan_in: usize, fan_out: usize) -> ParamInfo {
+    ParamInfo {
+        name: "fc.weight".into(),
+        kind: ParamKind::Matrix {
+            fan_in,
+            fan_out,
+            out_major: false,
+        },
+    }
+}
+
+fn vector_info() -> ParamInfo {
+    ParamInfo {
+        name: "fc.bias".into(),
+        kind: ParamKind::Vector,
+    }
+}
+
+fn sgd(lr: f64, momentum: f64, weight_decay: f64, info: &[ParamInfo]) -> Box<dyn Optimizer> {
+    let config = CompositeConfig::sgd(lr, momentum, false, weight_decay);
+    Box::new(CompositeOptimizer::new(config, info).unwrap())
+}
+
+fn adam(lr: f64, info: &[ParamInfo]) -> Box<dyn Optimizer> {
+    Box::new(CompositeOptimizer::new(CompositeConfig::adam(lr, 0.0), info).unwrap())
+}
+
 #[test]
 fn sgd_with_momentum_and_decay_follows_the_hand_computed_sequence() {
     let dev = cpu_device(CpuBackend::Flex);
-    let mut sgd = Sgd::new(0.1, 0.9, false, 0.01).unwrap();
-    let mut p = vec![tensor(vec![1.0, -2.0], [1, 2], &dev)];
+    // A [2, 1] weight matrix (decayed) and a [1, 2] bias (not decayed).
+    let info = [matrix_info(2, 1), vector_info()];
+    let mut opt = sgd(0.1, 0.9, 0.01, &info);
+    let mut p = vec![
+        tensor(vec![1.0, -2.0], [2, 1], &dev),
+        tensor(vec![1.0, -2.0], [1, 2], &dev),
+    ];
     let g = [0.5f32, 1.0];
     // By hand: v1 = g; p1 = p0 (1 - 0.001) - 0.1 g. v2 = 0.9 g + g = 1.9 g; p2 = p1 (0.999) - 0.19 g.
     let mut expected = [1.0f32, -2.0];
+    let mut expected_bias = [1.0f32, -2.0];
     let mut v = [0.0f32; 2];
     for _ in 0..2 {
         for i in 0..2 {
             v[i] = 0.9 * v[i] + g[i];
             expected[i] = expected[i] * 0.999 - 0.1 * v[i];
+            expected_bias[i] -= 0.1 * v[i];
         }
-        p = sgd.step(p, vec![tensor(g.to_vec(), [1, 2], &dev)]).unwrap();
+        let grads = vec![
+            tensor(g.to_vec(), [2, 1], &dev),
+            tensor(g.to_vec(), [1, 2], &dev),
+        ];
+        p = opt.step(p, grads).unwrap();
     }
+    let bias = to_vec(p.remove(1));
     let got = to_vec(p.remove(0));
     for i in 0..2 {
         assert!(
             (got[i] - expected[i]).abs() < 1e-6,
             "{got:?} vs {expected:?}"
         );
+        assert!(
+            (bias[i] - expected_bias[i]).abs() < 1e-6,
+            "{bias:?} vs {expected_bias:?}"
+        );
     }
-    assert!(Sgd::new(-1.0, 0.9, false, 0.0).is_err());
-    assert!(Sgd::new(0.1, 1.0, false, 0.0).is_err());
-    assert!(Sgd::new(0.1, 0.9, false, f64::NAN).is_err());
+    let build = |c: CompositeConfig| CompositeOptimizer::new(c, &info);
+    assert!(build(CompositeConfig::sgd(-1.0, 0.9, false, 0.0)).is_err());
+    assert!(build(CompositeConfig::sgd(0.1, 1.0, false, 0.0)).is_err());
+    assert!(build(CompositeConfig::sgd(0.1, 0.9, false, f64::NAN)).is_err());
 }
 
 #[test]
 fn adam_first_step_moves_each_weight_by_lr_against_its_gradient_sign() {
     let dev = cpu_device(CpuBackend::NdArray);
-    let mut adam = Adam::new(0.01, 0.0).unwrap();
+    let info = [matrix_info(1, 3)];
+    let mut adam = adam(0.01, &info);
     let p = vec![tensor(vec![0.0, 1.0, -1.0], [1, 3], &dev)];
     let g = vec![tensor(vec![3.0, -0.02, 1e-3], [1, 3], &dev)];
     // Closed form: m_hat = g, v_hat = g^2, so the step is lr * g / (|g| + eps) ~ lr sign(g).
@@ -163,7 +210,18 @@ fn adam_first_step_moves_each_weight_by_lr_against_its_gradient_sign() {
             "{got:?} vs {expected:?}"
         );
     }
-    assert!(Adam::new(0.0, 0.0).is_err());
+    assert!(CompositeOptimizer::new(CompositeConfig::adam(0.0, 0.0), &info).is_err());
+}
+
+#[test]
+fn first_order_optimizers_refuse_a_non_finite_gradient_and_keep_the_parameters() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let info = [matrix_info(1, 2)];
+    for mut opt in [sgd(0.1, 0.9, 0.0, &info), adam(0.01, &info)] {
+        let p = vec![tensor(vec![1.0, 2.0], [1, 2], &dev)];
+        let g = vec![tensor(vec![f32::NAN, 1.0], [1, 2], &dev)];
+        assert!(opt.step(p, g).is_err());
+    }
 }
 
 #[test]
@@ -194,8 +252,7 @@ fn xor_is_learned_by_backprop_sgd() {
     .unwrap();
     let dev = cpu_device(CpuBackend::Flex);
     let model = mlp("2-16-2", 1, &dev);
-    let mut trainer =
-        backprop_trainer(model, OptimizerKind::Sgd.build(0.1, 0.9, 0.0).unwrap(), dev);
+    let mut trainer = backprop_trainer(model, CompositeConfig::sgd(0.1, 0.9, false, 0.0), dev);
     let config = TrainConfig {
         epochs: 100,
         batch_size: 4,
@@ -220,11 +277,7 @@ fn adam_learns_mnist_subset_in_three_epochs() {
     let ds = data::load("mnist", &locator, &opts, 42).unwrap();
     let dev = DeviceChoice::default().resolve(Workload::Backprop).unwrap();
     let model = mlp("784-256-10", 42, &dev);
-    let mut trainer = backprop_trainer(
-        model,
-        OptimizerKind::Adam.build(1e-3, 0.0, 0.0).unwrap(),
-        dev,
-    );
+    let mut trainer = backprop_trainer(model, CompositeConfig::adam(1e-3, 0.0), dev);
     let untrained = trainer.evaluate(&ds.test, 500).unwrap();
     let config = TrainConfig {
         epochs: 3,
@@ -257,11 +310,7 @@ fn same_seed_gives_identical_training() {
     let run = || {
         let dev = cpu_device(CpuBackend::Flex);
         let model = mlp("2-8-2", 5, &dev);
-        let mut t = backprop_trainer(
-            model,
-            OptimizerKind::Adam.build(0.01, 0.0, 0.0).unwrap(),
-            dev,
-        );
+        let mut t = backprop_trainer(model, CompositeConfig::adam(0.01, 0.0), dev);
         let h = t
             .fit(
                 &ds,

@@ -186,6 +186,8 @@ fn errors_are_one_clear_line_with_nonzero_exit() {
                 "xor",
                 "--model",
                 "2-4-2",
+                "--estimator",
+                "backprop",
                 "--precision",
                 "bf16",
             ],

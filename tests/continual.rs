@@ -12,7 +12,7 @@ use mep::ep::SettleConfig;
 use mep::estimate::{BackpropEstimator, EpConfig, EpEstimator, GradientEstimator, Nudging};
 use mep::loss::Loss;
 use mep::model::{ModelSpec, Network, Shape};
-use mep::optim::{Adam, Sgd};
+use mep::optim::{CompositeConfig, CompositeOptimizer};
 use mep::train::{Penalty, Silent, TrainConfig, Trainer};
 
 fn dev() -> Device {
@@ -259,12 +259,8 @@ fn flipped_run(ewc: Option<(f64, EwcCoupling)>) -> continual::ContinualReport {
     let dev = dev();
     let net = build("2-2", 2, 1, &dev);
     let make = || Box::new(BackpropEstimator::new(Loss::CrossEntropy { smoothing: 0.0 }).unwrap());
-    let mut trainer = Trainer::new(
-        net,
-        make(),
-        Box::new(Adam::new(0.05, 0.0).unwrap()),
-        dev.clone(),
-    );
+    let adam = CompositeOptimizer::new(CompositeConfig::adam(0.05, 0.0), net.param_info());
+    let mut trainer = Trainer::new(net, make(), Box::new(adam.unwrap()), dev.clone());
     let config = ContinualConfig {
         train: TrainConfig {
             epochs: 5,
@@ -407,7 +403,8 @@ fn ep_sequence_run(ewc: Option<(f64, EwcCoupling)>) -> (continual::ContinualRepo
         ..EpConfig::default()
     };
     let est = Box::new(EpEstimator::new(&net, config).unwrap());
-    let opt = Box::new(Sgd::new(0.02, 0.9, false, 0.0).unwrap());
+    let sgd = CompositeConfig::sgd(0.02, 0.9, false, 0.0);
+    let opt = Box::new(CompositeOptimizer::new(sgd, net.param_info()).unwrap());
     let setup = ewc.map(|(lambda, coupling)| EwcSetup {
         ewc: Ewc::new(EwcConfig {
             lambda,

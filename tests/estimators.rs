@@ -9,7 +9,8 @@ use mep::estimate::{
     EpConfig, EpEstimator, EqPropEstimator, GradientEstimator, Nudging, TensorBatch, compare,
 };
 use mep::model::{ModelSpec, Network, Shape};
-use mep::train::{OptimizerKind, Silent, TrainConfig, Trainer};
+use mep::optim::{CompositeConfig, CompositeOptimizer};
+use mep::train::{Silent, TrainConfig, Trainer};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
@@ -140,12 +141,8 @@ fn eqprop_learns_xor() {
         1,
     )
     .unwrap();
-    let mut trainer = Trainer::new(
-        net,
-        Box::new(estimator),
-        OptimizerKind::Sgd.build(0.1, 0.9, 0.0).unwrap(),
-        dev,
-    );
+    let sgd = CompositeOptimizer::new(CompositeConfig::sgd(0.1, 0.9, false, 0.0), net.param_info());
+    let mut trainer = Trainer::new(net, Box::new(estimator), Box::new(sgd.unwrap()), dev);
     let history = trainer
         .fit(
             &ds,

@@ -6,6 +6,7 @@ use burn::tensor::TensorData;
 use common::{exact_quintic, gaussianish, random_orthonormal, svd};
 use mep::device::{CpuBackend, Device, Tensor, cpu_device};
 use mep::estimate::GradFactors;
+use mep::experiment::{ExperimentError, Preset};
 use mep::model::{ParamInfo, ParamKind};
 use mep::optim::linalg::{
     newton_schulz, newton_schulz_direct, newton_schulz_flops, newton_schulz_host_flops,
@@ -13,7 +14,7 @@ use mep::optim::linalg::{
 };
 use mep::optim::{
     CompositeConfig, CompositeOptimizer, Constraint, Feedback, NsIteration, OptimError, Optimizer,
-    Preset, Schedule, UpdateRule, VectorRule,
+    Schedule, UpdateRule, VectorRule,
 };
 
 fn dev() -> Device {
@@ -718,7 +719,7 @@ fn every_invalid_option_is_rejected() {
     }
     assert!(matches!(
         "smep-turbo".parse::<Preset>(),
-        Err(OptimError::UnknownPreset(_))
+        Err(ExperimentError::UnknownPreset(_))
     ));
     for (name, p) in Preset::ALL {
         assert_eq!(name.parse::<Preset>().unwrap(), p);

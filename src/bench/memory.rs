@@ -21,7 +21,7 @@ use crate::estimate::{
 };
 use crate::loss::Loss;
 use crate::model::{ModelSpec, Shape};
-use crate::optim::Sgd;
+use crate::optim::{CompositeConfig, CompositeOptimizer};
 use crate::train::Trainer;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
@@ -337,7 +337,10 @@ pub fn run_probe(probe: &MemoryProbe, device: &Device) -> Result<MemoryRow, Memo
             (Box::new(est), Some(every))
         }
     };
-    let optimizer = Sgd::new(0.01, 0.0, false, 0.0)?;
+    let optimizer = CompositeOptimizer::new(
+        CompositeConfig::sgd(0.01, 0.0, false, 0.0),
+        net.param_info(),
+    )?;
     let mut rng = crate::data::dataset::mix(probe.seed, 0x6d656d);
     let mut uniform = move || {
         rng = crate::data::dataset::mix(rng, 1);

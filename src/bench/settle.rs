@@ -9,7 +9,8 @@ use crate::estimate::{
     EpConfig, EpEstimator, EstimateError, GradientEstimator, Nudging, TensorBatch,
 };
 use crate::loss::Loss;
-use crate::model::{Gemm, Network};
+use crate::model::{Gemm, Network, kernels};
+use rayon::prelude::*;
 
 /// Timings of the settle loop for one model and batch size.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -46,7 +47,7 @@ fn force(t: &Tensor<2>) {
 /// threads it would use), elsewhere with burn's matmul.
 pub fn matmul_gflops(gemms: &[Gemm], device: &Device, repeats: usize) -> f64 {
     if crate::device::is_host(device) {
-        return crate::model::kernels::gemm_gflops(gemms, repeats);
+        return host_gemm_gflops(gemms, repeats);
     }
     let operands: Vec<(Tensor<2>, Tensor<2>)> = gemms
         .iter()
@@ -62,6 +63,44 @@ pub fn matmul_gflops(gemms: &[Gemm], device: &Device, repeats: usize) -> f64 {
     let us = median_us(repeats, || {
         for (a, b) in &operands {
             force(&a.clone().matmul(b.clone()));
+        }
+    });
+    flops / us / 1e3
+}
+
+/// GFLOP/s of `gemms` run back to back with the host `gemm` product (deterministic
+/// operands), median of `repeats` rounds. With several worker threads each product's rows
+/// are split into one block per thread, computed in parallel: how the dense settle loop
+/// uses the threads.
+fn host_gemm_gflops(gemms: &[Gemm], repeats: usize) -> f64 {
+    let threads = crate::device::threads();
+    let operands: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = gemms
+        .iter()
+        .map(|g| {
+            let fill = |n: usize| {
+                (0..n)
+                    .map(|i| ((i * 7919) % 199) as f32 / 99.0 - 1.0)
+                    .collect()
+            };
+            (fill(g.m * g.k), fill(g.k * g.n), vec![0.0; g.m * g.n])
+        })
+        .collect();
+    let mut operands = operands;
+    let flops: f64 = gemms.iter().map(Gemm::flops).sum();
+    let us = median_us(repeats, || {
+        for (g, (a, b, c)) in gemms.iter().zip(operands.iter_mut()) {
+            let block = g.m.div_ceil(threads.max(1)).max(1);
+            c.par_chunks_mut(block * g.n)
+                .zip(a.par_chunks(block * g.k))
+                .for_each(|(c, a)| {
+                    let rows = a.len() / g.k;
+                    kernels::matmul(
+                        c,
+                        kernels::MatRef::new(a, rows, g.k),
+                        kernels::MatRef::new(b, g.k, g.n),
+                        false,
+                    );
+                });
         }
     });
     flops / us / 1e3

@@ -10,8 +10,9 @@ use mep::estimate::TensorBatch;
 use mep::model::{ModelSpec, Shape};
 
 use super::Globals;
-use super::suites::{self, Suite, SuiteArgs};
-use super::train::write_atomic;
+use super::suites::{self, SuiteArgs};
+use mep::experiment::suites::Suite;
+use mep::experiment::write_atomic;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {

@@ -17,8 +17,8 @@ use mep::train::{EpochMetrics, TrainObserver, Trainer};
 use serde::Serialize;
 
 use super::Globals;
-use super::options::{TrainOptions, build_network, load_or_fetch};
-use super::train::write_atomic;
+use super::options::{TrainOptions, build_network, load_or_fetch, setup};
+use mep::experiment::write_atomic;
 
 /// EWC flags.
 #[derive(Debug, Clone, Args)]
@@ -217,13 +217,13 @@ fn run_method(
     let model = build_network(&spec, base, seed, &device)?;
     // The schedule (if any) spans the whole sequence: tasks x epochs x batches.
     let samples = base.train.len() * tasks;
-    let setup = opts.setup(&model, samples, seed)?;
+    let built = setup(opts, &model, samples, seed)?;
     let ewc = match method.ewc {
         Some(c) => Some(EwcSetup {
             ewc: Ewc::new(c)?,
             // A second, identical estimator: the Fisher's per-sample gradients must not
             // advance the training estimator's random streams.
-            estimator: opts.setup(&model, samples, seed)?.estimator,
+            estimator: setup(opts, &model, samples, seed)?.estimator,
         }),
         None => None,
     };
@@ -234,7 +234,7 @@ fn run_method(
             base.name,
             base.train.len(),
             base.test.len(),
-            setup.label,
+            built.label,
             config.epochs,
             config.batch_size,
             method
@@ -246,8 +246,8 @@ fn run_method(
                 .unwrap_or_default()
         );
     }
-    let optimizer = setup.config.clone();
-    let mut trainer = Trainer::new(model, setup.estimator, setup.optimizer, device);
+    let optimizer = serde_json::to_value(built.recipe)?;
+    let mut trainer = Trainer::new(model, built.estimator, built.optimizer, device);
     let sequence = PermutedTasks::new(base.clone(), tasks, seed);
     let run_config = ContinualConfig {
         train: config.clone(),
@@ -318,7 +318,7 @@ fn load_base(opts: &TrainOptions, globals: &Globals, no_fetch: bool) -> Result<D
     let base = load_or_fetch(
         opts.dataset(),
         &locator,
-        &opts.load_options(),
+        &opts.load_options()?,
         globals.seed,
         !no_fetch,
     )?;

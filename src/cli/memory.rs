@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::Globals;
 use super::progress::count_bar;
-use super::train::write_atomic;
+use mep::experiment::write_atomic;
 
 #[derive(Debug, Args)]
 pub struct MemoryArgs {

@@ -4,19 +4,19 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use mep::data::DataLocator;
 use mep::device::Workload;
+use mep::experiment::{
+    CHECKPOINT, DEFAULT_MODEL, EstimatorArg, OptimizerArg, Prepared, RunMeta, TrainOptions,
+    read_meta, write_atomic,
+};
 use mep::loss::Loss;
-use mep::train::{EpochMetrics, Monitor, Trainer};
+use mep::train::Monitor;
 
 use super::Globals;
-use super::options::{TrainOptions, build_network, load_or_fetch};
-use super::progress::EpochBar;
-
-/// The checkpoint file of a run directory (the latest epoch).
-pub const CHECKPOINT: &str = "checkpoint.safetensors";
+use super::progress::{DownloadBar, EpochBar};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -48,49 +48,32 @@ pub struct TrainArgs {
 fn default_dir(opts: &TrainOptions, seed: u64) -> PathBuf {
     let method = match (&opts.preset, opts.estimator, opts.optimizer) {
         (Some(p), _, _) => p.clone(),
+        (None, None, None) => opts
+            .preset()
+            .ok()
+            .flatten()
+            .map_or_else(|| "default".into(), |p| p.to_string()),
         (None, e, o) => format!(
             "{}-{}",
-            serde_json::to_value(e.unwrap_or(super::options::EstimatorArg::Backprop))
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
-            serde_json::to_value(o.unwrap_or(super::options::OptimizerArg::Adam))
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
+            json_name(e.unwrap_or(EstimatorArg::Backprop)),
+            json_name(o.unwrap_or(OptimizerArg::Adam))
         ),
     };
     PathBuf::from("results/train").join(
         format!(
             "{}-{}-{method}-seed{seed}",
             opts.dataset().replace(':', "_"),
-            opts.model.as_deref().unwrap_or("784-256-128-10"),
+            opts.model.as_deref().unwrap_or(DEFAULT_MODEL),
         )
         .to_lowercase(),
     )
 }
 
-/// What a checkpoint's metadata holds.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct RunMeta {
-    options: TrainOptions,
-    seed: u64,
-    epoch: usize,
-    history: Vec<EpochMetrics>,
-}
-
-fn read_meta(path: &Path) -> Result<RunMeta> {
-    let bytes = fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{} is not a checkpoint: {e}", path.display()))?;
-    let meta = metadata
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("meta"))
-        .with_context(|| format!("{} has no run metadata", path.display()))?;
-    let wrapped: serde_json::Value = serde_json::from_str(meta)?;
-    serde_json::from_value(wrapped["meta"].clone())
-        .with_context(|| format!("{} has no run metadata", path.display()))
+fn json_name(v: impl serde::Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
@@ -106,74 +89,31 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     if args.resume {
         let meta =
             read_meta(&checkpoint).with_context(|| format!("resuming from {}", out.display()))?;
-        let epochs = opts.epochs;
-        let given = TrainOptions {
-            epochs: None,
-            ..opts.clone()
-        };
-        let stored = TrainOptions {
-            epochs: None,
-            ..meta.options.clone()
-        };
-        if given.clone().or(stored.clone()) != stored {
-            bail!(
-                "--resume continues the stored run: options other than --epochs must match the checkpoint's ({})",
-                serde_json::to_string(&meta.options)?
-            );
-        }
-        opts = TrainOptions {
-            epochs: epochs.or(meta.options.epochs),
-            ..meta.options.clone()
-        };
+        opts = meta.resume(&opts)?;
         seed = meta.seed;
         resumed = Some(meta);
     }
 
-    opts.validate()?;
     let locator = DataLocator::from_env(globals.data_dir.clone());
-    let dataset = load_or_fetch(
-        opts.dataset(),
-        &locator,
-        &opts.load_options(),
-        seed,
-        !args.no_fetch,
-    )?;
-    let config = opts.train_config(seed)?;
     let device = globals.device.resolve(Workload::Backprop)?;
-    let spec = opts.model()?;
-    let model = build_network(&spec, &dataset, seed, &device)?;
-    let num_params = model.num_params();
-    let setup = opts.setup(&model, dataset.train.len(), seed)?;
-    let mut run_config = serde_json::json!({
-        "dataset": dataset.name,
-        "model": spec.to_string(),
-        "train_samples": dataset.train.len(),
-        "test_samples": dataset.test.len(),
-        "device": globals.device.to_string(),
-        "threads": mep::device::threads(),
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "seed": seed,
-        "options": opts,
-    });
-    if let (Some(obj), serde_json::Value::Object(extra)) =
-        (run_config.as_object_mut(), setup.config.clone())
-    {
-        obj.extend(extra);
-    }
-    let monitor = match args.monitor {
-        Some(every) => Some(Monitor::new(
-            every,
-            setup
-                .estimator
-                .loss()
-                .unwrap_or(Loss::CrossEntropy { smoothing: 0.0 }),
-        )?),
-        None => None,
-    };
-    let mut trainer = Trainer::new(model, setup.estimator, setup.optimizer, device);
-    if let Some(m) = monitor {
-        trainer = trainer.with_monitor(m);
+    let mut bar = DownloadBar::default();
+    let prepared = Prepared::new(opts, seed, device, &locator, !args.no_fetch, &mut bar)?;
+    let run_config = prepared.config_json(&globals.device.to_string());
+    let Prepared {
+        options: opts,
+        dataset,
+        spec,
+        recipe,
+        config,
+        mut trainer,
+    } = prepared;
+    let num_params = trainer.model().num_params();
+    if let Some(every) = args.monitor {
+        let loss = trainer
+            .estimator()
+            .loss()
+            .unwrap_or(Loss::CrossEntropy { smoothing: 0.0 });
+        trainer = trainer.with_monitor(Monitor::new(every, loss)?);
     }
     let (start, mut history) = match resumed {
         Some(meta) => {
@@ -195,7 +135,7 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         dataset.name,
         dataset.train.len(),
         dataset.test.len(),
-        setup.label,
+        recipe.label(),
         config.epochs,
         if start > 1 {
             format!(" (resuming at epoch {start})")
@@ -376,18 +316,14 @@ pub fn eval(args: EvalArgs, globals: &Globals) -> Result<()> {
     opts.test_samples = args.test_samples.or(opts.test_samples);
     opts.train_samples = Some(1);
     let locator = DataLocator::from_env(globals.data_dir.clone());
-    let dataset = load_or_fetch(
-        opts.dataset(),
-        &locator,
-        &opts.load_options(),
-        meta.seed,
-        !args.no_fetch,
-    )?;
     let device = globals.device.resolve(Workload::Backprop)?;
-    let spec = opts.model()?;
-    let model = build_network(&spec, &dataset, meta.seed, &device)?;
-    let setup = opts.setup(&model, dataset.train.len(), meta.seed)?;
-    let mut trainer = Trainer::new(model, setup.estimator, setup.optimizer, device);
+    let mut bar = DownloadBar::default();
+    let Prepared {
+        dataset,
+        spec,
+        mut trainer,
+        ..
+    } = Prepared::new(opts, meta.seed, device, &locator, !args.no_fetch, &mut bar)?;
     trainer
         .load_checkpoint(path)
         .with_context(|| format!("loading {}", path.display()))?;
@@ -415,13 +351,4 @@ pub fn eval(args: EvalArgs, globals: &Globals) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

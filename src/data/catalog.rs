@@ -1,6 +1,6 @@
 //! The named data sets mep knows: where they come from and how to check them.
 
-use super::DataError;
+use super::{DataError, Normalization};
 
 /// Which part of a data set a file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +46,7 @@ pub enum Source {
 }
 
 /// A named data set: its source, sizes and shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DatasetSpec {
     /// Name used on the command line (`mnist`, `fashion-mnist`, ...).
     pub name: String,
@@ -62,6 +62,10 @@ pub struct DatasetSpec {
     pub input_shape: [usize; 3],
     /// Number of classes.
     pub classes: usize,
+    /// Its own standardisation: the mean and standard deviation of its training split's
+    /// pixels (scaled to [0, 1]), as PyTorch's examples and the paper's reference use them;
+    /// built-in sets are used as they are.
+    pub normalization: Normalization,
 }
 
 impl DatasetSpec {
@@ -120,6 +124,10 @@ pub fn catalog() -> Vec<DatasetSpec> {
             test_count: 10_000,
             input_shape: [1, 28, 28],
             classes: 10,
+            normalization: Normalization::MeanStd {
+                mean: 0.1307,
+                std: 0.3081,
+            },
         },
         DatasetSpec {
             name: "fashion-mnist".into(),
@@ -137,6 +145,10 @@ pub fn catalog() -> Vec<DatasetSpec> {
             test_count: 10_000,
             input_shape: [1, 28, 28],
             classes: 10,
+            normalization: Normalization::MeanStd {
+                mean: 0.2860,
+                std: 0.3530,
+            },
         },
         DatasetSpec {
             name: "xor".into(),
@@ -146,6 +158,7 @@ pub fn catalog() -> Vec<DatasetSpec> {
             test_count: 4,
             input_shape: [1, 1, 2],
             classes: 2,
+            normalization: Normalization::UnitRange,
         },
         DatasetSpec {
             name: "permuted-mnist".into(),
@@ -157,6 +170,10 @@ pub fn catalog() -> Vec<DatasetSpec> {
             test_count: 10_000,
             input_shape: [1, 28, 28],
             classes: 10,
+            normalization: Normalization::MeanStd {
+                mean: 0.1307,
+                std: 0.3081,
+            },
         },
     ]
 }

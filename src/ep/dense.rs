@@ -15,8 +15,8 @@
 use burn::tensor::TensorData;
 use rayon::prelude::*;
 
+use super::convergence::{ResidualCheck, SettleConfig, SettleError, SettleStats, Settled};
 use super::energy::{BatchContext, DensePlan, EnergyModel, Evaluation};
-use super::settle::{ResidualCheck, SettleConfig, SettleError, SettleStats, Settled};
 use crate::device::{Tensor, to_host};
 use crate::loss::{Loss, MseScale};
 use crate::model::Activation;

@@ -564,12 +564,12 @@ impl EnergyModel {
         net: &Network,
         eval: &Evaluation,
         scale: f32,
-    ) -> Vec<Option<crate::estimate::GradFactors>> {
+    ) -> Vec<Option<crate::model::GradFactors>> {
         let mut out = vec![None; net.params().len()];
         for (j, seg) in self.segments.iter().enumerate() {
             let layer = &net.layers()[seg.layer];
             if let LayerOp::Linear { .. } = layer.op {
-                out[layer.first_param] = Some(crate::estimate::GradFactors {
+                out[layer.first_param] = Some(crate::model::GradFactors {
                     inputs: eval.tapes[j].inputs[seg.prefix.len()].clone(),
                     output_grads: eval.errors[j].clone().mul_scalar(scale),
                 });

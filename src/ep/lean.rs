@@ -18,8 +18,8 @@
 //! check still takes that step (one more than the other loops). With `tol = 0` the
 //! iterates are the same (`tests/settle.rs`).
 
+use super::convergence::{ResidualCheck, SettleConfig, SettleError, SettleStats};
 use super::energy::{DensePlan, EnergyModel};
-use super::settle::{ResidualCheck, SettleConfig, SettleError, SettleStats};
 use crate::device::{Tensor, to_host};
 use crate::model::{Network, NormStats};
 

@@ -3,16 +3,18 @@
 //!
 //! The gradient estimators built on these live in [`crate::estimate`].
 
+mod convergence;
 mod dense;
 mod energy;
 mod eqprop;
 pub(crate) mod lean;
 mod settle;
 
+pub use convergence::{
+    ADAPTIVE_GROWTH, ADAPTIVE_MAX_FACTOR, ADAPTIVE_SHRINK, BLOWUP_FACTOR, SettleConfig,
+    SettleError, SettleStats, Settled,
+};
 pub(crate) use energy::DensePlan;
 pub use energy::{BatchContext, EnergyModel, Evaluation};
 pub use eqprop::{EqPropConfig, EqPropInit, EqPropModel, EqPropNetworkError};
-pub use settle::{
-    ADAPTIVE_GROWTH, ADAPTIVE_MAX_FACTOR, ADAPTIVE_SHRINK, BLOWUP_FACTOR, SettleConfig,
-    SettleError, SettleStats, Settled, Settler,
-};
+pub use settle::Settler;

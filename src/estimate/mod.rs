@@ -18,6 +18,8 @@ mod ep;
 mod eqprop;
 mod fidelity;
 
+/// Re-exported: estimators return them, the Fisher update reads them.
+pub use crate::model::GradFactors;
 pub use backprop::BackpropEstimator;
 pub use checkpointed::CheckpointedBackprop;
 pub use ep::{EpConfig, EpEstimator, Nudging};
@@ -71,18 +73,6 @@ impl TensorBatch {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
-}
-
-/// Per-sample factors of a weight matrix's gradient: `grad = inputs^T output_grads / N`
-/// (`inputs` `[N, fan_in]`, `output_grads` `[N, fan_out]`), from which curvature
-/// estimates such as the empirical Fisher are computed.
-#[derive(Debug, Clone)]
-pub struct GradFactors {
-    /// The layer's input activity, one row per sample.
-    pub inputs: Tensor<2>,
-    /// The signal at the layer's output, one row per sample (backprop: `dL/dh`; EP: the
-    /// nudged prediction error over beta).
-    pub output_grads: Tensor<2>,
 }
 
 /// One gradient estimate.

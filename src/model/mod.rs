@@ -8,6 +8,7 @@
 
 mod activation;
 mod cost;
+mod factors;
 pub mod kernels;
 mod layer;
 mod network;
@@ -16,6 +17,7 @@ mod spec;
 
 pub use activation::Activation;
 pub use cost::Gemm;
+pub use factors::GradFactors;
 pub(crate) use layer::{Aux, NormStats};
 pub use layer::{Layer, LayerOp};
 pub use network::{

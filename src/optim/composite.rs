@@ -31,7 +31,7 @@ use super::linalg::{
 };
 use super::{OptimError, Optimizer, OptimizerState, check_adam, check_arity, check_range};
 use crate::device::{Tensor, to_host};
-use crate::estimate::GradFactors;
+use crate::model::GradFactors;
 use crate::model::{ParamInfo, ParamKind};
 
 /// Learning-rate schedule, as a factor of the base rate at step `t` (0-based).
@@ -180,6 +180,93 @@ pub enum UpdateRule {
     },
 }
 
+impl UpdateRule {
+    /// Every rule's name, as [`UpdateRule::from_str`](std::str::FromStr) reads it.
+    pub const NAMES: [&'static str; 7] = [
+        "plain",
+        "muon",
+        "muon-cubic",
+        "dion",
+        "lowrank",
+        "fisher",
+        "adam",
+    ];
+
+    /// Muon with 5 quintic Newton–Schulz steps (the paper's setting).
+    pub const fn muon() -> Self {
+        Self::Muon {
+            ns_steps: 5,
+            iteration: NsIteration::Quintic,
+        }
+    }
+
+    /// Muon with the reference's cubic iteration, 5 steps.
+    pub const fn muon_cubic() -> Self {
+        Self::Muon {
+            ns_steps: 5,
+            iteration: NsIteration::Cubic,
+        }
+    }
+
+    /// Dion at rank 0.2 of the smaller side on matrices of at least 100 000 entries (Muon
+    /// with 5 steps below).
+    pub const fn dion() -> Self {
+        Self::Dion {
+            rank_frac: 0.2,
+            threshold: 100_000,
+            ns_steps: 5,
+        }
+    }
+
+    /// Rank-0.2 compression.
+    pub const fn low_rank() -> Self {
+        Self::LowRank { rank_frac: 0.2 }
+    }
+
+    /// Diagonal empirical Fisher (damping 1e-3, EMA 0.95), then 5 Newton–Schulz steps.
+    pub const fn fisher() -> Self {
+        Self::Fisher {
+            damping: 1e-3,
+            ema: 0.95,
+            orthogonalize: true,
+            ns_steps: 5,
+        }
+    }
+
+    /// Adam with beta 0.9, 0.999 and eps 1e-8.
+    pub const fn adam() -> Self {
+        Self::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+
+    /// Whether the rule compresses by itself (so error feedback needs no compression in
+    /// front of it).
+    pub fn compresses(&self) -> bool {
+        matches!(self, Self::LowRank { .. } | Self::Dion { .. })
+    }
+}
+
+impl std::str::FromStr for UpdateRule {
+    type Err = OptimError;
+
+    /// One of [`UpdateRule::NAMES`], with its named constructor's settings.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.trim() {
+            "plain" => Self::Plain,
+            "muon" => Self::muon(),
+            "muon-cubic" => Self::muon_cubic(),
+            "dion" => Self::dion(),
+            "lowrank" => Self::low_rank(),
+            "fisher" => Self::fisher(),
+            "adam" => Self::adam(),
+            other => return Err(OptimError::UnknownUpdateRule(other.to_string())),
+        })
+    }
+}
+
 /// The update of vectors (biases and normalisation gains).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -214,6 +301,19 @@ pub enum Constraint {
         /// `power_iters` rounds, no host reads).
         tol: f64,
     },
+}
+
+impl Constraint {
+    /// The spectral bound `gamma` with 3 power-iteration rounds every step and tolerance
+    /// 1e-4.
+    pub const fn spectral(gamma: f64) -> Self {
+        Self::Spectral {
+            gamma,
+            power_iters: 3,
+            every: 1,
+            tol: 1e-4,
+        }
+    }
 }
 
 /// Error feedback of lossy updates.
@@ -286,6 +386,30 @@ impl Default for CompositeConfig {
 }
 
 impl CompositeConfig {
+    /// Momentum SGD (heavy-ball or Nesterov) with decoupled weight decay of matrices.
+    pub fn sgd(lr: f64, momentum: f64, nesterov: bool, weight_decay: f64) -> Self {
+        Self {
+            lr,
+            momentum,
+            nesterov,
+            weight_decay,
+            ..Self::default()
+        }
+    }
+
+    /// Adam on matrices and vectors (beta 0.9, 0.999, eps 1e-8) with decoupled weight
+    /// decay of matrices (AdamW).
+    pub fn adam(lr: f64, weight_decay: f64) -> Self {
+        Self {
+            lr,
+            momentum: 0.0,
+            weight_decay,
+            update: UpdateRule::adam(),
+            vector_update: VectorRule::Adam,
+            ..Self::default()
+        }
+    }
+
     /// Checks every option.
     pub fn validate(&self) -> Result<(), OptimError> {
         check_range("lr", self.lr, self.lr > 0.0, "must be positive")?;

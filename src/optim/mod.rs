@@ -1,28 +1,23 @@
 //! Optimizers: how a gradient becomes a parameter update.
 //!
-//! The first-order baselines ([`Sgd`] with heavy-ball or Nesterov momentum and decoupled
-//! weight decay, and [`Adam`]/AdamW), and the [`CompositeOptimizer`]: compression with error
-//! feedback, momentum, a geometry-aware update rule (Muon, Dion, Fisher, Adam),
-//! decoupled weight decay and a spectral constraint, with matrices and vectors routed
-//! explicitly. [`Preset`] names the paper's configurations. Every optimizer's state
-//! round-trips through [`OptimizerState`] (saved with the model checkpoint).
+//! One optimizer, the [`CompositeOptimizer`]: compression with error feedback, momentum,
+//! an update rule (plain SGD, Muon, Dion, Fisher, Adam), decoupled weight decay and a
+//! spectral constraint, with matrices and vectors routed explicitly. The first-order
+//! baselines are its plain and Adam rules ([`CompositeConfig::sgd`],
+//! [`CompositeConfig::adam`]), so every rule refuses non-finite gradients and decays
+//! matrices only, the same way. Every optimizer's state round-trips through
+//! [`OptimizerState`] (saved with the model checkpoint).
 
-mod adam;
 mod composite;
 pub mod linalg;
-mod preset;
-mod sgd;
 
-pub use adam::Adam;
 pub use composite::{
     CompositeConfig, CompositeOptimizer, Constraint, Feedback, Schedule, UpdateRule, VectorRule,
 };
 pub use linalg::NsIteration;
-pub use preset::{EstimatorChoice, Preset, PresetConfig};
-pub use sgd::Sgd;
 
 use crate::device::Tensor;
-use crate::estimate::GradFactors;
+use crate::model::GradFactors;
 
 /// An optimizer's state as named tensors and scalars (what a checkpoint stores).
 #[derive(Debug, Clone, Default)]
@@ -69,9 +64,10 @@ pub enum OptimError {
     },
     /// No preset has this name.
     #[error(
-        "unknown preset `{0}` (expected one of: smep, smep_fast, sdmep, local_ep, natural_ep, muon_backprop, eqprop, sgd, adam)"
+        "unknown update rule `{0}` (expected {names})",
+        names = UpdateRule::NAMES.join(", ")
     )]
-    UnknownPreset(String),
+    UnknownUpdateRule(String),
     /// Saved state does not match the optimizer.
     #[error("optimizer state does not fit: {0}")]
     State(String),

@@ -10,7 +10,7 @@ mod trainer;
 
 pub use metrics::EpochMetrics;
 pub use monitor::{Monitor, MonitorRecord, ParamRecord, PhaseRecord};
-pub use trainer::{OptimizerKind, StepOutcome, TrainConfig, Trainer};
+pub use trainer::{StepOutcome, TrainConfig, Trainer};
 
 use crate::data::DataError;
 use crate::device::{DeviceError, Tensor};

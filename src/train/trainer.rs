@@ -11,40 +11,7 @@ use crate::device::{Device, Tensor};
 use crate::ep::SettleStats;
 use crate::estimate::{GradientEstimator, TensorBatch};
 use crate::model::{ModelError, Network};
-use crate::optim::{Adam, Optimizer, Sgd};
-
-/// First-order optimizers available to the backprop baseline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    /// SGD with momentum (default lr 0.1, momentum 0.9, as the paper's SGD row).
-    Sgd,
-    /// Adam (default lr 0.001).
-    Adam,
-}
-
-impl OptimizerKind {
-    /// The paper's learning rate for this optimizer.
-    pub fn default_lr(self) -> f64 {
-        match self {
-            Self::Sgd => 0.1,
-            Self::Adam => 1e-3,
-        }
-    }
-
-    /// Builds the optimizer.
-    pub fn build(
-        self,
-        lr: f64,
-        momentum: f64,
-        weight_decay: f64,
-    ) -> Result<Box<dyn Optimizer>, TrainError> {
-        Ok(match self {
-            Self::Sgd => Box::new(Sgd::new(lr, momentum, false, weight_decay)?),
-            Self::Adam => Box::new(Adam::new(lr, weight_decay)?),
-        })
-    }
-}
+use crate::optim::Optimizer;
 
 /// Settings of a training run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -1,0 +1,645 @@
+//! The options of a training run and how they resolve into a [`Recipe`].
+//!
+//! [`TrainOptions`] is the one list of a run's settings: the CLI derives its flags from it
+//! (with the `cli` feature), config files and checkpoints store it with serde, and library
+//! users fill it in directly.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::recipe::{EstimatorChoice, Recipe};
+use super::{ExperimentError, Preset};
+use crate::data::{self, LoadOptions, Normalization};
+use crate::device::Precision;
+use crate::ep::{EqPropConfig, EqPropInit, SettleConfig};
+use crate::estimate::{EpConfig, Nudging};
+use crate::loss::Loss;
+use crate::model::ModelSpec;
+use crate::optim::{CompositeConfig, Constraint, Feedback, Schedule};
+use crate::train::TrainConfig;
+
+/// The data set of a run without `dataset`.
+pub const DEFAULT_DATASET: &str = "mnist";
+/// The model of a run without `model`.
+pub const DEFAULT_MODEL: &str = "784-256-128-10";
+/// Samples per batch without `batch`.
+pub const DEFAULT_BATCH: usize = 64;
+/// Epochs without `epochs`.
+pub const DEFAULT_EPOCHS: usize = 1;
+/// Input normalisation without `standardize`.
+pub const DEFAULT_STANDARDIZE: Standardize = Standardize::None;
+
+/// Every setting of a training run. Each is optional: [`TrainOptions::or`] layers them
+/// (the CLI: flags over a `--config` TOML file, same keys in snake_case), a preset fills
+/// what is still unset, then the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainOptions {
+    /// Data set: mnist, fashion-mnist, xor, permuted-mnist[:K] (default mnist).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub dataset: Option<String>,
+    /// Model spec (default 784-256-128-10; the grammar is in the README).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub model: Option<String>,
+    /// Preset: smep, smep_plus, smep_fast, sdmep, local_ep, natural_ep, muon_backprop,
+    /// eqprop, sgd, adam. Without a preset, --estimator or --optimizer a run uses the
+    /// best EP recipe measured for the model (smep_plus); `--estimator backprop` trains
+    /// with backprop and Adam.
+    #[cfg_attr(feature = "cli", arg(long, conflicts_with_all = ["estimator", "optimizer"]))]
+    pub preset: Option<String>,
+    /// Gradient estimator without a preset (default backprop once --estimator or
+    /// --optimizer is given).
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
+    pub estimator: Option<EstimatorArg>,
+    /// First-order optimizer without a preset (default adam): the composite optimizer with
+    /// the `sgd` or `adam` preset's rules.
+    #[cfg_attr(feature = "cli", arg(long, value_enum))]
+    pub optimizer: Option<OptimizerArg>,
+    /// Loss: mse (1/2 ||o - y||^2), mse-reference, ce, ce:SMOOTHING.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub loss: Option<String>,
+    /// Epochs (default 1).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub epochs: Option<usize>,
+    /// Batch size (default 64).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub batch: Option<usize>,
+    /// Learning rate (default: the preset's, or 0.1 for sgd, 0.001 for adam).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub lr: Option<f64>,
+    /// Momentum (default 0.9 for sgd, or the preset's).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub momentum: Option<f64>,
+    /// Decoupled weight decay of matrices (default 0, or the preset's).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub weight_decay: Option<f64>,
+    /// Use only the first N training samples.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub train_samples: Option<usize>,
+    /// Use only the first N test samples.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub test_samples: Option<usize>,
+    /// Input normalisation after scaling to [0, 1]: MEAN,STD, `dataset` (the data set's
+    /// own training-pixel mean and std: MNIST 0.1307,0.3081, Fashion-MNIST 0.2860,0.3530)
+    /// or `none` (the default: inputs stay in [0, 1]).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "MEAN,STD|dataset|none"))]
+    pub standardize: Option<Standardize>,
+    /// Nudge strength (default 0.5 for EP, 1.0 for EqProp).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub beta: Option<f32>,
+    /// EP nudging: one-sided, random or centered.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub nudging: Option<String>,
+    /// Precision of EP's free phase, settling and contrast: f32 (default), bf16 or f16;
+    /// the optimizer's update stays in f32. Meant for GPUs: the CPU backends run the
+    /// lower precisions slowly, on the generic settle loop.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub precision: Option<String>,
+    /// Most settle steps per phase (default 30).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub settle_steps: Option<usize>,
+    /// Settle step size, per sample (default 0.3; presets 0.5).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub settle_lr: Option<f32>,
+    /// Stop settling when the largest per-sample state-gradient norm is under TOL * beta.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub settle_tol: Option<f32>,
+    /// Heavy-ball momentum of settling, in [0, 1) (default 0.5). Deep residual networks
+    /// settle far faster with 0.9 (their state Hessian is ill-conditioned like a chain).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub settle_momentum: Option<f32>,
+    /// Check convergence every K settle steps (default 5).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "K"))]
+    pub settle_check: Option<usize>,
+    /// Per-sample adaptive settle step.
+    #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
+    pub adaptive: Option<bool>,
+    /// Per-sample stopping: a sample stops settling once its own state-gradient norm is
+    /// under --settle-tol * beta (at a check); the dense fast path then drops it from its
+    /// products.
+    #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
+    pub settle_per_sample: Option<bool>,
+    /// Matrix update rule of the composite optimizer: plain, muon, muon-cubic, dion,
+    /// lowrank, fisher, adam.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub update: Option<String>,
+    /// Spectral bound gamma on every matrix (0 removes the preset's constraint).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub gamma: Option<f64>,
+    /// Learning rate of vectors (biases, gains); default the matrix rate.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub vector_lr: Option<f64>,
+    /// Nesterov momentum.
+    #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
+    pub nesterov: Option<bool>,
+    /// Clip the global gradient norm.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub clip_norm: Option<f64>,
+    /// Learning-rate schedule: constant, cosine (to 0 over the run, after --warmup steps),
+    /// or step:EVERY:GAMMA.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub schedule: Option<String>,
+    /// Warm-up steps of the cosine schedule.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub warmup: Option<usize>,
+    /// Error feedback: carry the compression residual and re-inject it with this decay
+    /// (default 0.9 when given without a value). The lowrank update compresses by itself;
+    /// in front of a rule that does not (muon, plain, fisher, adam) the gradient is first
+    /// compressed to rank fraction --ef-rank. Dion feeds back its own residual.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "BETA", num_args = 0..=1, default_missing_value = "0.9")
+    )]
+    pub error_feedback: Option<f64>,
+    /// Rank fraction of error feedback's compression (default 0.2; see --error-feedback).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "FRAC", requires = "error_feedback")
+    )]
+    pub ef_rank: Option<f64>,
+    /// EqProp: free-phase steps (default 40).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub eqprop_free_steps: Option<usize>,
+    /// EqProp: nudged-phase steps (default 4).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub eqprop_nudged_steps: Option<usize>,
+    /// EqProp: state step size (default 0.5).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub eqprop_step: Option<f32>,
+    /// EqProp: start each training sample's free phase from its previous states.
+    #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
+    pub persistent: Option<bool>,
+}
+
+macro_rules! merge_fields {
+    ($a:ident, $b:ident, $($f:ident),*) => {
+        TrainOptions { $($f: $a.$f.or($b.$f)),* }
+    };
+}
+
+impl TrainOptions {
+    /// These options, with `fallback`'s where these are unset.
+    pub fn or(self, fallback: TrainOptions) -> TrainOptions {
+        let (a, b) = (self, fallback);
+        merge_fields!(
+            a,
+            b,
+            dataset,
+            model,
+            preset,
+            estimator,
+            optimizer,
+            loss,
+            epochs,
+            batch,
+            lr,
+            momentum,
+            weight_decay,
+            train_samples,
+            test_samples,
+            standardize,
+            beta,
+            nudging,
+            precision,
+            settle_steps,
+            settle_lr,
+            settle_tol,
+            settle_momentum,
+            settle_check,
+            adaptive,
+            settle_per_sample,
+            update,
+            gamma,
+            vector_lr,
+            nesterov,
+            clip_norm,
+            schedule,
+            warmup,
+            error_feedback,
+            ef_rank,
+            eqprop_free_steps,
+            eqprop_nudged_steps,
+            eqprop_step,
+            persistent
+        )
+    }
+
+    /// Reads a TOML config file (unknown keys are errors).
+    pub fn from_toml(path: &Path) -> Result<Self, ExperimentError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ExperimentError::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ExperimentError::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The data set name.
+    pub fn dataset(&self) -> &str {
+        self.dataset.as_deref().unwrap_or(DEFAULT_DATASET)
+    }
+
+    /// The model spec.
+    pub fn model(&self) -> Result<ModelSpec, ExperimentError> {
+        Ok(self.model.as_deref().unwrap_or(DEFAULT_MODEL).parse()?)
+    }
+
+    /// The preset the run starts from: the named one, or without a preset, estimator or
+    /// optimizer, [`Preset::default_for`] the model.
+    pub fn preset(&self) -> Result<Option<Preset>, ExperimentError> {
+        match self.preset.as_deref() {
+            Some(name) => name.parse().map(Some),
+            None if self.estimator.is_none() && self.optimizer.is_none() => {
+                Ok(Some(Preset::default_for(&self.model()?)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Epochs, batch size and seed.
+    pub fn train_config(&self, seed: u64) -> Result<TrainConfig, ExperimentError> {
+        let config = TrainConfig {
+            epochs: self.epochs.unwrap_or(DEFAULT_EPOCHS),
+            batch_size: self.batch.unwrap_or(DEFAULT_BATCH),
+            seed,
+        };
+        if config.epochs == 0 {
+            return invalid("--epochs must be at least 1");
+        }
+        if config.batch_size == 0 {
+            return invalid("--batch must be at least 1");
+        }
+        Ok(config)
+    }
+
+    /// Data loading options (the data set's own normalisation unless `standardize` is set).
+    pub fn load_options(&self) -> Result<LoadOptions, ExperimentError> {
+        let normalization = match self.standardize.unwrap_or(DEFAULT_STANDARDIZE) {
+            Standardize::None => Normalization::UnitRange,
+            Standardize::MeanStd { mean, std } => Normalization::MeanStd { mean, std },
+            Standardize::Dataset => data::find(self.dataset())?.normalization,
+        };
+        Ok(LoadOptions {
+            train_samples: self.train_samples,
+            test_samples: self.test_samples,
+            normalization,
+        })
+    }
+
+    /// Checks everything that can be checked without data: the model spec, preset, loss,
+    /// nudging, precision, epochs, batch size and that numbers are finite.
+    pub fn validate(&self) -> Result<(), ExperimentError> {
+        self.model()?;
+        self.preset()?;
+        self.loss()?;
+        self.nudging()?;
+        self.precision()?;
+        self.train_config(0)?;
+        self.finite()
+    }
+
+    fn finite(&self) -> Result<(), ExperimentError> {
+        let values = [
+            ("lr", self.lr),
+            ("momentum", self.momentum),
+            ("weight-decay", self.weight_decay),
+            ("beta", self.beta.map(f64::from)),
+            ("settle-lr", self.settle_lr.map(f64::from)),
+            ("settle-tol", self.settle_tol.map(f64::from)),
+            ("settle-momentum", self.settle_momentum.map(f64::from)),
+            ("eqprop-step", self.eqprop_step.map(f64::from)),
+            ("gamma", self.gamma),
+            ("vector-lr", self.vector_lr),
+            ("clip-norm", self.clip_norm),
+            ("error-feedback", self.error_feedback),
+            ("ef-rank", self.ef_rank),
+        ];
+        for (name, v) in values {
+            if let Some(v) = v
+                && !v.is_finite()
+            {
+                return invalid(format!("--{name} must be a finite number, got {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn loss(&self) -> Result<Option<Loss>, ExperimentError> {
+        parse_opt(self.loss.as_deref())
+    }
+
+    fn nudging(&self) -> Result<Option<Nudging>, ExperimentError> {
+        parse_opt(self.nudging.as_deref())
+    }
+
+    fn precision(&self) -> Result<Option<Precision>, ExperimentError> {
+        parse_opt(self.precision.as_deref())
+    }
+
+    fn override_settle(&self, base: SettleConfig) -> SettleConfig {
+        SettleConfig {
+            lr: self.settle_lr.unwrap_or(base.lr),
+            steps: self.settle_steps.unwrap_or(base.steps),
+            tol: self.settle_tol.unwrap_or(base.tol),
+            momentum: self.settle_momentum.unwrap_or(base.momentum),
+            check_every: self.settle_check.unwrap_or(base.check_every),
+            adaptive: self.adaptive.unwrap_or(base.adaptive),
+            per_sample: self.settle_per_sample.unwrap_or(base.per_sample),
+        }
+    }
+
+    fn override_ep(&self, base: EpConfig) -> Result<EpConfig, ExperimentError> {
+        Ok(EpConfig {
+            beta: self.beta.unwrap_or(base.beta),
+            nudging: self.nudging()?.unwrap_or(base.nudging),
+            loss: self.loss()?.unwrap_or(base.loss),
+            settle: self.override_settle(base.settle),
+            seed: base.seed,
+            precision: self.precision()?.unwrap_or(base.precision),
+        })
+    }
+
+    fn override_eqprop(&self, base: EqPropConfig) -> Result<EqPropConfig, ExperimentError> {
+        Ok(EqPropConfig {
+            beta: self.beta.unwrap_or(base.beta),
+            random_sign: self
+                .nudging()?
+                .map_or(base.random_sign, |n| n == Nudging::RandomSign),
+            step: self.eqprop_step.unwrap_or(base.step),
+            free_steps: self.eqprop_free_steps.unwrap_or(base.free_steps),
+            nudged_steps: self.eqprop_nudged_steps.unwrap_or(base.nudged_steps),
+            init: match self.persistent {
+                Some(true) => EqPropInit::Persistent,
+                Some(false) => EqPropInit::Zero,
+                None => base.init,
+            },
+        })
+    }
+
+    /// The recipe of a run over `samples` training samples: the preset (or the estimator
+    /// and first-order optimizer flags, each with the matching preset's rules), then every
+    /// option that is set.
+    pub fn recipe(&self, samples: usize) -> Result<Recipe, ExperimentError> {
+        self.finite()?;
+        let base = match self.preset()? {
+            Some(preset) => preset.config(),
+            None => {
+                let kind = self.estimator.unwrap_or(EstimatorArg::Backprop);
+                let optimizer = match self.optimizer.unwrap_or(OptimizerArg::Adam) {
+                    OptimizerArg::Sgd => Preset::sgd().optimizer,
+                    OptimizerArg::Adam => Preset::adam().optimizer,
+                };
+                Recipe {
+                    preset: None,
+                    estimator: kind.default_choice(),
+                    optimizer,
+                }
+            }
+        };
+        let mut recipe = base;
+        let is_ep = recipe.estimator.ep_config().is_some();
+        if let Some(p) = self.precision()?
+            && p != Precision::F32
+            && !is_ep
+        {
+            return invalid(format!(
+                "--precision {p} applies to the EP estimators (ep, local-ep)"
+            ));
+        }
+        match &mut recipe.estimator {
+            EstimatorChoice::Backprop { loss } => *loss = self.loss()?.unwrap_or(*loss),
+            EstimatorChoice::EqProp(c) => *c = self.override_eqprop(*c)?,
+            EstimatorChoice::Ep(c)
+            | EstimatorChoice::LocalEp(c)
+            | EstimatorChoice::NaturalEp(c) => {
+                *c = self.override_ep(*c)?;
+            }
+        }
+        self.override_composite(&mut recipe.optimizer)?;
+        let batch = self.batch.unwrap_or(DEFAULT_BATCH).max(1);
+        let steps = self.epochs.unwrap_or(DEFAULT_EPOCHS) * samples.div_ceil(batch);
+        recipe = recipe.for_steps(steps);
+        recipe.optimizer.validate()?;
+        Ok(recipe)
+    }
+
+    fn override_composite(&self, o: &mut CompositeConfig) -> Result<(), ExperimentError> {
+        o.lr = self.lr.unwrap_or(o.lr);
+        o.momentum = self.momentum.unwrap_or(o.momentum);
+        o.weight_decay = self.weight_decay.unwrap_or(o.weight_decay);
+        o.vector_lr = self.vector_lr.or(o.vector_lr);
+        o.nesterov = self.nesterov.unwrap_or(o.nesterov);
+        o.clip_norm = self.clip_norm.or(o.clip_norm);
+        if let Some(u) = &self.update {
+            o.update = u.parse()?;
+        }
+        if let Some(g) = self.gamma {
+            o.constraint = if g == 0.0 {
+                Constraint::None
+            } else {
+                Constraint::spectral(g)
+            };
+        }
+        if self.ef_rank.is_some() && self.error_feedback.is_none() {
+            return invalid(
+                "--ef-rank sets error feedback's compression: use it with --error-feedback",
+            );
+        }
+        if let Some(beta) = self.error_feedback {
+            let compresses = o.update.compresses();
+            if compresses && self.ef_rank.is_some() {
+                return invalid(
+                    "--ef-rank applies to update rules that do not compress (not lowrank or dion)",
+                );
+            }
+            o.feedback = Feedback::ErrorFeedback {
+                beta,
+                rank_frac: (!compresses).then(|| self.ef_rank.unwrap_or(0.2)),
+            };
+        }
+        o.schedule = match self.schedule.as_deref() {
+            None => o.schedule,
+            Some(text) => parse_schedule(text, self.warmup.unwrap_or(0))?,
+        };
+        Ok(())
+    }
+}
+
+/// `constant`, `cosine` (over the whole run: `total` 0 is fixed by
+/// [`Recipe::for_steps`]) or `step:EVERY:GAMMA`.
+fn parse_schedule(text: &str, warmup: usize) -> Result<Schedule, ExperimentError> {
+    match text {
+        "constant" => Ok(Schedule::Constant),
+        "cosine" => Ok(Schedule::Cosine {
+            warmup,
+            total: 0,
+            floor: 0.0,
+        }),
+        other => match other.split(':').collect::<Vec<_>>()[..] {
+            ["step", every, gamma] => Ok(Schedule::Step {
+                every: every.parse().map_err(|_| {
+                    ExperimentError::InvalidOption(format!("--schedule {other}: bad step count"))
+                })?,
+                gamma: gamma.parse().map_err(|_| {
+                    ExperimentError::InvalidOption(format!("--schedule {other}: bad decay"))
+                })?,
+            }),
+            _ => invalid(format!(
+                "unknown --schedule `{other}` (expected constant, cosine or step:EVERY:GAMMA)"
+            )),
+        },
+    }
+}
+
+fn invalid<T>(message: impl Into<String>) -> Result<T, ExperimentError> {
+    Err(ExperimentError::InvalidOption(message.into()))
+}
+
+fn parse_opt<T>(text: Option<&str>) -> Result<Option<T>, ExperimentError>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    text.map(|t| {
+        t.parse::<T>()
+            .map_err(|e| ExperimentError::InvalidOption(e.to_string()))
+    })
+    .transpose()
+}
+
+/// Gradient estimators selectable without a preset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum EstimatorArg {
+    /// Backpropagation (burn autodiff), cross-entropy.
+    Backprop,
+    /// Equilibrium propagation on the layered energy.
+    Ep,
+    /// Layer-local EP.
+    LocalEp,
+    /// Classic EqProp (Hopfield energy; needs a Linear-hsig-Linear chain).
+    Eqprop,
+}
+
+impl EstimatorArg {
+    /// The estimator with its default options.
+    pub fn default_choice(self) -> EstimatorChoice {
+        match self {
+            Self::Backprop => EstimatorChoice::Backprop {
+                loss: Loss::CrossEntropy { smoothing: 0.0 },
+            },
+            Self::Ep => EstimatorChoice::Ep(EpConfig::default()),
+            Self::LocalEp => EstimatorChoice::LocalEp(EpConfig::default()),
+            Self::Eqprop => EstimatorChoice::EqProp(EqPropConfig::default()),
+        }
+    }
+}
+
+/// First-order optimizers selectable without a preset: the composite optimizer with the
+/// rules of the `sgd` and `adam` presets, so `--optimizer adam` and `--preset adam` run one
+/// rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerArg {
+    /// SGD with momentum (lr 0.1, momentum 0.9).
+    Sgd,
+    /// Adam (lr 0.001).
+    Adam,
+}
+
+/// How inputs are normalised after scaling to [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "StandardizeRepr", into = "StandardizeRepr")]
+pub enum Standardize {
+    /// Inputs stay in [0, 1].
+    None,
+    /// The data set's own statistics ([`crate::data::DatasetSpec::normalization`]).
+    Dataset,
+    /// `(x - mean) / std`.
+    MeanStd {
+        /// Mean subtracted.
+        mean: f32,
+        /// Standard deviation divided by (positive).
+        std: f32,
+    },
+}
+
+impl FromStr for Standardize {
+    type Err = String;
+
+    /// `none`, `dataset` or `MEAN,STD` (a finite mean, a finite std of at least 1e-6).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "none" => return Ok(Self::None),
+            "dataset" => return Ok(Self::Dataset),
+            _ => {}
+        }
+        let (m, sd) = s
+            .split_once(',')
+            .ok_or("expected MEAN,STD, dataset or none")?;
+        let mean: f32 = m.trim().parse().map_err(|_| format!("bad mean `{m}`"))?;
+        let std: f32 = sd.trim().parse().map_err(|_| format!("bad std `{sd}`"))?;
+        Self::mean_std(mean, std)
+    }
+}
+
+impl Standardize {
+    fn mean_std(mean: f32, std: f32) -> Result<Self, String> {
+        if !mean.is_finite() {
+            return Err(format!("standardize mean must be finite, got {mean}"));
+        }
+        if !(std.is_finite() && std >= 1e-6) {
+            return Err(format!(
+                "standardize std must be finite and at least 1e-6, got {std}"
+            ));
+        }
+        Ok(Self::MeanStd { mean, std })
+    }
+}
+
+impl fmt::Display for Standardize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Dataset => f.write_str("dataset"),
+            Self::MeanStd { mean, std } => write!(f, "{mean},{std}"),
+        }
+    }
+}
+
+/// Serde form: `"none"`, `"dataset"`, `"MEAN,STD"` or `[MEAN, STD]` (what earlier
+/// checkpoints stored).
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum StandardizeRepr {
+    Text(String),
+    Pair(f32, f32),
+}
+
+impl TryFrom<StandardizeRepr> for Standardize {
+    type Error = String;
+
+    fn try_from(r: StandardizeRepr) -> Result<Self, Self::Error> {
+        match r {
+            StandardizeRepr::Text(t) => t.parse(),
+            StandardizeRepr::Pair(mean, std) => Self::mean_std(mean, std),
+        }
+    }
+}
+
+impl From<Standardize> for StandardizeRepr {
+    fn from(s: Standardize) -> Self {
+        match s {
+            Standardize::None | Standardize::Dataset => Self::Text(s.to_string()),
+            Standardize::MeanStd { mean, std } => Self::Pair(mean, std),
+        }
+    }
+}

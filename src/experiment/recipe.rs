@@ -1,0 +1,144 @@
+//! A resolved recipe: which gradient estimator with which options, and the composite
+//! optimizer's configuration.
+
+use crate::ep::EqPropConfig;
+use crate::estimate::{EpConfig, EstimateError, GradientEstimator};
+use crate::loss::Loss;
+use crate::model::Network;
+use crate::optim::{CompositeConfig, CompositeOptimizer, Optimizer, Schedule};
+
+use super::ExperimentError;
+use super::preset::Preset;
+
+/// Which gradient estimator a recipe uses, with its options.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum EstimatorChoice {
+    /// Backprop of a loss.
+    Backprop {
+        /// The loss.
+        loss: Loss,
+    },
+    /// EP (global contrast).
+    Ep(EpConfig),
+    /// Local EP.
+    LocalEp(EpConfig),
+    /// EP whose estimate carries per-sample factors for the Fisher update.
+    NaturalEp(EpConfig),
+    /// Classic EqProp.
+    EqProp(EqPropConfig),
+}
+
+impl EstimatorChoice {
+    /// Builds the estimator for `net`; `samples` is the training-split size (EqProp's
+    /// persistent states), `seed` seeds its randomness.
+    pub fn build(
+        &self,
+        net: &crate::model::Network,
+        samples: usize,
+        seed: u64,
+    ) -> Result<Box<dyn GradientEstimator>, EstimateError> {
+        use crate::estimate::{BackpropEstimator, EpEstimator, EqPropEstimator};
+        let seeded = |c: &EpConfig| EpConfig { seed, ..*c };
+        Ok(match self {
+            Self::Backprop { loss } => {
+                Box::new(BackpropEstimator::new(*loss)?.with_dropout_seed(seed))
+            }
+            Self::Ep(c) => Box::new(EpEstimator::new(net, seeded(c))?),
+            Self::LocalEp(c) => Box::new(EpEstimator::local(net, seeded(c))?),
+            Self::NaturalEp(c) => Box::new(EpEstimator::new(net, seeded(c))?.with_factors(true)),
+            Self::EqProp(c) => Box::new(EqPropEstimator::new(net, *c, samples, seed)?),
+        })
+    }
+
+    /// The EP options, for the EP kinds.
+    pub fn ep_config(&self) -> Option<&EpConfig> {
+        match self {
+            Self::Ep(c) | Self::LocalEp(c) | Self::NaturalEp(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The EP options, mutable, for the EP kinds.
+    pub fn ep_config_mut(&mut self) -> Option<&mut EpConfig> {
+        match self {
+            Self::Ep(c) | Self::LocalEp(c) | Self::NaturalEp(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// A recipe's estimator and optimizer, built for one network.
+pub type Built = (Box<dyn GradientEstimator>, Box<dyn Optimizer>);
+
+/// An estimator and a composite optimizer: what a preset names and what a run resolves
+/// its options to. Serialised into a run's `config.json` as `preset`,
+/// `estimator_config` and `composite`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Recipe {
+    /// The preset it started from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+    /// The gradient strategy.
+    #[serde(rename = "estimator_config")]
+    pub estimator: EstimatorChoice,
+    /// The optimizer.
+    #[serde(rename = "composite")]
+    pub optimizer: CompositeConfig,
+}
+
+impl Recipe {
+    /// Fixes a run-length schedule (a cosine with `total: 0`) to a run of `steps` optimizer
+    /// steps.
+    pub fn for_steps(mut self, steps: usize) -> Self {
+        if let Schedule::Cosine {
+            warmup,
+            total: 0,
+            floor,
+        } = self.optimizer.schedule
+        {
+            self.optimizer.schedule = Schedule::Cosine {
+                warmup,
+                total: steps.max(warmup + 1),
+                floor,
+            };
+        }
+        self
+    }
+
+    /// The estimator and optimizer for `net` (`samples`: the training-split size, `seed`:
+    /// their randomness).
+    pub fn build(
+        &self,
+        net: &Network,
+        samples: usize,
+        seed: u64,
+    ) -> Result<Built, ExperimentError> {
+        let estimator = self.estimator.build(net, samples, seed)?;
+        let optimizer = CompositeOptimizer::new(
+            CompositeConfig {
+                seed,
+                ..self.optimizer
+            },
+            net.param_info(),
+        )?;
+        Ok((estimator, Box::new(optimizer)))
+    }
+
+    /// One line for people: the preset or estimator, and the learning rate.
+    pub fn label(&self) -> String {
+        let estimator = match self.estimator {
+            EstimatorChoice::Backprop { loss } => format!("backprop ({loss} loss)"),
+            EstimatorChoice::Ep(c) => format!("ep ({} loss, beta {})", c.loss, c.beta),
+            EstimatorChoice::LocalEp(c) => format!("local ep ({} loss, beta {})", c.loss, c.beta),
+            EstimatorChoice::NaturalEp(c) => {
+                format!("natural ep ({} loss, beta {})", c.loss, c.beta)
+            }
+            EstimatorChoice::EqProp(c) => format!("eqprop (beta {})", c.beta),
+        };
+        match self.preset {
+            Some(p) => format!("preset {p}: {estimator}, lr {}", self.optimizer.lr),
+            None => format!("{estimator}, lr {}", self.optimizer.lr),
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! One run's setup and records: data (fetched when missing), the checked network, the
+//! recipe built into a trainer, the metadata a checkpoint keeps, resume checks and atomic
+//! result files.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use super::{ExperimentError, Recipe, TrainOptions};
+use crate::data::download::{DownloadProgress, Downloader};
+use crate::data::{self, DataError, DataLocator, Dataset, LoadOptions};
+use crate::device::Device;
+use crate::model::{ModelError, ModelSpec, Network, Shape};
+use crate::train::{EpochMetrics, TrainConfig, Trainer};
+
+/// The checkpoint file of a run directory (the latest epoch).
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+
+/// Loads a data set; if its files are missing and it can be downloaded, fetches it into the
+/// user cache first (unless `fetch` is false), reporting the download to `progress`.
+pub fn load_or_fetch(
+    name: &str,
+    locator: &DataLocator,
+    options: &LoadOptions,
+    seed: u64,
+    fetch: bool,
+    progress: &mut dyn DownloadProgress,
+) -> Result<Dataset, ExperimentError> {
+    match data::load(name, locator, options, seed) {
+        Err(DataError::Missing { dataset, .. }) if fetch => {
+            let spec = data::find(&dataset)?;
+            Downloader::default().fetch_dataset(&spec, None, &locator.download_dir()?, progress)?;
+            Ok(data::load(name, locator, options, seed)?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// The network for `spec` on `dataset`, checked against its input and classes.
+pub fn build_network(
+    spec: &ModelSpec,
+    dataset: &Dataset,
+    seed: u64,
+    device: &Device,
+) -> Result<Network, ExperimentError> {
+    let net = spec.build(Shape::from_chw(dataset.input_shape), seed, device)?;
+    if net.output_shape().numel() != dataset.classes {
+        return Err(ModelError::Mismatch {
+            model: spec.to_string(),
+            dataset: dataset.name.clone(),
+            reason: format!(
+                "{} outputs but {} classes",
+                net.output_shape().numel(),
+                dataset.classes
+            ),
+        }
+        .into());
+    }
+    Ok(net)
+}
+
+/// Everything one training run needs, set up from its options: what `mep train` does
+/// before its first epoch.
+pub struct Prepared {
+    /// The options, validated.
+    pub options: TrainOptions,
+    /// The data.
+    pub dataset: Dataset,
+    /// The model spec.
+    pub spec: ModelSpec,
+    /// The resolved recipe.
+    pub recipe: Recipe,
+    /// Epochs, batch size and seed.
+    pub config: TrainConfig,
+    /// The model with its estimator and optimizer.
+    pub trainer: Trainer,
+}
+
+impl Prepared {
+    /// Validates `options`, loads (or fetches) the data, builds the network on `device`
+    /// and the recipe's estimator and optimizer, all seeded from `seed`.
+    pub fn new(
+        options: TrainOptions,
+        seed: u64,
+        device: Device,
+        locator: &DataLocator,
+        fetch: bool,
+        progress: &mut dyn DownloadProgress,
+    ) -> Result<Self, ExperimentError> {
+        options.validate()?;
+        let dataset = load_or_fetch(
+            options.dataset(),
+            locator,
+            &options.load_options()?,
+            seed,
+            fetch,
+            progress,
+        )?;
+        let config = options.train_config(seed)?;
+        let spec = options.model()?;
+        let model = build_network(&spec, &dataset, seed, &device)?;
+        let recipe = options.recipe(dataset.train.len())?;
+        let (estimator, optimizer) = recipe.build(&model, dataset.train.len(), seed)?;
+        let trainer = Trainer::new(model, estimator, optimizer, device);
+        Ok(Self {
+            options,
+            dataset,
+            spec,
+            recipe,
+            config,
+            trainer,
+        })
+    }
+
+    /// The run's `config.json`: data, model, sizes, seed, options and the resolved
+    /// recipe (`preset`, `estimator`, `estimator_config`, `optimizer`, `composite`).
+    pub fn config_json(&self, device: &str) -> serde_json::Value {
+        let mut value = serde_json::json!({
+            "dataset": self.dataset.name,
+            "model": self.spec.to_string(),
+            "train_samples": self.dataset.train.len(),
+            "test_samples": self.dataset.test.len(),
+            "device": device,
+            "threads": crate::device::threads(),
+            "epochs": self.config.epochs,
+            "batch_size": self.config.batch_size,
+            "seed": self.config.seed,
+            "options": self.options,
+            "estimator": self.trainer.estimator().name(),
+            // The first-order name for `optimizer`-flag runs, else the composite optimizer
+            // (both are the composite optimizer, with the `sgd` or `adam` preset's rules).
+            "optimizer": match (self.recipe.preset, self.options.optimizer) {
+                (None, Some(o)) => serde_json::to_value(o).unwrap_or_default(),
+                (None, None) => "adam".into(),
+                (Some(_), _) => "composite".into(),
+            },
+            "ep": self.recipe.estimator.ep_config(),
+        });
+        if let (Some(obj), Ok(serde_json::Value::Object(recipe))) =
+            (value.as_object_mut(), serde_json::to_value(self.recipe))
+        {
+            obj.extend(recipe);
+        }
+        value
+    }
+}
+
+/// What a checkpoint's metadata records about its run.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RunMeta {
+    /// The run's options.
+    pub options: TrainOptions,
+    /// Its seed.
+    pub seed: u64,
+    /// The last epoch the checkpoint holds (1-based).
+    pub epoch: usize,
+    /// Every epoch's metrics up to `epoch`.
+    pub history: Vec<EpochMetrics>,
+}
+
+impl RunMeta {
+    /// The options of a run that continues this one with `given`: every option set in
+    /// `given` other than `epochs` must equal the stored one; `epochs` may grow the run.
+    pub fn resume(&self, given: &TrainOptions) -> Result<TrainOptions, ExperimentError> {
+        let without_epochs = |o: &TrainOptions| TrainOptions {
+            epochs: None,
+            ..o.clone()
+        };
+        let stored = without_epochs(&self.options);
+        if without_epochs(given).or(stored.clone()) != stored {
+            return Err(ExperimentError::ResumeMismatch {
+                stored: serde_json::to_string(&self.options).unwrap_or_default(),
+            });
+        }
+        Ok(TrainOptions {
+            epochs: given.epochs.or(self.options.epochs),
+            ..self.options.clone()
+        })
+    }
+}
+
+/// Reads the run metadata of a checkpoint written by `mep train`.
+pub fn read_meta(path: &Path) -> Result<RunMeta, ExperimentError> {
+    let bad = |reason: String| ExperimentError::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = fs::read(path).map_err(|e| ExperimentError::io("reading checkpoint", path, e))?;
+    let (_, metadata) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let meta = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("meta"))
+        .ok_or_else(|| bad("no run metadata".into()))?;
+    let wrapped: serde_json::Value =
+        serde_json::from_str(meta).map_err(|e| bad(format!("run metadata: {e}")))?;
+    serde_json::from_value(wrapped["meta"].clone()).map_err(|e| bad(format!("run metadata: {e}")))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory (named after
+/// the target and this process, so concurrent writers never share one), synced, then
+/// renamed into place; the temporary file is removed when any step fails.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ExperimentError> {
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    written.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        ExperimentError::io("writing", path, e)
+    })
+}
