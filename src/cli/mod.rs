@@ -5,7 +5,6 @@ mod check;
 mod continual;
 mod data;
 mod memory;
-mod options;
 mod progress;
 mod suites;
 mod train;

@@ -1,16 +1,13 @@
 //! `mep train` and `mep eval`.
 
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use mep::data::DataLocator;
 use mep::device::Workload;
 use mep::experiment::{
-    CHECKPOINT, DEFAULT_MODEL, EstimatorArg, OptimizerArg, Prepared, RunMeta, TrainOptions,
-    read_meta, write_atomic,
+    DEFAULT_MODEL, EstimatorArg, OptimizerArg, Prepared, RunDir, RunMeta, TrainOptions, read_meta,
 };
 use mep::loss::Loss;
 use mep::train::Monitor;
@@ -83,12 +80,12 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     };
     let mut opts = args.opts.clone().or(file);
     let mut seed = globals.seed;
-    let out = args.out.clone().unwrap_or_else(|| default_dir(&opts, seed));
-    let checkpoint = out.join(CHECKPOINT);
+    let run = RunDir::new(args.out.clone().unwrap_or_else(|| default_dir(&opts, seed)));
     let mut resumed: Option<RunMeta> = None;
     if args.resume {
-        let meta =
-            read_meta(&checkpoint).with_context(|| format!("resuming from {}", out.display()))?;
+        let meta = run
+            .read_meta()
+            .with_context(|| format!("resuming from {}", run.path().display()))?;
         opts = meta.resume(&opts)?;
         seed = meta.seed;
         resumed = Some(meta);
@@ -118,18 +115,14 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     let (start, mut history) = match resumed {
         Some(meta) => {
             trainer
-                .load_checkpoint(&checkpoint)
-                .with_context(|| format!("resuming from {}", checkpoint.display()))?;
+                .load_checkpoint(&run.checkpoint())
+                .with_context(|| format!("resuming from {}", run.checkpoint().display()))?;
             (meta.epoch + 1, meta.history)
         }
         None => (1, Vec::new()),
     };
     // Nothing is written before every input has been read and checked.
-    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    write_atomic(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&run_config)?.as_bytes(),
-    )?;
+    run.start(&run_config)?;
     eprintln!(
         "training {spec} ({num_params} parameters) on {} ({} train / {} test) with {}, {} epochs{}, batch {}, device {}, {} threads",
         dataset.name,
@@ -146,53 +139,35 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         globals.device,
         mep::device::threads()
     );
-    let monitor_file = out.join("monitor.jsonl");
     if args.monitor.is_some() && start == 1 {
-        let _ = fs::remove_file(&monitor_file);
+        run.clear_monitor();
     }
     let mut bar = EpochBar::new(config.epochs, false);
     for epoch in start..=config.epochs {
         let m = trainer.run_epoch(&dataset, &config, epoch, &mut bar)?;
-        let records = trainer.take_monitor_records();
-        if !records.is_empty() {
-            let mut f = fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&monitor_file)
-                .with_context(|| format!("writing {}", monitor_file.display()))?;
-            for r in &records {
-                writeln!(f, "{}", serde_json::to_string(r)?)?;
-            }
-        }
+        run.append_monitor(&trainer.take_monitor_records())?;
         if args.json {
             println!("{}", serde_json::to_string(&m)?);
         }
         history.push(m);
-        let mut lines = String::new();
-        for m in &history {
-            lines.push_str(&serde_json::to_string(m)?);
-            lines.push('\n');
-        }
-        write_atomic(&out.join("metrics.jsonl"), lines.as_bytes())?;
         let meta = RunMeta {
             options: opts.clone(),
             seed,
             epoch,
             history: history.clone(),
         };
-        trainer
-            .save_checkpoint(&checkpoint, &serde_json::to_value(&meta)?)
+        run.record_epoch(&trainer, &meta)
             .context("writing the checkpoint")?;
     }
-    if args.monitor.is_some() && monitor_file.exists() {
-        let charts = monitor_charts(&monitor_file, &out)?;
-        eprintln!("monitor: {} and {} charts", monitor_file.display(), charts);
+    if args.monitor.is_some() {
+        let charts = run.monitor_charts()?;
+        eprintln!("monitor: {} and {charts} charts", run.monitor().display());
     }
     match history.last() {
         Some(last) => eprintln!(
             "final test accuracy {:.2}%; results in {}",
             100.0 * last.test_accuracy,
-            out.display()
+            run.path().display()
         ),
         None => eprintln!(
             "nothing to do: the run already has {} epochs",
@@ -200,91 +175,6 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         ),
     }
     Ok(())
-}
-
-/// Charts of a monitor.jsonl: gradient norms, cosine to backprop, energies, settle residuals.
-fn monitor_charts(file: &Path, out: &Path) -> Result<usize> {
-    use mep::bench::plot::{Series, line_chart};
-    use mep::train::MonitorRecord;
-    let records: Vec<MonitorRecord> = fs::read_to_string(file)?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("reading {}", file.display()))?;
-    let Some(first) = records.first() else {
-        return Ok(0);
-    };
-    let names: Vec<String> = first.params.iter().map(|p| p.name.clone()).collect();
-    let per_param = |f: &dyn Fn(&mep::train::ParamRecord) -> f64| -> Vec<Series> {
-        names
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| !n.ends_with(".bias"))
-            .map(|(i, n)| Series {
-                label: n.clone(),
-                points: records
-                    .iter()
-                    .map(|r| (r.step as f64, f(&r.params[i])))
-                    .collect(),
-            })
-            .collect()
-    };
-    let mut files = line_chart(
-        &out.join("monitor_grad_norms"),
-        "gradient norm per layer (log10)",
-        "step",
-        "log10 ||grad||",
-        &per_param(&|p| p.grad_norm.max(1e-30).log10()),
-    )?;
-    files.extend(line_chart(
-        &out.join("monitor_cosine"),
-        "cosine to the backprop gradient of the same loss",
-        "step",
-        "cosine",
-        &per_param(&|p| p.cosine),
-    )?);
-    let phases = first.phases.len();
-    if phases > 0 {
-        let energy: Vec<Series> = (0..phases)
-            .map(|k| Series {
-                label: format!("phase {}", k + 1),
-                points: records
-                    .iter()
-                    .filter_map(|r| r.phases.get(k).map(|p| (r.step as f64, p.energy as f64)))
-                    .collect(),
-            })
-            .collect();
-        files.extend(line_chart(
-            &out.join("monitor_energy"),
-            "mean energy at the settled states",
-            "step",
-            "energy",
-            &energy,
-        )?);
-        let picks = [0, records.len() / 2, records.len() - 1];
-        let residual: Vec<Series> = picks
-            .iter()
-            .filter_map(|&i| {
-                let r = &records[i];
-                r.phases.first().map(|p| Series {
-                    label: format!("step {}", r.step),
-                    points: p
-                        .residual_curve
-                        .iter()
-                        .map(|&(s, v)| (s as f64, (v as f64).max(1e-30).log10()))
-                        .collect(),
-                })
-            })
-            .collect();
-        files.extend(line_chart(
-            &out.join("monitor_residual"),
-            "settle residual (largest per-sample state-gradient norm, log10)",
-            "settle step",
-            "log10 residual",
-            &residual,
-        )?);
-    }
-    Ok(files.len())
 }
 
 #[derive(Debug, Args)]

@@ -73,6 +73,19 @@ pub enum ExperimentError {
     /// Training failed.
     #[error(transparent)]
     Train(#[from] TrainError),
+    /// A continual-learning run failed.
+    #[error("continual run {method}{hint}")]
+    Continual {
+        /// The method's label.
+        method: String,
+        /// What to try.
+        hint: &'static str,
+        /// The cause.
+        source: crate::continual::ContinualError,
+    },
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    CheckpointFile(#[from] crate::train::checkpoint::CheckpointError),
     /// A chart could not be drawn.
     #[error(transparent)]
     Plot(#[from] crate::bench::plot::PlotError),

@@ -30,11 +30,14 @@
 //! assert_eq!(recipe.estimator.ep_config().unwrap().settle.steps, 10);
 //! ```
 
+pub mod check;
+pub mod continual;
 mod error;
 mod options;
 mod preset;
 mod recipe;
 mod run;
+mod run_dir;
 pub mod suites;
 
 pub use error::ExperimentError;
@@ -47,3 +50,4 @@ pub use recipe::{Built, EstimatorChoice, Recipe};
 pub use run::{
     CHECKPOINT, Prepared, RunMeta, build_network, load_or_fetch, read_meta, write_atomic,
 };
+pub use run_dir::RunDir;
