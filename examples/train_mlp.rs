@@ -32,10 +32,11 @@ impl TrainObserver for Print {
     }
 }
 
-/// Trains `784-256-10` with the `smep_plus` recipe (EP, Muon, cosine schedule) for `epochs`
+/// Trains `784-256-10`, with data from `locator`, with the `smep_plus` recipe (EP, Muon, cosine schedule) for `epochs`
 /// epochs on the first `train` / `test` MNIST samples (all when `None`); returns the final
 /// test accuracy.
 pub fn train(
+    locator: &DataLocator,
     train: Option<usize>,
     test: Option<usize>,
     epochs: usize,
@@ -51,8 +52,7 @@ pub fn train(
         ..TrainOptions::default()
     };
     let device = DeviceChoice::default().resolve(Workload::Settle)?;
-    let locator = DataLocator::from_env(None);
-    let mut run = Prepared::new(options, 42, device, &locator, true, &mut NoProgress)?;
+    let mut run = Prepared::new(options, 42, device, locator, true, &mut NoProgress)?;
     let history = run.trainer.fit(&run.dataset, &run.config, observer)?;
     Ok(history.last().map_or(0.0, |m| m.test_accuracy))
 }
@@ -62,7 +62,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());
     let train_samples = args.next().transpose()?;
     let test_samples = args.next().transpose()?;
-    let accuracy = train(train_samples, test_samples, 3, &mut Print)?;
+    let locator = DataLocator::from_env(None);
+    let accuracy = train(&locator, train_samples, test_samples, 3, &mut Print)?;
     println!("final test accuracy {:.2}%", 100.0 * accuracy);
     Ok(())
 }

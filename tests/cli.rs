@@ -2,19 +2,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{data_dir, scratch_dir};
+use common::{data_dir, scratch_dir, stderr};
 
 fn mep(args: &[&str], data: Option<&std::path::Path>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mep"));
-    cmd.args(args).env_remove("MEP_DATA_DIR");
-    // Keep the user cache out of the tests.
-    cmd.env("XDG_CACHE_HOME", scratch_dir("cli-cache-home"));
-    if let Some(d) = data {
-        cmd.env("MEP_DATA_DIR", d);
-    }
-    cmd.output().expect("run mep")
+    common::run_mep(args, data)
 }
 
 /// The JSON objects printed one per line on stdout.
@@ -31,10 +24,6 @@ fn read_json(path: &std::path::Path) -> serde_json::Value {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

@@ -5,22 +5,14 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{data_dir, scratch_dir};
+use common::{data_dir, scratch_dir, stderr};
 
+/// `mep --threads 1 ARGS` on the test data.
 fn mep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mep"))
-        .args(["--threads", "1"])
-        .args(args)
-        .env("MEP_DATA_DIR", data_dir())
-        .env("XDG_CACHE_HOME", scratch_dir("training-cache-home"))
-        .output()
-        .expect("run mep")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    let args: Vec<&str> = ["--threads", "1"].iter().chain(args).copied().collect();
+    common::run_mep(&args, Some(&data_dir()))
 }
 
 fn epochs(o: &Output) -> Vec<serde_json::Value> {
@@ -582,47 +574,6 @@ fn continual_runs_write_the_accuracy_matrix_metrics_and_charts() {
         &mep(&["train", "--preset", "smep", "--ef-rank", "0.1"]),
         "--error-feedback",
     );
-}
-
-#[test]
-fn the_continual_bench_compares_five_methods_on_the_same_seed() {
-    let dir = scratch_dir("continual-bench");
-    let out = mep(&[
-        "bench",
-        "continual",
-        "--quick",
-        "--fisher-samples",
-        "100",
-        "--out",
-        dir.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let methods: Vec<&str> = printed["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["method"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        methods,
-        ["ep", "ep+ef", "ep+ewc", "backprop", "backprop+ewc"]
-    );
-    for run in printed["runs"].as_array().unwrap() {
-        assert_eq!(run["accuracy_matrix"].as_array().unwrap().len(), 3);
-        assert!(
-            run["average_accuracy"].as_f64().unwrap() > 0.2,
-            "{}",
-            run["method"]
-        );
-    }
-    let table = std::fs::read_to_string(dir.join("table.md")).unwrap();
-    assert!(table.contains("| ep+ewc | 42 |"), "{table}");
-    for chart in ["average_accuracy", "accuracy_matrix_ep_ewc"] {
-        let png = std::fs::read(dir.join(format!("{chart}.png"))).unwrap();
-        assert_eq!(&png[1..4], b"PNG", "{chart}.png");
-    }
 }
 
 #[test]

@@ -356,29 +356,47 @@ fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
 /// One finished run.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunRecord {
-    setting: String,
-    label: String,
-    seed: u64,
-    options: TrainOptions,
-    epochs: Vec<EpochMetrics>,
-    final_test_accuracy: f64,
-    final_train_accuracy: f64,
-    seconds_per_epoch: f64,
-    paper: Option<f64>,
+    /// The setting (data size, depth, ...).
+    pub setting: String,
+    /// The method.
+    pub label: String,
+    /// Seed.
+    pub seed: u64,
+    /// Its options.
+    pub options: TrainOptions,
+    /// Every epoch's metrics.
+    pub epochs: Vec<EpochMetrics>,
+    /// Test accuracy after the last epoch, in [0, 1].
+    pub final_test_accuracy: f64,
+    /// Train accuracy of the last epoch, in [0, 1].
+    pub final_train_accuracy: f64,
+    /// Mean seconds per epoch.
+    pub seconds_per_epoch: f64,
+    /// The paper's figure, in %.
+    pub paper: Option<f64>,
 }
 
 /// Mean and spread of one (setting, label) over seeds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    setting: String,
-    label: String,
-    seeds: usize,
-    test_accuracy_mean: f64,
-    test_accuracy_std: f64,
-    train_accuracy_mean: f64,
-    seconds_per_epoch: f64,
-    relative_to_sgd: Option<f64>,
-    paper: Option<f64>,
+    /// The setting.
+    pub setting: String,
+    /// The method.
+    pub label: String,
+    /// Number of seeds.
+    pub seeds: usize,
+    /// Mean final test accuracy, in %.
+    pub test_accuracy_mean: f64,
+    /// Its standard deviation over seeds.
+    pub test_accuracy_std: f64,
+    /// Mean final train accuracy, in %.
+    pub train_accuracy_mean: f64,
+    /// Mean seconds per epoch.
+    pub seconds_per_epoch: f64,
+    /// Seconds per epoch over the sgd row's, in the same setting.
+    pub relative_to_sgd: Option<f64>,
+    /// The paper's figure, in %.
+    pub paper: Option<f64>,
 }
 
 fn summarize(runs: &[RunRecord]) -> Vec<Summary> {

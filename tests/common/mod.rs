@@ -1,24 +1,80 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
 
-/// The directory of real data sets: `$MEP_DATA_DIR`, else `../shared/data` beside the checkout.
+use mep::data::DataLocator;
+use mep::data::download::{Downloader, NoProgress};
+
+/// The directory of real data sets, found as the CLI finds them: `$MEP_DATA_DIR` (CI sets it
+/// to the shared copies), else `../shared/data` beside the checkout, else the user cache
+/// (`mep data fetch`'s directory), into which MNIST and Fashion-MNIST are downloaded and
+/// checked against their SHA-256 when missing, so `cargo test` passes on a fresh machine
+/// with network.
 pub fn data_dir() -> PathBuf {
-    let dir = std::env::var_os("MEP_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    let dir = if dir.is_relative() {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir)
-    } else {
-        dir
-    };
-    assert!(
-        dir.join("mnist").is_dir(),
-        "the tests need the real MNIST files: set MEP_DATA_DIR (tried {})",
-        dir.display()
-    );
-    dir
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(find_data_dir).clone()
+}
+
+fn find_data_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if let Some(dir) = std::env::var_os("MEP_DATA_DIR").map(PathBuf::from) {
+        let dir = if dir.is_relative() {
+            root.join(dir)
+        } else {
+            dir
+        };
+        assert!(
+            dir.join("mnist").is_dir(),
+            "MEP_DATA_DIR={} holds no mnist folder",
+            dir.display()
+        );
+        return dir;
+    }
+    let shared = root.join("../shared/data");
+    if shared.join("mnist").is_dir() {
+        return shared;
+    }
+    let locator = DataLocator::from_env(None);
+    let cache = locator
+        .download_dir()
+        .expect("no MEP_DATA_DIR, no ../shared/data and no user cache directory");
+    for name in ["mnist", "fashion-mnist"] {
+        let spec = mep::data::find(name).unwrap();
+        if mep::data::locate::locate_in(&cache, &spec).is_none() {
+            Downloader::default()
+                .fetch_dataset(&spec, None, &cache, &mut NoProgress)
+                .unwrap_or_else(|e| panic!("fetching {name} for the tests: {e}"));
+        }
+    }
+    cache
+}
+
+/// Runs the `mep` binary with `args`: data from `data` (none: no data directory at all)
+/// and a scratch user cache, so runs never touch the user's files.
+pub fn run_mep(args: &[&str], data: Option<&Path>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mep"));
+    cmd.args(args).env_remove("MEP_DATA_DIR");
+    // Shared by concurrent runs, so created, never emptied.
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mep-cache-home");
+    std::fs::create_dir_all(&cache).expect("create the scratch cache");
+    cmd.env("XDG_CACHE_HOME", cache);
+    if let Some(d) = data {
+        cmd.env("MEP_DATA_DIR", d);
+    }
+    cmd.output().expect("run mep")
+}
+
+/// What a run printed on stderr.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Locates the test data as the CLI does with `MEP_DATA_DIR` = [`data_dir`].
+pub fn locator() -> DataLocator {
+    DataLocator::new(None, Some(data_dir()), None)
 }
 
 /// A fresh empty directory under the target dir, removed first if it exists.
