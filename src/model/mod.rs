@@ -11,6 +11,7 @@ mod cost;
 mod factors;
 pub mod kernels;
 mod layer;
+mod layers;
 mod network;
 mod shape;
 mod spec;

@@ -5,6 +5,7 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
 use super::layer::{Layer, LayerOp, NormStats};
+use super::layers::{activation, attention, conv, linear, norm, pool, reshape};
 use super::{Activation, ModelError, Shape};
 use crate::device::{Device, Tensor, to_host};
 
@@ -269,6 +270,62 @@ fn uniform(rng: &mut Xoshiro256PlusPlus, n: usize, bound: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-bound..bound)).collect()
 }
 
+/// What a layer's `build` (in [`super::layers`]) adds to the network under construction:
+/// its name, its parameters with their initial values, batch-norm running statistics.
+pub(crate) struct LayerInit<'a> {
+    position: usize,
+    name: String,
+    net: &'a mut Network,
+    counter: &'a mut Counter,
+    rng: &'a mut Xoshiro256PlusPlus,
+    device: &'a Device,
+}
+
+impl LayerInit<'_> {
+    /// Names the layer `<prefix><n>` (n counts layers of that prefix) and returns the name.
+    pub(crate) fn name(&mut self, prefix: &'static str) -> String {
+        self.name = self.counter.next(prefix);
+        self.name.clone()
+    }
+
+    /// `n` values drawn uniformly from `(-bound, bound)` with the network's seed.
+    pub(crate) fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
+        uniform(self.rng, n, bound)
+    }
+
+    /// Adds a parameter.
+    pub(crate) fn param(
+        &mut self,
+        name: String,
+        kind: ParamKind,
+        values: Vec<f32>,
+        shape: [usize; 2],
+    ) {
+        self.net.add_param(name, kind, values, shape, self.device);
+    }
+
+    /// Adds a `[1, n]` vector parameter filled with `value`.
+    pub(crate) fn vector(&mut self, name: String, value: f32, n: usize) {
+        self.net.add_vector(name, value, n, self.device);
+    }
+
+    /// Adds batch-norm running statistics for `channels` (mean 0, variance 1); returns
+    /// their slot.
+    pub(crate) fn running_stats(&mut self, channels: usize) -> usize {
+        self.net.running.push(RunningStats {
+            mean: vec![0.0; channels],
+            var: vec![1.0; channels],
+        });
+        self.net.running.len() - 1
+    }
+
+    /// The error for this layer: `what` follows "layer N" (start it with " (kind)" or
+    /// ": ").
+    pub(crate) fn invalid(&self, what: &str) -> ModelError {
+        invalid(&format!("layer {}{what}", self.position))
+    }
+}
+
 /// A network: layers in forward order, residual skips, parameters and batch-norm running
 /// statistics.
 #[derive(Debug, Clone)]
@@ -291,222 +348,38 @@ impl Network {
         device: &Device,
     ) -> Result<Shape, ModelError> {
         let first_param = self.params.len();
-        let position = self.layers.len() + 1;
-        let need_image = |what: &str| {
-            invalid(&format!(
-                "layer {position} ({what}) needs an image input, got {input}"
-            ))
+        let mut init = LayerInit {
+            position: self.layers.len() + 1,
+            name: String::new(),
+            net: self,
+            counter,
+            rng,
+            device,
         };
-        let (op, output, name) = match *kind {
-            LayerKind::Linear { outputs } => {
-                let Shape::Flat(inputs) = input else {
-                    return Err(invalid(&format!(
-                        "layer {position} (linear) needs a flat input, got {input}; add a flatten layer first"
-                    )));
-                };
-                if outputs == 0 {
-                    return Err(invalid("a linear layer needs at least one output"));
-                }
-                let name = counter.next("fc");
-                let bound = (6.0 / inputs as f64).sqrt() as f32;
-                self.add_param(
-                    format!("{name}.weight"),
-                    ParamKind::Matrix {
-                        fan_in: inputs,
-                        fan_out: outputs,
-                        out_major: false,
-                    },
-                    uniform(rng, inputs * outputs, bound),
-                    [inputs, outputs],
-                    device,
-                );
-                self.add_vector(format!("{name}.bias"), 0.0, outputs, device);
-                (
-                    LayerOp::Linear { inputs, outputs },
-                    Shape::Flat(outputs),
-                    name,
-                )
-            }
+        let (op, output) = match *kind {
+            LayerKind::Linear { outputs } => linear::build(&mut init, input, outputs)?,
             LayerKind::Conv2d {
                 channels,
                 kernel,
                 stride,
                 padding,
-            } => {
-                let Shape::Image { c, h, w } = input else {
-                    return Err(need_image("conv"));
-                };
-                if channels == 0 || kernel == 0 || stride == 0 {
-                    return Err(invalid("conv channels, kernel and stride must be positive"));
-                }
-                if h + 2 * padding < kernel || w + 2 * padding < kernel {
-                    return Err(invalid(&format!(
-                        "layer {position}: kernel {kernel} does not fit a {input} input with padding {padding}"
-                    )));
-                }
-                let oh = (h + 2 * padding - kernel) / stride + 1;
-                let ow = (w + 2 * padding - kernel) / stride + 1;
-                let name = counter.next("conv");
-                let fan_in = c * kernel * kernel;
-                let bound = (6.0 / fan_in as f64).sqrt() as f32;
-                self.add_param(
-                    format!("{name}.weight"),
-                    ParamKind::Matrix {
-                        fan_in,
-                        fan_out: channels,
-                        out_major: true,
-                    },
-                    uniform(rng, fan_in * channels, bound),
-                    [channels, fan_in],
-                    device,
-                );
-                self.add_vector(format!("{name}.bias"), 0.0, channels, device);
-                (
-                    LayerOp::Conv2d {
-                        in_channels: c,
-                        out_channels: channels,
-                        kernel,
-                        stride,
-                        padding,
-                    },
-                    Shape::Image {
-                        c: channels,
-                        h: oh,
-                        w: ow,
-                    },
-                    name,
-                )
+            } => conv::build(&mut init, input, channels, kernel, stride, padding)?,
+            LayerKind::Activation(a) => activation::build(&mut init, input, a),
+            LayerKind::MaxPool2d { kernel, stride } => {
+                pool::build(&mut init, input, kernel, stride, true)?
             }
-            LayerKind::Activation(a) => {
-                let base: &'static str = match a {
-                    Activation::Relu => "relu",
-                    Activation::LeakyRelu { .. } => "lrelu",
-                    Activation::Sigmoid => "sigmoid",
-                    Activation::Tanh => "tanh",
-                    Activation::HardSigmoid => "hsig",
-                    Activation::ClippedRelu { .. } => "crelu",
-                    Activation::Gelu => "gelu",
-                    Activation::Silu => "silu",
-                };
-                (LayerOp::Activation(a), input, counter.next(base))
+            LayerKind::AvgPool2d { kernel, stride } => {
+                pool::build(&mut init, input, kernel, stride, false)?
             }
-            LayerKind::MaxPool2d { kernel, stride } | LayerKind::AvgPool2d { kernel, stride } => {
-                let Shape::Image { c, h, w } = input else {
-                    return Err(need_image("pool"));
-                };
-                if kernel == 0 || stride == 0 || kernel > h || kernel > w {
-                    return Err(invalid(&format!(
-                        "layer {position}: pooling window {kernel} (stride {stride}) does not fit a {input} input"
-                    )));
-                }
-                let out = Shape::Image {
-                    c,
-                    h: (h - kernel) / stride + 1,
-                    w: (w - kernel) / stride + 1,
-                };
-                if matches!(kind, LayerKind::MaxPool2d { .. }) {
-                    (
-                        LayerOp::MaxPool2d { kernel, stride },
-                        out,
-                        counter.next("maxpool"),
-                    )
-                } else {
-                    (
-                        LayerOp::AvgPool2d { kernel, stride },
-                        out,
-                        counter.next("avgpool"),
-                    )
-                }
-            }
-            LayerKind::Flatten => (
-                LayerOp::Flatten,
-                Shape::Flat(input.numel()),
-                counter.next("flatten"),
-            ),
-            LayerKind::Tokens { tokens } => {
-                let Shape::Flat(n) = input else {
-                    return Err(invalid(&format!(
-                        "layer {position} (tokens) needs a flat input, got {input}"
-                    )));
-                };
-                if tokens == 0 || n % tokens != 0 {
-                    return Err(invalid(&format!(
-                        "layer {position}: {n} features do not split into {tokens} equal tokens"
-                    )));
-                }
-                (
-                    LayerOp::Tokens { tokens },
-                    Shape::Seq {
-                        t: tokens,
-                        d: n / tokens,
-                    },
-                    counter.next("tokens"),
-                )
-            }
-            LayerKind::LayerNorm | LayerKind::BatchNorm => {
-                let channels = match (kind, input) {
-                    (LayerKind::BatchNorm, Shape::Image { c, .. }) => c,
-                    (_, Shape::Seq { d, .. }) => d,
-                    (_, s) => s.numel(),
-                };
-                let (op, name) = if matches!(kind, LayerKind::LayerNorm) {
-                    (LayerOp::LayerNorm { eps: 1e-5 }, counter.next("ln"))
-                } else {
-                    self.running.push(RunningStats {
-                        mean: vec![0.0; channels],
-                        var: vec![1.0; channels],
-                    });
-                    (
-                        LayerOp::BatchNorm {
-                            eps: 1e-5,
-                            momentum: 0.1,
-                            slot: self.running.len() - 1,
-                        },
-                        counter.next("bn"),
-                    )
-                };
-                self.add_vector(format!("{name}.gain"), 1.0, channels, device);
-                self.add_vector(format!("{name}.bias"), 0.0, channels, device);
-                (op, input, name)
-            }
-            LayerKind::Dropout { p } => {
-                if !(0.0..1.0).contains(&p) {
-                    return Err(invalid(&format!(
-                        "dropout probability must be in [0, 1), got {p}"
-                    )));
-                }
-                (LayerOp::Dropout { p }, input, counter.next("dropout"))
-            }
-            LayerKind::Attention { heads } => {
-                let Shape::Seq { d, .. } = input else {
-                    return Err(invalid(&format!(
-                        "layer {position} (attention) needs a token sequence, got {input}; add a tokens layer first"
-                    )));
-                };
-                if heads == 0 || d % heads != 0 {
-                    return Err(invalid(&format!(
-                        "layer {position}: token width {d} does not split into {heads} heads"
-                    )));
-                }
-                let name = counter.next("attn");
-                let bound = (6.0 / (2 * d) as f64).sqrt() as f32;
-                for role in ["wq", "wk", "wv", "wo"] {
-                    self.add_param(
-                        format!("{name}.{role}"),
-                        ParamKind::Matrix {
-                            fan_in: d,
-                            fan_out: d,
-                            out_major: false,
-                        },
-                        uniform(rng, d * d, bound),
-                        [d, d],
-                        device,
-                    );
-                }
-                (LayerOp::Attention { heads }, input, name)
-            }
+            LayerKind::Flatten => reshape::build_flatten(&mut init, input),
+            LayerKind::Tokens { tokens } => reshape::build_tokens(&mut init, input, tokens)?,
+            LayerKind::LayerNorm => norm::build(&mut init, input, false),
+            LayerKind::BatchNorm => norm::build(&mut init, input, true),
+            LayerKind::Dropout { p } => reshape::build_dropout(&mut init, input, p)?,
+            LayerKind::Attention { heads } => attention::build(&mut init, input, heads)?,
             LayerKind::Residual(_) => unreachable!("handled by the builder"),
         };
+        let name = init.name;
         self.layers.push(Layer {
             op,
             name,
