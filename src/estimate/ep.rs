@@ -177,45 +177,27 @@ impl EpEstimator {
         batch: &TensorBatch,
         plan: &crate::ep::DensePlan,
     ) -> Result<Estimate, EstimateError> {
+        let sign = self.next_sign();
         let chain = LeanChain::new(net, plan, &self.energy, &batch.x);
         let first = chain.first_prediction();
         let free = chain.free_states(&first);
         let output = free.last().expect("at least one state").clone();
         let loss = scalar(self.config.loss.mean(output.clone(), batch.targets.clone()));
         let n = batch.len() as f32;
-        let beta = self.config.beta;
-        self.calls += 1;
+        let (nudging, beta) = (self.config.nudging, self.config.beta);
         let settle = &self.config.settle;
-        let phase =
-            |states: Vec<Tensor<2>>, b: f32| chain.phase(settle, &first, &batch.targets, states, b);
-        let (grads, phases) = match self.config.nudging {
-            Nudging::Centered => {
-                let plus = phase(free.clone(), beta)?;
-                let minus = phase(free, -beta)?;
-                let grads = plus
-                    .terms
-                    .iter()
-                    .zip(&minus.terms)
-                    .map(|(p, m)| (p.clone() - m.clone()).div_scalar(2.0 * beta * n))
-                    .collect();
-                (grads, vec![plus, minus])
-            }
-            nudging => {
-                let sign = if nudging == Nudging::RandomSign
-                    && crate::data::dataset::mix(self.config.seed, self.calls) & 1 == 1
-                {
-                    -1.0
-                } else {
-                    1.0
-                };
-                let mut one = phase(free, sign * beta)?;
-                let grads = std::mem::take(&mut one.terms)
-                    .into_iter()
-                    .map(|g| g.div_scalar(sign * beta * n))
-                    .collect();
-                (grads, vec![one])
-            }
-        };
+        let mut phases = Vec::new();
+        // The free states move into the last phase (the lean path keeps one copy alive).
+        let mut free = Some(free);
+        let grads = contrast(nudging, sign, beta, n, |s| {
+            let last = nudging != Nudging::Centered || s < 0.0;
+            let states = if last { free.take() } else { free.clone() };
+            let states = states.expect("no phase after the last");
+            let mut p = chain.phase(settle, &first, &batch.targets, states, s * beta)?;
+            let terms = std::mem::take(&mut p.terms);
+            phases.push(p);
+            Ok(terms)
+        })?;
         Ok(Estimate {
             grads,
             loss,
@@ -225,6 +207,19 @@ impl EpEstimator {
             moments: Default::default(),
             factors: Vec::new(),
         })
+    }
+
+    /// Counts a call and draws its nudge sign: -1 or +1 with random-sign nudging (the sign
+    /// of call k depends only on (seed, k), so a resumed run draws the same), else +1.
+    fn next_sign(&mut self) -> f32 {
+        self.calls += 1;
+        if self.config.nudging == Nudging::RandomSign
+            && crate::data::dataset::mix(self.config.seed, self.calls) & 1 == 1
+        {
+            -1.0
+        } else {
+            1.0
+        }
     }
 
     /// `sum_batch dE/dtheta` at a settled evaluation (global or local).
@@ -310,22 +305,13 @@ impl EpEstimator {
         let mut settle = Vec::new();
         let mut curves = Vec::new();
         let mut factors = Vec::new();
-        self.calls += 1;
-        // The sign of call k depends only on (seed, k), so a resumed run draws the same.
-        let sign = match self.config.nudging {
-            Nudging::RandomSign
-                if crate::data::dataset::mix(self.config.seed, self.calls) & 1 == 1 =>
-            {
-                -1.0
-            }
-            _ => 1.0,
-        };
+        let sign = self.next_sign();
         let this = &*self;
         // Local EP's free-phase term (exactly zero at the forward states, computed as the
         // definition says); it cancels in the centered difference, so it is skipped there.
         let free_term = (this.local && this.config.nudging != Nudging::Centered)
             .then(|| this.energy.local_param_gradients(net, &ctx, &free, 0.0));
-        let mut phase = |sign: f32| -> Result<Vec<Tensor<2>>, EstimateError> {
+        let phase = |sign: f32| -> Result<Vec<Tensor<2>>, EstimateError> {
             let b = sign * beta;
             let settled = this
                 .settler
@@ -345,24 +331,7 @@ impl EpEstimator {
             }
             Ok(g)
         };
-        let grads: Vec<Tensor<2>> = match self.config.nudging {
-            Nudging::OneSided => phase(1.0)?
-                .into_iter()
-                .map(|g| g.div_scalar(beta * n))
-                .collect(),
-            Nudging::RandomSign => phase(sign)?
-                .into_iter()
-                .map(|g| g.div_scalar(sign * beta * n))
-                .collect(),
-            Nudging::Centered => {
-                let plus = phase(1.0)?;
-                let minus = phase(-1.0)?;
-                plus.into_iter()
-                    .zip(minus)
-                    .map(|(p, m)| (p - m).div_scalar(2.0 * beta * n))
-                    .collect()
-            }
-        };
+        let grads = contrast(this.config.nudging, sign, beta, n, phase)?;
         Ok(Estimate {
             grads,
             loss,
@@ -373,4 +342,35 @@ impl EpEstimator {
             factors,
         })
     }
+}
+
+/// The nudging contrast, the one place it is written: `phase(s)` settles at nudge
+/// `s * beta` and returns `sum_batch dE/dtheta` there (minus the free phase's where the
+/// estimator needs it); the batch-averaged gradient is `phase(1) / (beta n)` (one-sided),
+/// `phase(sign) / (sign beta n)` (random sign) or `(phase(1) - phase(-1)) / (2 beta n)`
+/// (centered, the plus phase first).
+fn contrast(
+    nudging: Nudging,
+    sign: f32,
+    beta: f32,
+    n: f32,
+    mut phase: impl FnMut(f32) -> Result<Vec<Tensor<2>>, EstimateError>,
+) -> Result<Vec<Tensor<2>>, EstimateError> {
+    Ok(match nudging {
+        Nudging::OneSided | Nudging::RandomSign => {
+            let s = if nudging == Nudging::OneSided { 1.0 } else { sign };
+            phase(s)?
+                .into_iter()
+                .map(|g| g.div_scalar(s * beta * n))
+                .collect()
+        }
+        Nudging::Centered => {
+            let plus = phase(1.0)?;
+            let minus = phase(-1.0)?;
+            plus.into_iter()
+                .zip(minus)
+                .map(|(p, m)| (p - m).div_scalar(2.0 * beta * n))
+                .collect()
+        }
+    })
 }
