@@ -156,7 +156,7 @@ pub enum Workload {
 
 impl Workload {
     /// The CPU backend measured fastest for this workload on the 2-core development machine
-    /// (figures in ARCHITECTURE.md, reproduced by `cargo bench --bench backends`).
+    /// (figures in RESULTS.md, reproduced by `cargo bench --bench backends`).
     pub fn default_cpu_backend(self) -> CpuBackend {
         match self {
             Workload::Backprop => CpuBackend::Flex,

@@ -358,7 +358,11 @@ fn contrast(
 ) -> Result<Vec<Tensor<2>>, EstimateError> {
     Ok(match nudging {
         Nudging::OneSided | Nudging::RandomSign => {
-            let s = if nudging == Nudging::OneSided { 1.0 } else { sign };
+            let s = if nudging == Nudging::OneSided {
+                1.0
+            } else {
+                sign
+            };
             phase(s)?
                 .into_iter()
                 .map(|g| g.div_scalar(s * beta * n))

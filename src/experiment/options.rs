@@ -39,7 +39,7 @@ pub const DEFAULT_STANDARDIZE: Standardize = Standardize::None;
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainOptions {
-    /// Data set: mnist, fashion-mnist, xor, permuted-mnist[:K] (default mnist).
+    /// Data set: mnist, fashion-mnist, xor, permuted-mnist or permuted-mnist:K (default mnist).
     #[cfg_attr(feature = "cli", arg(long))]
     pub dataset: Option<String>,
     /// Model spec (default 784-256-128-10; the grammar is in the README).

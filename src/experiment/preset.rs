@@ -36,7 +36,7 @@ pub enum Preset {
     Adam,
 }
 
-/// The settle step size of the EP presets, chosen by the sweep recorded in ARCHITECTURE.md
+/// The settle step size of the EP presets, chosen by the sweep recorded in RESULTS.md
 /// (our settling is per sample, so the reference's 0.15 does not carry over).
 pub const SETTLE_LR: f32 = 0.5;
 
@@ -126,7 +126,7 @@ impl Preset {
         }
     }
 
-    /// Our best EP configuration on MNIST (see ARCHITECTURE.md): [`Preset::smep`]'s estimator
+    /// Our best EP configuration on MNIST (see RESULTS.md): [`Preset::smep`]'s estimator
     /// with settle step 0.3, Muon at lr 0.02 on a cosine schedule over the whole run
     /// (`total: 0` is set to the run's length by the trainer, see
     /// [`Recipe::for_steps`]), decoupled weight decay 0.3 and no spectral bound: the

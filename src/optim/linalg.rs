@@ -169,7 +169,7 @@ fn transpose_scaled(src: &[f32], rows: usize, cols: usize, scale: f32, dst: &mut
 /// The quintic Newton–Schulz map of [`newton_schulz`] in the Gram space on host buffers
 /// (`g` row-major `rows x cols`, wide or tall). `Q_k`, `G` and every `A_k` are polynomials
 /// in `G`, so they are symmetric and commute, and each `r x r` product (`A^2`, `p(A) A`,
-/// `p(A) (p(A) A)`, `p(A) Q`) is symmetric: [`symmetric_product`] computes 36 of its 64
+/// `p(A) (p(A) A)`, `p(A) Q`) is symmetric: `symmetric_product` computes 36 of its 64
 /// blocks at `r = 256`, and `G = X X^T` likewise. Only the final `Q X` is a full product.
 /// 784 x 256, 5 steps: 0.48 instead of 0.78 GFLOP; measured on one thread 4.7-4.8 ms
 /// against 6.4-6.5 ms for [`newton_schulz_on_device`] on the CPU (blocks of 16, 64 and 128
