@@ -14,6 +14,7 @@ use mep::device::{CpuBackend, Device, cpu_device};
 use mep::experiment::check::GradientCheck;
 use mep::experiment::continual::{ContinualBench, ContinualBenchObserver};
 use mep::experiment::suites::{Suite, SuiteConfig, SuiteObserver};
+
 use mep::experiment::{
     EstimatorArg, EstimatorChoice, ExperimentError, OptimizerArg, Prepared, Preset, RunMeta,
     TrainOptions,
@@ -245,19 +246,53 @@ fn every_suite_plan_resolves_into_a_recipe_and_a_network() {
     }
 }
 
-#[test]
-fn the_xor_suite_runs_and_writes_its_results_through_the_library() {
+fn quick(suite: Suite, seeds: Option<Vec<u64>>) -> mep::experiment::suites::SuiteResults {
     let locator = locator();
     let config = SuiteConfig {
         quick: true,
-        seeds: Some(vec![1]),
-        seed: 1,
+        seeds,
+        seed: 42,
         locator: &locator,
         fetch: false,
         device: dev(),
         device_label: "cpu:flex".into(),
     };
-    let results = Suite::Xor.run(&config, &mut Quiet::default()).unwrap();
+    suite.run(&config, &mut Quiet::default()).unwrap()
+}
+
+#[test]
+fn every_suite_runs_quick_through_the_library() {
+    // Each quick suite takes seconds (measured: table1 3.8 s, table2 2.7 s, sota 4.7 s,
+    // deep 1.4 s with two threads); speed and xor are checked in their own tests.
+    for suite in [Suite::Table1, Suite::Table2, Suite::Sota, Suite::Deep] {
+        let results = quick(suite, None);
+        let planned = suite.plan(true).len();
+        assert_eq!(results.runs.len(), planned, "{suite:?}");
+        for run in &results.runs {
+            assert!(!run.epochs.is_empty());
+            // Every method learns something on its quick setting: measured lowest, eqprop
+            // on table 1's subset at 36% and smep_plus on the cnn sota row at 22.4%
+            // (chance 10%).
+            assert!(
+                run.final_test_accuracy > 0.15,
+                "{suite:?} {} {}: {}",
+                run.setting,
+                run.label,
+                run.final_test_accuracy
+            );
+        }
+        assert_eq!(results.json["suite"], suite.name());
+        assert!(results.table.contains("| setting | method |"), "{suite:?}");
+        assert_eq!(
+            results.json.get("gradient_norms").is_some(),
+            suite == Suite::Deep
+        );
+    }
+}
+
+#[test]
+fn the_xor_suite_runs_and_writes_its_results_through_the_library() {
+    let results = quick(Suite::Xor, Some(vec![1]));
     // XOR is learned by both methods (measured: 100% on seeds 1-5).
     for row in &results.summary {
         assert_eq!(row.test_accuracy_mean, 100.0, "{}", row.label);
@@ -273,6 +308,60 @@ fn the_xor_suite_runs_and_writes_its_results_through_the_library() {
             .unwrap()
             .contains("smep")
     );
+}
+
+#[test]
+fn the_speed_suite_reports_ep_against_backprop_with_its_cost_model() {
+    let results = quick(Suite::Speed, None);
+    let s = &results.json;
+    let f = |k: &str| {
+        s[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {s}"))
+    };
+    assert!((f("ep_bp_ratio") - f("ep_epoch_seconds") / f("bp_epoch_seconds")).abs() < 1e-9);
+    assert!(f("settle_gflops") > 0.0 && f("matmul_gflops") > 0.0);
+    assert!((0.0..=1.0).contains(&f("test_accuracy")));
+    // 784-256-128-10 by hand: the forward pass is 2 (784*256 + 256*128 + 128*10) FLOPs per
+    // sample; a settle step runs the second and third layers forward and transposed.
+    let c = &s["cost_model"];
+    let forward = 2.0 * (784.0 * 256.0 + 256.0 * 128.0 + 128.0 * 10.0);
+    let settle = 4.0 * (256.0 * 128.0 + 128.0 * 10.0);
+    assert_eq!(c["forward_per_sample"].as_f64().unwrap(), forward);
+    assert_eq!(c["settle_step_per_sample"].as_f64().unwrap(), settle);
+    assert_eq!(
+        c["ep_gradient_per_sample"].as_f64().unwrap(),
+        forward + 30.0 * settle + c["contrast_per_sample"].as_f64().unwrap()
+    );
+    assert_eq!(c["backprop_per_sample"].as_f64().unwrap(), 3.0 * forward);
+    // A Muon update costs more than a batch's EP gradient on this model.
+    assert!(
+        c["muon_update"].as_f64().unwrap() > 64.0 * c["ep_gradient_per_sample"].as_f64().unwrap()
+    );
+    for label in [
+        "smep",
+        "smep_sgd",
+        "smep_adam",
+        "smep_adam_es",
+        "smep_es",
+        "smep_plus_es",
+        "sgd",
+        "adam",
+        "eqprop",
+    ] {
+        assert!(
+            s["seconds_per_step"][label].as_f64().unwrap() > 0.0,
+            "{label}"
+        );
+    }
+    // Per-sample early stopping at tol 0.1 stops samples well before the 30-step budget.
+    for key in [
+        "ep_adam_es_settle_steps_mean",
+        "smep_es_settle_steps_mean",
+        "smep_plus_es_settle_steps_mean",
+    ] {
+        assert!(f(key) < 30.0, "{key}: {}", f(key));
+    }
+    assert!(results.table.contains("EP / BP time"), "{}", results.table);
 }
 
 #[test]
