@@ -1,29 +1,26 @@
 //! Continual learning: the Fisher, the EWC penalty and the accuracy-matrix bookkeeping,
 //! against hand computations, finite differences and problems whose forgetting is known.
 
+mod common;
+
 use burn::tensor::TensorData;
 use mep::continual::{
     self, AccuracyMatrix, ContinualConfig, Ewc, EwcConfig, EwcCoupling, EwcSetup, PermutedTasks,
     TaskSequence, diagonal_fisher,
 };
 use mep::data::{Dataset, Split};
-use mep::device::{CpuBackend, Device, Tensor, cpu_device, to_host};
+use mep::device::{Device, Tensor, to_host};
 use mep::ep::SettleConfig;
 use mep::estimate::{BackpropEstimator, EpConfig, EpEstimator, GradientEstimator, Nudging};
 use mep::loss::Loss;
-use mep::model::{ModelSpec, Network, Shape};
+use mep::model::{Network, Shape};
 use mep::optim::{CompositeConfig, CompositeOptimizer};
 use mep::train::{Penalty, Silent, TrainConfig, Trainer};
 
-fn dev() -> Device {
-    cpu_device(CpuBackend::Flex)
-}
+use common::dev;
 
 fn build(spec: &str, inputs: usize, seed: u64, dev: &Device) -> Network {
-    spec.parse::<ModelSpec>()
-        .unwrap()
-        .build(Shape::Flat(inputs), seed, dev)
-        .unwrap()
+    common::network(spec, Shape::Flat(inputs), seed, dev)
 }
 
 fn t(values: &[f64], dims: [usize; 2], dev: &Device) -> Tensor<2> {

@@ -8,7 +8,7 @@ use mep::ep::{EqPropConfig, EqPropModel, SettleConfig};
 use mep::estimate::{
     EpConfig, EpEstimator, EqPropEstimator, GradientEstimator, Nudging, TensorBatch, compare,
 };
-use mep::model::{ModelSpec, Network, Shape};
+use mep::model::{Network, Shape};
 use mep::optim::{CompositeConfig, CompositeOptimizer};
 use mep::train::{Silent, TrainConfig, Trainer};
 use rand::rngs::Xoshiro256PlusPlus;
@@ -24,12 +24,7 @@ fn random_batch(n: usize, features: usize, classes: usize, seed: u64, dev: &Devi
 }
 
 fn build(spec: &str, input: Shape, dev: &Device) -> Network {
-    spec.parse::<ModelSpec>()
-        .unwrap()
-        .builder(input)
-        .unwrap()
-        .build(5, dev)
-        .unwrap()
+    common::network(spec, input, 5, dev)
 }
 
 fn grads(est: &mut dyn GradientEstimator, net: &Network, batch: &TensorBatch) -> Vec<Tensor<2>> {

@@ -10,7 +10,6 @@ mod example;
 use common::{locator, scratch_dir};
 use mep::continual::{ContinualObserver, EwcCoupling};
 use mep::data::download::{DownloadProgress, NoProgress};
-use mep::device::{CpuBackend, Device, cpu_device};
 use mep::experiment::check::GradientCheck;
 use mep::experiment::continual::{ContinualBench, ContinualBenchObserver};
 use mep::experiment::suites::{Suite, SuiteConfig, SuiteObserver};
@@ -23,9 +22,7 @@ use mep::model::Shape;
 use mep::optim::{UpdateRule, VectorRule};
 use mep::train::{Silent, TrainObserver};
 
-fn dev() -> Device {
-    cpu_device(CpuBackend::Flex)
-}
+use common::dev;
 
 /// Ignores progress.
 #[derive(Default)]

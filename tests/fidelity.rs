@@ -2,7 +2,6 @@
 
 mod common;
 
-use mep::data::{DataLocator, LoadOptions, load};
 use mep::device::{CpuBackend, Precision, Tensor, cpu_device};
 use mep::ep::SettleConfig;
 use mep::estimate::{
@@ -10,31 +9,10 @@ use mep::estimate::{
     TensorBatch, compare,
 };
 use mep::loss::Loss;
-use mep::model::{ModelSpec, Network, Shape};
-
-fn mnist_batch(n: usize, dev: &mep::device::Device) -> TensorBatch {
-    let locator = DataLocator::new(Some(common::data_dir()), None, None);
-    let data = load(
-        "mnist",
-        &locator,
-        &LoadOptions {
-            train_samples: Some(n),
-            test_samples: Some(1),
-            ..Default::default()
-        },
-        0,
-    )
-    .unwrap();
-    TensorBatch::new(data.train.inputs(), data.train.labels(), 10, dev)
-}
+use mep::model::{Network, Shape};
 
 fn net(spec: &str, dev: &mep::device::Device) -> Network {
-    spec.parse::<ModelSpec>()
-        .unwrap()
-        .builder(Shape::Image { c: 1, h: 28, w: 28 })
-        .unwrap()
-        .build(7, dev)
-        .unwrap()
+    common::network(spec, Shape::Image { c: 1, h: 28, w: 28 }, 7, dev)
 }
 
 fn converged(lr: f32) -> SettleConfig {
@@ -101,7 +79,7 @@ fn report(label: &str, rows: &[GradientComparison]) {
 /// real MNIST images: cosine >= 0.999 and norm ratio within 2% for every tensor.
 fn assert_centered_ep_matches_backprop(spec: &str, lr: f32) {
     let dev = cpu_device(CpuBackend::Flex);
-    let batch = mnist_batch(64, &dev);
+    let batch = common::mnist_batch(64, &dev);
     let net = net(spec, &dev);
     let rows = ep_vs_backprop(&net, &batch, Nudging::Centered, 1e-3, converged(lr));
     report(spec, &rows);
@@ -129,7 +107,7 @@ fn centered_ep_matches_backprop_on_a_cnn_at_batch_64() {
 #[test]
 fn one_sided_nudging_shows_its_first_order_bias() {
     let dev = cpu_device(CpuBackend::Flex);
-    let batch = mnist_batch(64, &dev);
+    let batch = common::mnist_batch(64, &dev);
     let net = net("784-256-128-10", &dev);
     let beta = 0.05;
     let one = ep_vs_backprop(&net, &batch, Nudging::OneSided, beta, converged(0.3));
@@ -150,7 +128,7 @@ fn one_sided_nudging_shows_its_first_order_bias() {
 #[test]
 fn gradients_overwrite_and_never_accumulate() {
     let dev = cpu_device(CpuBackend::Flex);
-    let batch = mnist_batch(16, &dev);
+    let batch = common::mnist_batch(16, &dev);
     let net = net("784-32-10", &dev);
     let mut ep = EpEstimator::new(&net, EpConfig::default()).unwrap();
     let first = ep.estimate(&net, &batch).unwrap().grads;
@@ -178,7 +156,7 @@ fn deep_weight_fidelity(
     momentum: f32,
 ) -> Vec<GradientComparison> {
     let dev = cpu_device(CpuBackend::Flex);
-    let batch = mnist_batch(64, &dev);
+    let batch = common::mnist_batch(64, &dev);
     let spec = format!("784-128{}-10", "-res[128]".repeat(depth - 2));
     let net = net(&spec, &dev);
     let loss = Loss::CrossEntropy { smoothing: 0.0 };
@@ -260,7 +238,7 @@ fn deep_residual_chains_need_a_depth_scaled_nudge_and_high_momentum() {
 #[test]
 fn lower_precision_ep_needs_a_nudge_above_its_resolution() {
     let dev = cpu_device(CpuBackend::Flex);
-    let batch = mnist_batch(64, &dev);
+    let batch = common::mnist_batch(64, &dev);
     let net = net("784-256-128-10", &dev);
     let settle = SettleConfig {
         lr: 0.3,

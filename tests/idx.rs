@@ -8,9 +8,7 @@ use common::{data_dir, gzip, idx_bytes, scratch_dir};
 use mep::data::idx::{IMAGES_MAGIC, LABELS_MAGIC, read_images, read_labels};
 use mep::data::{self, DataError, DataLocator, LoadOptions, Normalization};
 
-fn locator() -> DataLocator {
-    DataLocator::new(Some(data_dir()), None, None)
-}
+use common::locator;
 
 #[test]
 fn mnist_real_files_have_the_published_counts_histograms_and_first_labels() {

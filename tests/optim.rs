@@ -4,7 +4,7 @@ mod common;
 
 use burn::tensor::TensorData;
 use common::{exact_quintic, gaussianish, random_orthonormal, svd};
-use mep::device::{CpuBackend, Device, Tensor, cpu_device};
+use mep::device::Tensor;
 use mep::estimate::GradFactors;
 use mep::experiment::{ExperimentError, Preset};
 use mep::model::{ParamInfo, ParamKind};
@@ -17,9 +17,7 @@ use mep::optim::{
     Schedule, UpdateRule, VectorRule,
 };
 
-fn dev() -> Device {
-    cpu_device(CpuBackend::Flex)
-}
+use common::dev;
 
 fn t(values: &[f64], shape: [usize; 2]) -> Tensor<2> {
     let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();

@@ -8,7 +8,7 @@ use mep::device::{CpuBackend, Device, Tensor, cpu_device};
 use mep::ep::{EnergyModel, SettleConfig, SettleError, Settler};
 use mep::estimate::{EpConfig, EpEstimator, EstimateError, GradientEstimator, TensorBatch};
 use mep::loss::Loss;
-use mep::model::{ModelSpec, Network, Shape};
+use mep::model::{Network, Shape};
 
 fn to_vec(t: &Tensor<2>) -> Vec<f32> {
     t.to_data().convert::<f32>().to_vec::<f32>().unwrap()
@@ -26,12 +26,7 @@ fn mnist(n: usize, dev: &Device) -> TensorBatch {
 }
 
 fn net(spec: &str, dev: &Device) -> Network {
-    spec.parse::<ModelSpec>()
-        .unwrap()
-        .builder(Shape::Flat(784))
-        .unwrap()
-        .build(3, dev)
-        .unwrap()
+    common::network(spec, Shape::Flat(784), 3, dev)
 }
 
 fn settle(

@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use mep::data::DataLocator;
 use mep::data::download::{Downloader, NoProgress};
+use mep::data::{DataLocator, LoadOptions};
+use mep::device::{CpuBackend, Device, cpu_device};
+use mep::estimate::TensorBatch;
+use mep::model::{ModelSpec, Network, Shape};
 
 /// The directory of real data sets, found as the CLI finds them: `$MEP_DATA_DIR` (CI sets it
 /// to the shared copies), else `../shared/data` beside the checkout, else the user cache
@@ -70,6 +73,30 @@ pub fn run_mep(args: &[&str], data: Option<&Path>) -> Output {
 /// What a run printed on stderr.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The CPU device the tests run on (burn-flex).
+pub fn dev() -> Device {
+    cpu_device(CpuBackend::Flex)
+}
+
+/// The network of a model spec on `input`, initialised from `seed`.
+pub fn network(spec: &str, input: Shape, seed: u64, dev: &Device) -> Network {
+    spec.parse::<ModelSpec>()
+        .unwrap_or_else(|e| panic!("{spec}: {e}"))
+        .build(input, seed, dev)
+        .unwrap_or_else(|e| panic!("{spec} on {input}: {e}"))
+}
+
+/// The first `n` MNIST training samples as a batch (inputs in [0, 1], one-hot targets).
+pub fn mnist_batch(n: usize, dev: &Device) -> TensorBatch {
+    let options = LoadOptions {
+        train_samples: Some(n),
+        test_samples: Some(1),
+        ..Default::default()
+    };
+    let data = mep::data::load("mnist", &locator(), &options, 0).unwrap();
+    TensorBatch::new(data.train.inputs(), data.train.labels(), 10, dev)
 }
 
 /// Locates the test data as the CLI does with `MEP_DATA_DIR` = [`data_dir`].
