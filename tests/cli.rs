@@ -566,3 +566,57 @@ fn bench_deep_quick_trains_ep_as_well_as_backprop() {
     }
     assert!(out_dir.join("gradients_per_layer.svg").is_file());
 }
+
+#[test]
+fn bench_gemm_and_muon_time_the_host_kernels() {
+    let out = mep(
+        &[
+            "--threads",
+            "1",
+            "bench",
+            "gemm",
+            "--shapes",
+            "16x32x8,64x64x64",
+            "--repeats",
+            "3",
+            "--json",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["shape"], "64x64x64");
+    assert!(rows.iter().all(|r| r["gflops"].as_f64().unwrap() > 0.0));
+    assert_clean_failure(
+        &mep(&["bench", "gemm", "--shapes", "16x32"], None),
+        "is not MxKxN",
+    );
+    assert_clean_failure(
+        &mep(&["bench", "gemm", "--shapes", "0x4x4"], None),
+        "has a zero dimension",
+    );
+    let out = mep(
+        &[
+            "--threads",
+            "1",
+            "bench",
+            "muon",
+            "--model",
+            "784-64-32-10",
+            "--repeats",
+            "3",
+            "--json",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // One row per weight matrix, and the update is their sum.
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let sum: f64 = rows.iter().map(|r| r["ms"].as_f64().unwrap()).sum();
+    assert!((sum - v["update_ms"].as_f64().unwrap()).abs() < 1e-9);
+    assert!(rows[0]["gflop"].as_f64().unwrap() > 0.0);
+}

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use mep::bench::{SettleBench, settle_bench};
+use mep::bench::{SettleBench, matmul_gflops, settle_bench};
 use mep::device::Workload;
 use mep::estimate::TensorBatch;
-use mep::model::{ModelSpec, Shape};
+use mep::model::{Gemm, ModelSpec, Shape};
 
 use super::Globals;
 use super::suites::{self, SuiteArgs};
@@ -41,6 +41,12 @@ pub enum BenchCommand {
     /// Peak memory of one training step against depth (64 -> 128 x (depth - 1) -> 10,
     /// batch 32) for EP, backprop and checkpointed backprop, each in a fresh process.
     Memory(super::memory::MemoryArgs),
+    /// GFLOP/s of the host matrix product (`gemm`, the kernel of the settle loops, the host
+    /// convolutions and Newton–Schulz) on given shapes, one thread per worker.
+    Gemm(GemmArgs),
+    /// Milliseconds of one Muon update (quintic Newton–Schulz, 5 steps) of every weight
+    /// matrix of a model, per matrix, with its FLOPs and GFLOP/s.
+    Muon(MuonArgs),
     /// One memory measurement in this process (what `bench memory` runs per row).
     #[command(hide = true)]
     MemoryProbe(super::memory::ProbeArgs),
@@ -75,8 +81,122 @@ pub struct SettleArgs {
     json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct GemmArgs {
+    /// Shapes `MxKxN` (an `M x K` by `K x N` product), comma-separated; default: the settle
+    /// products of 784-256-128-10 at batch 64, Newton–Schulz's 256 x 784 Gram products and a
+    /// 1024^3 product.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "64x784x256,64x256x128,64x128x256,256x784x256,256x256x256,256x256x784,1024x1024x1024"
+    )]
+    shapes: Vec<String>,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MuonArgs {
+    /// Model whose weight matrices are orthogonalised.
+    #[arg(long, default_value = "784-256-128-10")]
+    model: ModelSpec,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    repeats: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn muon(args: MuonArgs, globals: &Globals) -> Result<()> {
+    use burn::tensor::Distribution;
+    use mep::optim::NsIteration;
+    use mep::optim::linalg::{newton_schulz, newton_schulz_host_flops};
+    let device = globals.device.resolve(Workload::Settle)?;
+    let net = args
+        .model
+        .build(Shape::Image { c: 1, h: 28, w: 28 }, globals.seed, &device)?;
+    let mut rows = Vec::new();
+    let mut total_ms = 0.0;
+    for (info, p) in net.param_info().iter().zip(net.params()) {
+        if !matches!(info.kind, mep::model::ParamKind::Matrix { .. }) {
+            continue;
+        }
+        let [m, n] = p.dims();
+        let g: mep::device::Tensor<2> =
+            mep::device::Tensor::random([m, n], Distribution::Normal(0.0, 1.0), &device);
+        let us = mep::bench::median_us(args.repeats, || {
+            let out = newton_schulz(g.clone(), 5, NsIteration::Quintic);
+            let _ = out.slice([0..1, 0..1]).into_data();
+        });
+        let flops = newton_schulz_host_flops(m, n, 5, NsIteration::Quintic);
+        total_ms += us / 1e3;
+        if !args.json {
+            println!(
+                "{:>16} {m:>5} x {n:<5} {:8.3} ms {:8.3} GFLOP {:7.1} GFLOP/s",
+                info.name,
+                us / 1e3,
+                flops / 1e9,
+                flops / us / 1e3
+            );
+        }
+        rows.push(serde_json::json!({
+            "param": info.name, "rows": m, "cols": n, "ms": us / 1e3, "gflop": flops / 1e9,
+        }));
+    }
+    if args.json {
+        let json = serde_json::json!({
+            "model": args.model.to_string(),
+            "threads": mep::device::threads(),
+            "update_ms": total_ms,
+            "rows": rows,
+        });
+        println!("{json}");
+    } else {
+        println!("one Muon update of {}: {total_ms:.3} ms", args.model);
+    }
+    Ok(())
+}
+
+fn gemm(args: GemmArgs, globals: &Globals) -> Result<()> {
+    let device = globals.device.resolve(Workload::Settle)?;
+    let mut rows = Vec::new();
+    for shape in &args.shapes {
+        let dims: Vec<usize> = shape
+            .split('x')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--shapes: `{shape}` is not MxKxN"))?;
+        let [m, k, n] = dims[..] else {
+            anyhow::bail!("--shapes: `{shape}` is not MxKxN");
+        };
+        anyhow::ensure!(m * k * n > 0, "--shapes: `{shape}` has a zero dimension");
+        let gflops = matmul_gflops(&[Gemm { m, k, n }], &device, args.repeats);
+        rows.push(serde_json::json!({ "shape": shape, "gflops": gflops }));
+        if !args.json {
+            println!("{shape:>18} {gflops:8.1} GFLOP/s");
+        }
+    }
+    if args.json {
+        let json = serde_json::json!({
+            "device": globals.device.to_string(),
+            "threads": mep::device::threads(),
+            "rows": rows,
+        });
+        println!("{json}");
+    }
+    Ok(())
+}
+
 pub fn run(cmd: BenchCommand, globals: &Globals) -> Result<()> {
     match cmd {
+        BenchCommand::Gemm(args) => gemm(args, globals),
+        BenchCommand::Muon(args) => muon(args, globals),
         BenchCommand::Settle(args) => settle(args, globals),
         BenchCommand::Table1(args) => suites::run(Suite::Table1, args, globals),
         BenchCommand::Table2(args) => suites::run(Suite::Table2, args, globals),
