@@ -278,8 +278,14 @@ impl ConvGeometry {
                         let dst = &mut plane[ih * self.in_w..(ih + 1) * self.in_w];
                         let src = &row[oh * self.out_w + lo..oh * self.out_w + hi];
                         let first = lo * self.stride + kj - self.padding;
-                        let targets = dst[first..].iter_mut().step_by(self.stride);
-                        targets.zip(src).for_each(|(d, &v)| *d += v);
+                        if self.stride == 1 {
+                            // Contiguous: vectorises (a stepped iterator does not).
+                            let dst = &mut dst[first..first + src.len()];
+                            dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+                        } else {
+                            let targets = dst[first..].iter_mut().step_by(self.stride);
+                            targets.zip(src).for_each(|(d, &v)| *d += v);
+                        }
                     }
                 }
             }
@@ -446,26 +452,35 @@ impl PoolGeometry {
             });
     }
 
-    /// One plane of 2x2, stride-2 max pooling (the common case, unrolled).
+    /// One plane of 2x2, stride-2 max pooling (the common case, unrolled): pairs of input
+    /// columns from the two rows of a window, compared with branch-free selects so that
+    /// the loop vectorises.
     fn max_2x2(&self, xs: &[f32], ys: &mut [f32], idx: &mut [u32]) {
         let w = self.in_w;
+        let ow_n = self.out_w;
         for oh in 0..self.out_h {
-            let top = &xs[2 * oh * w..2 * oh * w + w];
-            let bottom = &xs[(2 * oh + 1) * w..(2 * oh + 2) * w];
-            let row_y = &mut ys[oh * self.out_w..(oh + 1) * self.out_w];
-            let row_i = &mut idx[oh * self.out_w..(oh + 1) * self.out_w];
-            for (ow, (y, i)) in row_y.iter_mut().zip(row_i.iter_mut()).enumerate() {
-                let c = 2 * ow;
-                let window = [top[c], top[c + 1], bottom[c], bottom[c + 1]];
-                let offsets = [c, c + 1, w + c, w + c + 1];
-                let (mut best, mut at) = (window[0], offsets[0]);
-                for (&v, &o) in window.iter().zip(&offsets).skip(1) {
+            let top = &xs[2 * oh * w..2 * oh * w + 2 * ow_n];
+            let bottom = &xs[(2 * oh + 1) * w..(2 * oh + 1) * w + 2 * ow_n];
+            let row_y = &mut ys[oh * ow_n..(oh + 1) * ow_n];
+            let row_i = &mut idx[oh * ow_n..(oh + 1) * ow_n];
+            let base = (2 * oh * w) as u32;
+            let below = w as u32;
+            let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+            for (ow, ((y, i), (t, b))) in row_y
+                .iter_mut()
+                .zip(row_i.iter_mut())
+                .zip(pairs)
+                .enumerate()
+            {
+                let c = base + 2 * ow as u32;
+                let (mut best, mut at) = (t[0], c);
+                for (v, o) in [(t[1], c + 1), (b[0], c + below), (b[1], c + below + 1)] {
                     let wins = beats(v, best);
                     best = if wins { v } else { best };
                     at = if wins { o } else { at };
                 }
                 *y = best;
-                *i = (2 * oh * w + at) as u32;
+                *i = at;
             }
         }
     }
