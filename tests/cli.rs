@@ -620,3 +620,62 @@ fn bench_gemm_and_muon_time_the_host_kernels() {
     assert!((sum - v["update_ms"].as_f64().unwrap()).abs() < 1e-9);
     assert!(rows[0]["gflop"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn closed_or_full_stdout_ends_quietly_or_with_an_error_never_a_panic() {
+    // A full stdout: one clear error line, non-zero exit.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mep"))
+        .args(["data", "list", "--json"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("writing to standard output"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // A closed pipe: the run ends after a complete epoch, quietly (SIGPIPE), with its
+    // checkpoint and metrics intact.
+    let dir = scratch_dir("cli-closed-pipe");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mep"))
+        .args([
+            "--threads",
+            "1",
+            "train",
+            "--dataset",
+            "xor",
+            "--model",
+            "2-8-2",
+        ])
+        .args([
+            "--estimator",
+            "backprop",
+            "--epochs",
+            "500",
+            "--json",
+            "--out",
+        ])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = child.stdout.take().unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .unwrap();
+    } // the read end closes here
+    let out = child.wait_with_output().unwrap();
+    assert!(first.contains("\"epoch\":1"), "{first}");
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert!(!metrics.is_empty());
+    assert!(dir.join("checkpoint.safetensors").is_file());
+}

@@ -137,13 +137,13 @@ fn muon(args: MuonArgs, globals: &Globals) -> Result<()> {
         let flops = newton_schulz_host_flops(m, n, 5, NsIteration::Quintic);
         total_ms += us / 1e3;
         if !args.json {
-            println!(
+            outln!(
                 "{:>16} {m:>5} x {n:<5} {:8.3} ms {:8.3} GFLOP {:7.1} GFLOP/s",
                 info.name,
                 us / 1e3,
                 flops / 1e9,
                 flops / us / 1e3
-            );
+            )?;
         }
         rows.push(serde_json::json!({
             "param": info.name, "rows": m, "cols": n, "ms": us / 1e3, "gflop": flops / 1e9,
@@ -156,9 +156,9 @@ fn muon(args: MuonArgs, globals: &Globals) -> Result<()> {
             "update_ms": total_ms,
             "rows": rows,
         });
-        println!("{json}");
+        outln!("{json}")?;
     } else {
-        println!("one Muon update of {}: {total_ms:.3} ms", args.model);
+        outln!("one Muon update of {}: {total_ms:.3} ms", args.model)?;
     }
     Ok(())
 }
@@ -179,7 +179,7 @@ fn gemm(args: GemmArgs, globals: &Globals) -> Result<()> {
         let gflops = matmul_gflops(&[Gemm { m, k, n }], &device, args.repeats);
         rows.push(serde_json::json!({ "shape": shape, "gflops": gflops }));
         if !args.json {
-            println!("{shape:>18} {gflops:8.1} GFLOP/s");
+            outln!("{shape:>18} {gflops:8.1} GFLOP/s")?;
         }
     }
     if args.json {
@@ -188,7 +188,7 @@ fn gemm(args: GemmArgs, globals: &Globals) -> Result<()> {
             "threads": mep::device::threads(),
             "rows": rows,
         });
-        println!("{json}");
+        outln!("{json}")?;
     }
     Ok(())
 }
@@ -228,7 +228,7 @@ fn settle(args: SettleArgs, globals: &Globals) -> Result<()> {
         let classes = net.output_shape().numel();
         let labels: Vec<u32> = labels.iter().map(|l| l % classes as u32).collect();
         let batch = TensorBatch::new(&x, &labels, classes, &device);
-        eprintln!("timing {spec} ...");
+        errln!("timing {spec} ...");
         rows.push(settle_bench(
             &spec.to_string(),
             &net,
@@ -246,10 +246,10 @@ fn settle(args: SettleArgs, globals: &Globals) -> Result<()> {
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
     if args.json {
-        println!("{}", serde_json::to_string(&json)?);
+        outln!("{}", serde_json::to_string(&json)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<34} {:>5} {:>7} {:>12} {:>10} {:>10} {:>11} {:>12} {:>10}",
         "model",
         "batch",
@@ -260,9 +260,9 @@ fn settle(args: SettleArgs, globals: &Globals) -> Result<()> {
         "matmul GF/s",
         "EP gradient",
         "GFLOP/s"
-    );
+    )?;
     for r in &rows {
-        println!(
+        outln!(
             "{:<34} {:>5} {:>7} {:>9.1} us {:>10.2} {:>10.2} {:>11.2} {:>9.2} ms {:>10.2}",
             r.model,
             r.batch,
@@ -273,8 +273,8 @@ fn settle(args: SettleArgs, globals: &Globals) -> Result<()> {
             r.matmul_gflops,
             r.ep_gradient_ms,
             r.ep_gradient_gflops
-        );
+        )?;
     }
-    eprintln!("results in {}", args.out.join("results.json").display());
+    errln!("results in {}", args.out.join("results.json").display());
     Ok(())
 }

@@ -87,12 +87,12 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
     if let Some(residual) = report.free_residual
         && residual > FIXED_POINT_RESIDUAL
     {
-        eprintln!(
+        errln!(
             "warning: the free phase has not reached its fixed point (residual {residual:.2e}); the implicit gradient is only meaningful there: raise --steps"
         );
     }
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?)?;
         return Ok(());
     }
     let label = match check.estimator {
@@ -104,7 +104,7 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         Precision::F32 => String::new(),
         p => format!(", in {p}"),
     };
-    println!(
+    outln!(
         "{label} gradient ({} nudging, beta {}, {} steps{precision}) vs {}: {} on a batch of {} from {}",
         check.nudging,
         check.beta,
@@ -113,22 +113,22 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         report.model,
         check.batch,
         report.dataset
-    );
-    println!("{:<16} {:>10} {:>11}", "parameter", "cosine", "norm ratio");
+    )?;
+    outln!("{:<16} {:>10} {:>11}", "parameter", "cosine", "norm ratio")?;
     for r in &report.params {
-        println!("{:<16} {:>10.6} {:>11.5}", r.name, r.cosine, r.norm_ratio);
+        outln!("{:<16} {:>10.6} {:>11.5}", r.name, r.cosine, r.norm_ratio)?;
     }
     if let Some(r) = report.free_residual {
-        println!("free phase fixed-point residual {r:.3e}");
+        outln!("free phase fixed-point residual {r:.3e}")?;
     }
     for (i, s) in report.settle.iter().enumerate() {
-        println!(
+        outln!(
             "phase {}: {} settle steps, residual {:.3e}{}",
             i + 1,
             s.steps,
             s.residual,
             if s.converged { " (converged)" } else { "" }
-        );
+        )?;
     }
     Ok(())
 }

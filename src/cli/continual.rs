@@ -112,7 +112,7 @@ impl TaskBar {
 
 impl ContinualBenchObserver for TaskBar {
     fn method_start(&mut self, index: usize, total: usize, method: &str, seed: u64) {
-        eprintln!("[{index}/{total}] {method} seed {seed}");
+        errln!("[{index}/{total}] {method} seed {seed}");
     }
 
     fn download(&mut self) -> &mut dyn DownloadProgress {
@@ -180,7 +180,7 @@ impl ContinualObserver for TaskBar {
             .and_then(|m| Some((m.settle_steps_mean?, m.settle_residual_mean?)))
             .map(|(steps, res)| format!("  settle {steps:.1} steps, residual {res:.3}"))
             .unwrap_or_default();
-        eprintln!(
+        errln!(
             "task {:>2}: mean {:5.2}%  [{}]{settle}  {:.1}s{}",
             r.task,
             100.0 * mean,
@@ -218,7 +218,7 @@ pub fn run(args: ContinualArgs, globals: &Globals) -> Result<()> {
     let mut bar = TaskBar::new(false);
     let result = method.run(&base, args.tasks, globals.seed, &device, &mut bar)?;
     let charts = write_outcome(&out, &result)?;
-    eprintln!(
+    errln!(
         "average accuracy {}%, average forgetting {}%, backward transfer {}%, {:.0}s; results in {} ({charts} charts)",
         pct(result.average_accuracy),
         pct(result.average_forgetting),
@@ -227,7 +227,7 @@ pub fn run(args: ContinualArgs, globals: &Globals) -> Result<()> {
         out.display()
     );
     if args.json {
-        println!("{}", serde_json::to_string(&result)?);
+        outln!("{}", serde_json::to_string(&result)?)?;
     }
     Ok(())
 }
@@ -237,7 +237,7 @@ fn announce(method: &ContinualMethod, base: &Dataset, tasks: usize) -> Result<()
     let opts = &method.options;
     let config = opts.train_config(0)?;
     let recipe = opts.recipe(base.train.len() * tasks)?;
-    eprintln!(
+    errln!(
         "{}: {tasks} tasks of {} ({} train / {} test each), {}, {}, {} epochs per task, batch {}{}",
         method.label,
         base.name,
@@ -314,13 +314,13 @@ pub fn bench(args: BenchContinualArgs, globals: &Globals) -> Result<()> {
         obj.insert("device".into(), globals.device.to_string().into());
     }
     let n = results.write(&dir)?;
-    eprint!("{}", results.table);
-    eprintln!(
+    err!("{}", results.table);
+    errln!(
         "results in {} (results.json, table.md, {n} charts)",
         dir.display()
     );
     if args.suite.json {
-        println!("{}", serde_json::to_string(&results.json)?);
+        outln!("{}", serde_json::to_string(&results.json)?)?;
     }
     Ok(())
 }

@@ -57,7 +57,7 @@ pub fn run(cmd: DataCommand, globals: &Globals) -> Result<()> {
             };
             let mirrors = (!mirrors.is_empty()).then_some(mirrors);
             let dir = fetch(&spec, mirrors.as_deref(), &root)?;
-            eprintln!("{} is in {}", spec.name, dir.display());
+            errln!("{} is in {}", spec.name, dir.display());
             Ok(())
         }
     }
@@ -109,21 +109,25 @@ fn list(locator: &DataLocator, json: bool) -> Result<()> {
         .collect();
     if json {
         let searched = locator.search_dirs();
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "search_dirs": searched,
                 "datasets": entries,
             }))?
-        );
+        )?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<15} {:<8} {:<9} {:>6} {:>6}  location",
-        "name", "status", "source", "train", "test"
-    );
+        "name",
+        "status",
+        "source",
+        "train",
+        "test"
+    )?;
     for e in &entries {
-        println!(
+        outln!(
             "{:<15} {:<8} {:<9} {:>6} {:>6}  {}",
             e.name,
             if e.present { "present" } else { "missing" },
@@ -138,7 +142,7 @@ fn list(locator: &DataLocator, json: bool) -> Result<()> {
                 } else {
                     "-".into()
                 })
-        );
+        )?;
     }
     if entries.iter().any(|e| !e.present) {
         let dirs: Vec<String> = locator
@@ -146,8 +150,8 @@ fn list(locator: &DataLocator, json: bool) -> Result<()> {
             .iter()
             .map(|d| d.display().to_string())
             .collect();
-        println!("\nsearched: {}", dirs.join(", "));
-        println!("fetch a missing set with `mep data fetch NAME`");
+        outln!("\nsearched: {}", dirs.join(", "))?;
+        outln!("fetch a missing set with `mep data fetch NAME`")?;
     }
     Ok(())
 }

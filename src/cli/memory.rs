@@ -70,7 +70,7 @@ pub fn probe(args: ProbeArgs, globals: &Globals) -> Result<()> {
         ..MemoryProbe::paper(method, args.depth)
     };
     let row = run_probe(&probe, &device)?;
-    println!("{}", serde_json::to_string(&row)?);
+    outln!("{}", serde_json::to_string(&row)?)?;
     Ok(())
 }
 
@@ -260,10 +260,10 @@ pub fn run(args: MemoryArgs, globals: &Globals) -> Result<()> {
         &series,
     )?;
     if args.json {
-        println!("{}", serde_json::to_string(&json)?);
+        outln!("{}", serde_json::to_string(&json)?)?;
     } else {
-        print!("{table}");
-        eprintln!("results in {}", args.out.display());
+        out!("{table}")?;
+        errln!("results in {}", args.out.display());
     }
     Ok(())
 }

@@ -1,5 +1,42 @@
 //! Command-line interface: argument parsing and the subcommands.
 
+/// `println!` that returns an error (a full disk, a closed descriptor) instead of panicking.
+/// A closed pipe never gets here: `main` restores the default SIGPIPE action, so `mep ...
+/// | head` ends quietly as other Unix tools do.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+            .map_err(|e| anyhow::anyhow!("writing to standard output: {e}"))
+    }};
+}
+
+/// `print!` with [`outln!`]'s error handling.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)
+            .map_err(|e| anyhow::anyhow!("writing to standard output: {e}"))
+    }};
+}
+
+/// `eprintln!` for progress and summaries: a closed or full stderr loses the line instead
+/// of ending the run.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `eprint!` with [`errln!`]'s error handling.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod check;
 mod continual;

@@ -102,7 +102,7 @@ impl TrainObserver for EpochBar {
             bar.finish_and_clear();
         }
         if !self.quiet {
-            eprintln!(
+            errln!(
                 "epoch {:>3}/{}  loss {:.4}  train {:6.2}%  test {:6.2}%  {:.2}s  {:.0} samples/s",
                 m.epoch,
                 self.epochs,

@@ -59,7 +59,7 @@ impl TrainObserver for SuiteBars {
 
 impl SuiteObserver for SuiteBars {
     fn run_start(&mut self, index: usize, total: usize, description: &str, epochs: usize) {
-        eprintln!("[{index}/{total}] {description}");
+        errln!("[{index}/{total}] {description}");
         self.bar = Some(EpochBar::new(epochs, true));
     }
 
@@ -87,14 +87,14 @@ pub fn run(suite: Suite, args: SuiteArgs, globals: &Globals) -> Result<()> {
         .run(&config, &mut SuiteBars::default())
         .with_context(|| format!("bench {name}"))?;
     let files = results.write(&dir)?;
-    eprint!("{}", results.table);
-    eprintln!(
+    err!("{}", results.table);
+    errln!(
         "results in {} (results.json, table.md, {} charts)",
         dir.display(),
         files.len()
     );
     if args.json {
-        println!("{}", serde_json::to_string(&results.json)?);
+        outln!("{}", serde_json::to_string(&results.json)?)?;
     }
     Ok(())
 }

@@ -123,7 +123,7 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     };
     // Nothing is written before every input has been read and checked.
     run.start(&run_config)?;
-    eprintln!(
+    errln!(
         "training {spec} ({num_params} parameters) on {} ({} train / {} test) with {}, {} epochs{}, batch {}, device {}, {} threads",
         dataset.name,
         dataset.train.len(),
@@ -146,9 +146,7 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     for epoch in start..=config.epochs {
         let m = trainer.run_epoch(&dataset, &config, epoch, &mut bar)?;
         run.append_monitor(&trainer.take_monitor_records())?;
-        if args.json {
-            println!("{}", serde_json::to_string(&m)?);
-        }
+        let line = serde_json::to_string(&m)?;
         history.push(m);
         let meta = RunMeta {
             options: opts.clone(),
@@ -156,20 +154,25 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
             epoch,
             history: history.clone(),
         };
+        // The epoch is on disk before it is printed: a reader that closes the pipe ends
+        // the run after a complete epoch.
         run.record_epoch(&trainer, &meta)
             .context("writing the checkpoint")?;
+        if args.json {
+            outln!("{line}")?;
+        }
     }
     if args.monitor.is_some() {
         let charts = run.monitor_charts()?;
-        eprintln!("monitor: {} and {charts} charts", run.monitor().display());
+        errln!("monitor: {} and {charts} charts", run.monitor().display());
     }
     match history.last() {
-        Some(last) => eprintln!(
+        Some(last) => errln!(
             "final test accuracy {:.2}%; results in {}",
             100.0 * last.test_accuracy,
             run.path().display()
         ),
-        None => eprintln!(
+        None => errln!(
             "nothing to do: the run already has {} epochs",
             config.epochs
         ),
@@ -219,7 +222,7 @@ pub fn eval(args: EvalArgs, globals: &Globals) -> Result<()> {
         .with_context(|| format!("loading {}", path.display()))?;
     let accuracy = trainer.evaluate(&dataset.test, 256)?;
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "checkpoint": path,
@@ -229,16 +232,16 @@ pub fn eval(args: EvalArgs, globals: &Globals) -> Result<()> {
                 "epoch": meta.epoch,
                 "test_accuracy": accuracy,
             })
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "{}: {spec} after epoch {}: test accuracy {:.2}% on {} ({} samples)",
             path.display(),
             meta.epoch,
             100.0 * accuracy,
             dataset.name,
             dataset.test.len()
-        );
+        )?;
     }
     Ok(())
 }
