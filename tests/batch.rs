@@ -74,3 +74,16 @@ fn one_hot_rows() {
     one_hot_into(&[2, 0], 3, &mut out);
     assert_eq!(out, vec![0., 0., 1., 1., 0., 0.]);
 }
+
+#[test]
+fn a_batch_larger_than_the_split_is_the_whole_split_without_overflow() {
+    let s = split(5, 3);
+    for size in [6, usize::MAX / 2, usize::MAX] {
+        let mut b = Batcher::new(&s, size, 1, 1, false).unwrap();
+        assert_eq!(b.num_batches(), 1);
+        let batch = b.next_batch().unwrap();
+        assert_eq!(batch.labels.len(), 5);
+        assert_eq!(batch.inputs.len(), 15);
+        assert!(b.next_batch().is_none());
+    }
+}

@@ -71,15 +71,17 @@ impl<'a> Batcher<'a> {
                 "cannot batch an empty split".into(),
             ));
         }
+        // A batch never holds more than the split, whatever size was asked for.
+        let rows = batch_size.min(split.len());
         Ok(Self {
             split,
             order: epoch_order(split.len(), seed, epoch, shuffle),
             pos: 0,
             batch_size,
             batch: Batch {
-                inputs: Vec::with_capacity(batch_size * split.dim()),
-                labels: Vec::with_capacity(batch_size),
-                indices: Vec::with_capacity(batch_size),
+                inputs: Vec::with_capacity(rows * split.dim()),
+                labels: Vec::with_capacity(rows),
+                indices: Vec::with_capacity(rows),
             },
         })
     }
@@ -95,7 +97,7 @@ impl<'a> Batcher<'a> {
         if self.pos >= self.order.len() {
             return None;
         }
-        let end = (self.pos + self.batch_size).min(self.order.len());
+        let end = self.pos.saturating_add(self.batch_size).min(self.order.len());
         self.batch.inputs.clear();
         self.batch.labels.clear();
         self.batch.indices.clear();

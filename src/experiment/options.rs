@@ -423,7 +423,10 @@ impl TrainOptions {
         }
         self.override_composite(&mut recipe.optimizer)?;
         let batch = self.batch.unwrap_or(DEFAULT_BATCH).max(1);
-        let steps = self.epochs.unwrap_or(DEFAULT_EPOCHS) * samples.div_ceil(batch);
+        let steps = self
+            .epochs
+            .unwrap_or(DEFAULT_EPOCHS)
+            .saturating_mul(samples.div_ceil(batch));
         recipe = recipe.for_steps(steps);
         recipe.optimizer.validate()?;
         Ok(recipe)
