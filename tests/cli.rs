@@ -164,6 +164,10 @@ fn errors_are_one_clear_line_with_nonzero_exit() {
         "has no files to download",
     );
     assert_clean_failure(
+        &mep(&["--threads", "40000", "data", "list"], None),
+        "cannot use 40000 threads: more than 8 per core",
+    );
+    assert_clean_failure(
         &mep(&["train", "--dataset", "xor", "--precision", "f8"], None),
         "unknown precision `f8`",
     );
