@@ -683,3 +683,37 @@ fn closed_or_full_stdout_ends_quietly_or_with_an_error_never_a_panic() {
     assert!(!metrics.is_empty());
     assert!(dir.join("checkpoint.safetensors").is_file());
 }
+
+#[test]
+fn an_idx_header_claiming_gigabytes_is_refused_without_reserving_them() {
+    // A raw image file whose header claims 5,000,000 images (3.9 GB) over 1000 data bytes,
+    // beside real label and test files; mep runs under a 3 GB address-space limit, so
+    // reserving what the header claims would abort instead of reporting the truncation.
+    let dir = scratch_dir("cli-idx-claims");
+    let mnist = dir.join("mnist");
+    std::fs::create_dir_all(&mnist).unwrap();
+    for f in [
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ] {
+        std::fs::copy(data_dir().join("mnist").join(f), mnist.join(f)).unwrap();
+    }
+    let mut bytes = Vec::new();
+    for v in [2051u32, 5_000_000, 28, 28] {
+        bytes.extend_from_slice(&v.to_be_bytes());
+    }
+    bytes.extend_from_slice(&[0u8; 1000]);
+    std::fs::write(mnist.join("train-images-idx3-ubyte"), bytes).unwrap();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -v 3000000; exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_mep"))
+        .args(["--threads", "1", "--data-dir"])
+        .arg(&dir)
+        .args(["train", "--dataset", "mnist", "--no-fetch", "--out"])
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "promises 3920000000 data bytes, found 1000");
+}

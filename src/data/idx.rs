@@ -59,16 +59,24 @@ pub fn read_labels(path: &Path) -> Result<IdxLabels, DataError> {
     Ok(IdxLabels { labels })
 }
 
-fn open(path: &Path) -> Result<Box<dyn Read>, DataError> {
+/// Deflate expands at most about 1032:1, so a gzip file of `n` bytes holds at most
+/// `1032 n` bytes.
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
+/// The file as a byte stream (decompressed when it is gzipped), and the most bytes that
+/// stream can hold (its length, or the deflate bound of a gzip file).
+fn open(path: &Path) -> Result<(Box<dyn Read>, u64), DataError> {
     let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
     let mut first = [0u8; 2];
     let n = read_up_to(&mut file, &mut first).map_err(|e| DataError::io(path, e))?;
     let head = std::io::Cursor::new(first[..n].to_vec());
     let chained = BufReader::new(head.chain(file));
     if n == 2 && first == [0x1f, 0x8b] {
-        Ok(Box::new(BufReader::new(GzDecoder::new(chained))))
+        let bound = len.saturating_mul(MAX_DEFLATE_RATIO);
+        Ok((Box::new(BufReader::new(GzDecoder::new(chained))), bound))
     } else {
-        Ok(Box::new(chained))
+        Ok((Box::new(chained), len))
     }
 }
 
@@ -99,7 +107,7 @@ fn read_error(path: &Path, what: &str, e: std::io::Error) -> DataError {
 }
 
 fn read_idx(path: &Path, magic: u32, ndim: usize) -> Result<(Vec<usize>, Vec<u8>), DataError> {
-    let mut reader = open(path)?;
+    let (mut reader, max_bytes) = open(path)?;
     let kind = if magic == IMAGES_MAGIC {
         "image"
     } else {
@@ -157,7 +165,10 @@ fn read_idx(path: &Path, magic: u32, ndim: usize) -> Result<(Vec<usize>, Vec<u8>
         .filter(|&p| p <= MAX_PAYLOAD_BYTES)
         .ok_or_else(|| DataError::corrupt(path, format!("implausible dimensions {dims:?}")))?;
 
-    let mut data = Vec::with_capacity(payload);
+    // Reserve what the file can hold, not what its header claims: a short file that
+    // claims gigabytes is reported as truncated without asking for them.
+    let reserve = payload.min(usize::try_from(max_bytes).unwrap_or(usize::MAX));
+    let mut data = Vec::with_capacity(reserve);
     let got = reader
         .by_ref()
         .take(payload as u64)
