@@ -413,7 +413,8 @@ fn resume_continues_only_the_stored_run() {
         lr: Some(0.01),
         ..TrainOptions::default()
     };
-    let resumed = meta.resume(&more).unwrap();
+    let (resumed, seed) = meta.resume(&more, None).unwrap();
+    assert_eq!(seed, 7);
     assert_eq!(resumed.epochs, Some(4));
     assert_eq!(resumed.preset.as_deref(), Some("smep"));
     // A changed option is refused.
@@ -422,9 +423,48 @@ fn resume_continues_only_the_stored_run() {
         ..TrainOptions::default()
     };
     assert!(matches!(
-        meta.resume(&changed),
+        meta.resume(&changed, None),
         Err(ExperimentError::ResumeMismatch { .. })
     ));
+    // So is another seed; the stored one is accepted.
+    assert!(meta.resume(&more, Some(7)).is_ok());
+    assert!(matches!(
+        meta.resume(&more, Some(8)),
+        Err(ExperimentError::InvalidOption(_))
+    ));
+}
+
+#[test]
+fn options_given_over_a_config_file_replace_its_choice_of_method() {
+    let file = TrainOptions {
+        preset: Some("sgd".into()),
+        lr: Some(0.5),
+        ..TrainOptions::default()
+    };
+    let flags = TrainOptions {
+        estimator: Some(EstimatorArg::Ep),
+        optimizer: Some(OptimizerArg::Adam),
+        ..TrainOptions::default()
+    };
+    let o = flags.over(file.clone());
+    assert_eq!(o.preset, None);
+    assert_eq!(o.lr, Some(0.5));
+    assert!(matches!(
+        o.recipe(100).unwrap().estimator,
+        EstimatorChoice::Ep(_)
+    ));
+    // And a preset given over a file's estimator.
+    let file = TrainOptions {
+        estimator: Some(EstimatorArg::Backprop),
+        ..TrainOptions::default()
+    };
+    let flags = TrainOptions {
+        preset: Some("smep".into()),
+        ..TrainOptions::default()
+    };
+    let o = flags.over(file);
+    assert_eq!(o.estimator, None);
+    assert_eq!(o.recipe(100).unwrap().preset, Some(Preset::Smep));
 }
 
 #[test]

@@ -161,7 +161,20 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     let p = parts.to_str().unwrap();
     let first = mep(&[&common_args[..], &["--epochs", "1", "--out", p]].concat());
     assert!(first.status.success(), "{}", stderr(&first));
-    let rest = mep(&[&common_args[..], &["--epochs", "3", "--out", p, "--resume"]].concat());
+    // Another seed is refused (the run keeps its own); the same one is accepted.
+    let reseeded = mep(&[
+        &["--seed", "7"][..],
+        &common_args[..],
+        &["--epochs", "3", "--out", p, "--resume"],
+    ]
+    .concat());
+    fail(&reseeded, "--seed 7 differs");
+    let rest = mep(&[
+        &["--seed", "42"][..],
+        &common_args[..],
+        &["--epochs", "3", "--out", p, "--resume"],
+    ]
+    .concat());
     assert!(rest.status.success(), "{}", stderr(&rest));
     assert!(
         stderr(&rest).contains("resuming at epoch 2"),

@@ -56,9 +56,10 @@ use mep::device::{self, DeviceChoice};
 #[derive(Debug, Parser)]
 #[command(name = "mep", version, about, long_about = None)]
 pub struct Cli {
-    /// Seed for initialisation, shuffling and permutations.
-    #[arg(long, global = true, default_value_t = 42)]
-    seed: u64,
+    /// Seed for initialisation, shuffling and permutations (default 42; a resumed run
+    /// keeps its own).
+    #[arg(long, global = true)]
+    seed: Option<u64>,
     /// Device: cpu (fastest CPU backend for the job), cpu:flex, cpu:ndarray, cuda, cuda:N.
     #[arg(long, global = true, default_value = "cpu")]
     device: DeviceChoice,
@@ -91,12 +92,17 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// The seed of a run without `--seed`.
+pub const DEFAULT_SEED: u64 = 42;
+
 /// Settings every subcommand shares.
 pub struct Globals {
     /// Worker threads asked for (0: one per core).
     pub threads: usize,
     /// Seed.
     pub seed: u64,
+    /// The seed given on the command line, if any.
+    pub seed_given: Option<u64>,
     /// Device choice.
     pub device: DeviceChoice,
     /// Explicit data directory.
@@ -109,7 +115,8 @@ pub fn run() -> Result<()> {
     device::set_threads(cli.threads).context("setting up worker threads")?;
     let globals = Globals {
         threads: cli.threads,
-        seed: cli.seed,
+        seed: cli.seed.unwrap_or(DEFAULT_SEED),
+        seed_given: cli.seed,
         device: cli.device,
         data_dir: cli.data_dir,
     };

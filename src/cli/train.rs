@@ -78,7 +78,7 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         Some(path) => TrainOptions::from_toml(path)?,
         None => TrainOptions::default(),
     };
-    let mut opts = args.opts.clone().or(file);
+    let mut opts = args.opts.clone().over(file);
     let mut seed = globals.seed;
     let run = RunDir::new(args.out.clone().unwrap_or_else(|| default_dir(&opts, seed)));
     let mut resumed: Option<RunMeta> = None;
@@ -86,8 +86,7 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         let meta = run
             .read_meta()
             .with_context(|| format!("resuming from {}", run.path().display()))?;
-        opts = meta.resume(&opts)?;
-        seed = meta.seed;
+        (opts, seed) = meta.resume(&opts, globals.seed_given)?;
         resumed = Some(meta);
     }
 

@@ -97,7 +97,10 @@ impl<'a> Batcher<'a> {
         if self.pos >= self.order.len() {
             return None;
         }
-        let end = self.pos.saturating_add(self.batch_size).min(self.order.len());
+        let end = self
+            .pos
+            .saturating_add(self.batch_size)
+            .min(self.order.len());
         self.batch.inputs.clear();
         self.batch.labels.clear();
         self.batch.indices.clear();

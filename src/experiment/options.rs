@@ -228,6 +228,21 @@ impl TrainOptions {
         )
     }
 
+    /// These options (for example the command line's) over `fallback` (a config file):
+    /// options set here win, and choosing the method here (a preset, or an estimator or
+    /// optimizer) discards the fallback's choice of method, so `--estimator ep` is not
+    /// overridden by a `preset` in the file, nor `--preset` by its `estimator`.
+    pub fn over(self, mut fallback: TrainOptions) -> TrainOptions {
+        if self.preset.is_some() {
+            fallback.estimator = None;
+            fallback.optimizer = None;
+        }
+        if self.estimator.is_some() || self.optimizer.is_some() {
+            fallback.preset = None;
+        }
+        self.or(fallback)
+    }
+
     /// Reads a TOML config file (unknown keys are errors).
     pub fn from_toml(path: &Path) -> Result<Self, ExperimentError> {
         let text = std::fs::read_to_string(path).map_err(|e| ExperimentError::Config {

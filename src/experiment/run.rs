@@ -159,9 +159,14 @@ pub struct RunMeta {
 }
 
 impl RunMeta {
-    /// The options of a run that continues this one with `given`: every option set in
-    /// `given` other than `epochs` must equal the stored one; `epochs` may grow the run.
-    pub fn resume(&self, given: &TrainOptions) -> Result<TrainOptions, ExperimentError> {
+    /// The options and seed of a run that continues this one with `given` (and `seed`, if
+    /// one was given): every option set in `given` other than `epochs` must equal the
+    /// stored one, as must a given seed; `epochs` may grow the run.
+    pub fn resume(
+        &self,
+        given: &TrainOptions,
+        seed: Option<u64>,
+    ) -> Result<(TrainOptions, u64), ExperimentError> {
         let without_epochs = |o: &TrainOptions| TrainOptions {
             epochs: None,
             ..o.clone()
@@ -172,10 +177,19 @@ impl RunMeta {
                 stored: serde_json::to_string(&self.options).unwrap_or_default(),
             });
         }
-        Ok(TrainOptions {
+        if let Some(s) = seed
+            && s != self.seed
+        {
+            return Err(ExperimentError::InvalidOption(format!(
+                "--resume continues the stored run with its seed {}; --seed {s} differs",
+                self.seed
+            )));
+        }
+        let options = TrainOptions {
             epochs: given.epochs.or(self.options.epochs),
             ..self.options.clone()
-        })
+        };
+        Ok((options, self.seed))
     }
 }
 
