@@ -500,3 +500,70 @@ fn the_readme_example_trains_an_mlp_with_ep() {
     // smep_plus, one epoch of 2000 samples: measured 0.758 (chance 0.10).
     assert!(accuracy > 0.65, "{accuracy}");
 }
+
+#[test]
+fn a_run_directory_is_never_overwritten_or_mixed_up_with_another_run() {
+    use mep::experiment::RunDir;
+    let dir = scratch_dir("experiment-run-dir");
+    let run = RunDir::new(&dir);
+    let options = TrainOptions {
+        dataset: Some("xor".into()),
+        model: Some("2-8-2".into()),
+        estimator: Some(EstimatorArg::Backprop),
+        epochs: Some(2),
+        ..TrainOptions::default()
+    };
+    let mut first = prepared(options.clone(), 1);
+    let config = first.config_json("cpu");
+    run.start(&config, None, false).unwrap();
+    // A killed writer's temporary (a pid that does not run) is removed at the next start.
+    let stale = dir.join(".metrics.jsonl.tmp-4000000000");
+    std::fs::write(&stale, b"partial").unwrap();
+    let mut history = Vec::new();
+    for epoch in 1..=2 {
+        let m = first
+            .trainer
+            .run_epoch(&first.dataset, &first.config, epoch, &mut Silent)
+            .unwrap();
+        history.push(m);
+        let meta = RunMeta {
+            options: options.clone(),
+            seed: 1,
+            epoch,
+            history: history.clone(),
+        };
+        run.record_epoch(&first.trainer, &meta).unwrap();
+    }
+    let metrics = || {
+        std::fs::read_to_string(run.metrics())
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(metrics(), 2);
+    // A new run into it is refused and changes nothing.
+    let err = run.start(&config, None, false).unwrap_err().to_string();
+    assert!(err.contains("holds epoch 2 of a run"), "{err}");
+    assert_eq!(metrics(), 2);
+    // Resuming trusts the checkpoint: a metrics line it does not hold is dropped.
+    let mut text = std::fs::read_to_string(run.metrics()).unwrap();
+    text.push_str(
+        &text
+            .lines()
+            .last()
+            .unwrap()
+            .replace("\"epoch\":2", "\"epoch\":3"),
+    );
+    text.push('\n');
+    std::fs::write(run.metrics(), text).unwrap();
+    assert_eq!(metrics(), 3);
+    let meta = run.read_meta().unwrap();
+    assert_eq!(meta.epoch, 2);
+    run.start(&config, Some(&meta), false).unwrap();
+    assert_eq!(metrics(), 2);
+    assert!(!stale.exists(), "the stale temporary is still there");
+    // --force replaces the run: nothing of the old one is left.
+    run.start(&config, None, true).unwrap();
+    assert!(!run.holds_run());
+    assert!(!run.metrics().exists());
+}

@@ -23,13 +23,17 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Directory for config.json, metrics.jsonl and the checkpoint (default
-    /// results/train/<run>).
+    /// results/train/<data>-<model>-<method>-seed<N>-<digest of the options>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// Continue the run in --out (or the default directory) from its last checkpoint; only
     /// --epochs may differ from the stored options.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "force")]
     resume: bool,
+    /// Replace the run in --out (its checkpoint, metrics and monitor records) instead of
+    /// refusing to overwrite it.
+    #[arg(long)]
+    force: bool,
     /// Do not download a missing data set.
     #[arg(long)]
     no_fetch: bool,
@@ -56,9 +60,20 @@ fn default_dir(opts: &TrainOptions, seed: u64) -> PathBuf {
             json_name(o.unwrap_or(OptimizerArg::Adam))
         ),
     };
+    // The options' digest tells apart runs that differ in anything else (lr, batch,
+    // sample counts, ...).
+    let digest = {
+        use sha2::Digest;
+        let text = serde_json::to_string(opts).unwrap_or_default();
+        let hash = sha2::Sha256::digest(text.as_bytes());
+        hash[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
     PathBuf::from("results/train").join(
         format!(
-            "{}-{}-{method}-seed{seed}",
+            "{}-{}-{method}-seed{seed}-{digest}",
             opts.dataset().replace(':', "_"),
             opts.model.as_deref().unwrap_or(DEFAULT_MODEL),
         )
@@ -111,6 +126,7 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
             .unwrap_or(Loss::CrossEntropy { smoothing: 0.0 });
         trainer = trainer.with_monitor(Monitor::new(every, loss)?);
     }
+    let resumed_meta = resumed.clone();
     let (start, mut history) = match resumed {
         Some(meta) => {
             trainer
@@ -121,7 +137,7 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         None => (1, Vec::new()),
     };
     // Nothing is written before every input has been read and checked.
-    run.start(&run_config)?;
+    run.start(&run_config, resumed_meta.as_ref(), args.force)?;
     errln!(
         "training {spec} ({num_params} parameters) on {} ({} train / {} test) with {}, {} epochs{}, batch {}, device {}, {} threads",
         dataset.name,

@@ -46,25 +46,92 @@ impl RunDir {
         read_meta(&self.checkpoint())
     }
 
-    /// Creates the directory and writes `config.json`.
-    pub fn start(&self, config: &serde_json::Value) -> Result<(), ExperimentError> {
-        fs::create_dir_all(&self.dir).map_err(|e| ExperimentError::io("creating", &self.dir, e))?;
-        let text = serde_json::to_string_pretty(config).unwrap_or_default();
-        write_atomic(&self.dir.join("config.json"), text.as_bytes())
+    /// Whether the directory holds a run (a checkpoint).
+    pub fn holds_run(&self) -> bool {
+        self.checkpoint().exists()
     }
 
-    /// Records a finished epoch: `metrics.jsonl` from `meta.history`, then the trainer's
-    /// checkpoint with `meta`.
-    pub fn record_epoch(&self, trainer: &Trainer, meta: &RunMeta) -> Result<(), ExperimentError> {
+    /// Prepares the directory for a run and writes `config.json`. A new run (`resumed`
+    /// `None`) is refused where another run's checkpoint is, unless `replace`; then that
+    /// run's checkpoint, metrics and monitor records are removed first, so nothing in the
+    /// directory describes another run. A resumed run rewrites `metrics.jsonl` from the
+    /// checkpoint's history (the checkpoint is the record: an epoch whose checkpoint was
+    /// never written is dropped). Temporary files that a killed run left behind are
+    /// removed.
+    pub fn start(
+        &self,
+        config: &serde_json::Value,
+        resumed: Option<&RunMeta>,
+        replace: bool,
+    ) -> Result<(), ExperimentError> {
+        if resumed.is_none() && self.holds_run() {
+            if !replace {
+                let what = self
+                    .read_meta()
+                    .map(|m| format!("epoch {} of a run", m.epoch))
+                    .unwrap_or_else(|_| "a checkpoint".into());
+                return Err(ExperimentError::InvalidOption(format!(
+                    "{} holds {what}: --resume continues it, --force replaces it, --out picks another directory",
+                    self.dir.display()
+                )));
+            }
+            for file in [self.checkpoint(), self.metrics(), self.monitor()] {
+                match fs::remove_file(&file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(ExperimentError::io("removing", &file, e));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        fs::create_dir_all(&self.dir).map_err(|e| ExperimentError::io("creating", &self.dir, e))?;
+        self.remove_stale_temporaries();
+        let text = serde_json::to_string_pretty(config).unwrap_or_default();
+        write_atomic(&self.dir.join("config.json"), text.as_bytes())?;
+        if let Some(meta) = resumed {
+            self.write_metrics(meta)?;
+        }
+        Ok(())
+    }
+
+    /// Removes `*.tmp-<pid>` files of processes that no longer run (a kill between a
+    /// temporary's write and its rename leaves one).
+    fn remove_stale_temporaries(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .rsplit_once(".tmp-")
+                .and_then(|(_, p)| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let alive =
+                pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists();
+            if !alive {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    fn write_metrics(&self, meta: &RunMeta) -> Result<(), ExperimentError> {
         let mut lines = String::new();
         for m in &meta.history {
             lines.push_str(&serde_json::to_string(m).unwrap_or_default());
             lines.push('\n');
         }
-        write_atomic(&self.metrics(), lines.as_bytes())?;
+        write_atomic(&self.metrics(), lines.as_bytes())
+    }
+
+    /// Records a finished epoch: the trainer's checkpoint with `meta` (which records the
+    /// epoch), then `metrics.jsonl` from `meta.history`, so the metrics never list an epoch
+    /// the checkpoint does not hold.
+    pub fn record_epoch(&self, trainer: &Trainer, meta: &RunMeta) -> Result<(), ExperimentError> {
         let value = serde_json::to_value(meta).unwrap_or_default();
         trainer.save_checkpoint(&self.checkpoint(), &value)?;
-        Ok(())
+        self.write_metrics(meta)
     }
 
     /// Removes the monitor's records of an earlier run.
