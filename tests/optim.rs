@@ -788,4 +788,69 @@ fn checkpoints_restore_model_statistics_and_optimizer_state_exactly() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a checkpoint"), "{err}");
+    // Damaged contents are refused by name, before anything trains on them: a NaN weight,
+    // an optimizer state of the wrong shape, a negative step counter.
+    let original = std::fs::read(&path).unwrap();
+    let rewrite = |edit: &dyn Fn(&str, Vec<usize>, Vec<u8>) -> (Vec<usize>, Vec<u8>),
+                   scalars: Option<&str>| {
+        let file = safetensors::SafeTensors::deserialize(&original).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&original).unwrap();
+        let mut info = meta.metadata().clone().unwrap_or_default();
+        if let Some(s) = scalars {
+            info.insert("optim_scalars".into(), s.into());
+        }
+        let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = file
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| {
+                let (shape, data) = edit(&n, v.shape().to_vec(), v.data().to_vec());
+                (n, shape, data)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, shape, data)| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    data,
+                )
+                .unwrap();
+                (n.clone(), view)
+            })
+            .collect();
+        let bytes = safetensors::serialize(views, Some(info)).unwrap();
+        let damaged = dir.join("damaged.safetensors");
+        std::fs::write(&damaged, bytes).unwrap();
+        build().load_checkpoint(&damaged).unwrap_err().to_string()
+    };
+    let nan_weight = rewrite(
+        &|n, shape, mut data| {
+            if n == "param/fc1.weight" {
+                data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+            (shape, data)
+        },
+        None,
+    );
+    assert!(
+        nan_weight.contains("parameter fc1.weight holds a non-finite value"),
+        "{nan_weight}"
+    );
+    let wrong_shape = rewrite(
+        &|n, shape, data| {
+            if n.starts_with("optim/") && n.ends_with(".momentum") {
+                (vec![1, 1], data[..4].to_vec())
+            } else {
+                (shape, data)
+            }
+        },
+        None,
+    );
+    assert!(
+        wrong_shape.contains("does not fit parameter"),
+        "{wrong_shape}"
+    );
+    let bad_step = rewrite(&|_, shape, data| (shape, data), Some(r#"{"step": -5.0}"#));
+    assert!(bad_step.contains("step counter -5"), "{bad_step}");
 }

@@ -909,6 +909,42 @@ impl Optimizer for CompositeOptimizer {
         s
     }
 
+    fn check_state(&self, state: &OptimizerState, params: &[Tensor<2>]) -> Result<(), OptimError> {
+        for (name, t) in &state.tensors {
+            let bad = |why: String| OptimError::State(format!("{name}: {why}"));
+            let (param, role) = name
+                .rsplit_once('.')
+                .ok_or_else(|| bad("not <parameter>.<role>".into()))?;
+            let k = self
+                .info
+                .iter()
+                .position(|i| i.name == param)
+                .ok_or_else(|| bad(format!("no parameter {param}")))?;
+            let [rows, cols] = params[k].dims();
+            let [r, c] = t.dims();
+            let fits = match role {
+                // Shaped like the parameter.
+                "momentum" | "error" | "fisher" | "adam_m" | "adam_v" => [r, c] == [rows, cols],
+                // Dion's right factor `cols x rank`.
+                "right" => r == cols && (1..=rows.min(cols)).contains(&c),
+                // The spectral bound's left singular vector.
+                "spectral_u" => [r, c] == [1, rows],
+                other => return Err(bad(format!("unknown role {other}"))),
+            };
+            if !fits {
+                return Err(bad(format!(
+                    "shape [{r}, {c}] does not fit parameter {param} of shape [{rows}, {cols}]"
+                )));
+            }
+        }
+        if let Some(step) = state.scalar("step")
+            && !(step.is_finite() && step >= 0.0)
+        {
+            return Err(OptimError::State(format!("step counter {step}")));
+        }
+        Ok(())
+    }
+
     fn load_state(&mut self, state: &OptimizerState) -> Result<(), OptimError> {
         self.step = state.scalar("step").unwrap_or(0.0) as usize;
         let mut fresh = vec![ParamState::default(); self.info.len()];

@@ -123,6 +123,17 @@ pub trait Optimizer {
 
     /// Restores a checkpointed state.
     fn load_state(&mut self, state: &OptimizerState) -> Result<(), OptimError>;
+
+    /// Checks a checkpointed state against the parameters it belongs to (each tensor's
+    /// shape for its role) before [`Optimizer::load_state`]; a mismatch would otherwise
+    /// surface as a panic inside the tensor library at the next step.
+    fn check_state(
+        &self,
+        _state: &OptimizerState,
+        _params: &[Tensor<2>],
+    ) -> Result<(), OptimError> {
+        Ok(())
+    }
 }
 
 pub(crate) fn check_range(

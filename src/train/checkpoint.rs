@@ -158,26 +158,36 @@ pub fn load(
                 view.dtype()
             )));
         }
-        Ok(view
+        let v: Vec<f32> = view
             .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+            .collect();
+        Ok(v)
+    };
+    // A non-finite stored value would train on (or evaluate to) garbage: refused by name.
+    let finite = |what: &str, v: &[f32]| -> Result<(), CheckpointError> {
+        match v.iter().position(|x| !x.is_finite()) {
+            Some(i) => Err(invalid(format!(
+                "{what} holds a non-finite value ({}) at {i}",
+                v[i]
+            ))),
+            None => Ok(()),
+        }
     };
     let device = net
         .params()
         .first()
         .map(|p| p.device())
         .ok_or_else(|| invalid("the network has no parameters".into()))?;
-    let tensor2 = |view: &TensorView| -> Result<Tensor<2>, CheckpointError> {
+    let tensor2 = |name: &str, view: &TensorView| -> Result<Tensor<2>, CheckpointError> {
         let shape: [usize; 2] = view
             .shape()
             .try_into()
-            .map_err(|_| invalid(format!("tensor of shape {:?}, expected 2-D", view.shape())))?;
-        Ok(Tensor::from_data(
-            TensorData::new(values(view)?, shape),
-            &device,
-        ))
+            .map_err(|_| invalid(format!("{name} has shape {:?}, expected 2-D", view.shape())))?;
+        let v = values(view)?;
+        finite(name, &v)?;
+        Ok(Tensor::from_data(TensorData::new(v, shape), &device))
     };
     let mut params = Vec::with_capacity(net.params().len());
     for (info, p) in net.param_info().iter().zip(net.params()) {
@@ -192,7 +202,7 @@ pub fn load(
                 p.dims()
             )));
         }
-        params.push(tensor2(&view)?);
+        params.push(tensor2(&format!("parameter {}", info.name), &view)?);
     }
     let mut running = Vec::new();
     for (slot, r) in net.running_stats().iter().enumerate() {
@@ -201,6 +211,10 @@ pub fn load(
                 .tensor(&format!("running/{slot}/{role}"))
                 .map_err(|_| invalid(format!("no running statistics {slot}/{role}")))?;
             let v = values(&v)?;
+            finite(&format!("running statistics {slot}/{role}"), &v)?;
+            if role == "var" && v.iter().any(|&x| x < 0.0) {
+                return Err(invalid(format!("running variance {slot} is negative")));
+            }
             if v.len() != r.mean.len() {
                 return Err(invalid(format!(
                     "running statistics {slot} have the wrong size"
@@ -216,7 +230,10 @@ pub fn load(
     let mut state = OptimizerState::default();
     for (name, view) in file.tensors() {
         if let Some(key) = name.strip_prefix("optim/") {
-            state.tensors.push((key.to_string(), tensor2(&view)?));
+            state.tensors.push((
+                key.to_string(),
+                tensor2(&format!("optimizer state {key}"), &view)?,
+            ));
         }
     }
     state.tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -227,7 +244,8 @@ pub fn load(
         for (k, v) in map {
             let v = v
                 .as_f64()
-                .ok_or_else(|| invalid(format!("optimizer scalar {k} is not a number")))?;
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| invalid(format!("optimizer scalar {k} is not a finite number")))?;
             state.scalars.push((k, v));
         }
     }
@@ -235,6 +253,9 @@ pub fn load(
         Some(m) => serde_json::from_str(m).map_err(|e| invalid(format!("meta: {e}")))?,
         None => serde_json::Value::Null,
     };
+    optimizer
+        .check_state(&state, &params)
+        .map_err(|e| invalid(e.to_string()))?;
     optimizer
         .load_state(&state)
         .map_err(|e| invalid(e.to_string()))?;
