@@ -164,6 +164,13 @@ fn errors_are_one_clear_line_with_nonzero_exit() {
         "has no files to download",
     );
     assert_clean_failure(
+        &mep(
+            &["train", "--model", "784-100000000-10", "--no-fetch"],
+            Some(&data_dir()),
+        ),
+        "GB of memory",
+    );
+    assert_clean_failure(
         &mep(&["--threads", "40000", "data", "list"], None),
         "cannot use 40000 threads: more than 8 per core",
     );

@@ -270,6 +270,24 @@ fn uniform(rng: &mut Xoshiro256PlusPlus, n: usize, bound: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-bound..bound)).collect()
 }
 
+/// Bytes of physical memory (`u64::MAX` where it cannot be read).
+fn physical_memory() -> u64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions; a negative result means "unknown".
+        let (pages, size) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if pages > 0 && size > 0 {
+            return (pages as u64).saturating_mul(size as u64);
+        }
+    }
+    u64::MAX
+}
+
 /// What a layer's `build` (in [`super::layers`]) adds to the network under construction:
 /// its name, its parameters with their initial values, batch-norm running statistics.
 pub(crate) struct LayerInit<'a> {
@@ -288,9 +306,35 @@ impl LayerInit<'_> {
         self.name.clone()
     }
 
-    /// `n` values drawn uniformly from `(-bound, bound)` with the network's seed.
-    pub(crate) fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
-        uniform(self.rng, n, bound)
+    /// `n` values drawn uniformly from `(-bound, bound)` with the network's seed, once
+    /// [`LayerInit::reserve`] allows them.
+    pub(crate) fn uniform(&mut self, n: usize, bound: f32) -> Result<Vec<f32>, ModelError> {
+        self.reserve(n)?;
+        Ok(uniform(self.rng, n, bound))
+    }
+
+    /// Refuses `n` more parameters when the network's parameters would not fit in this
+    /// machine's memory (checked before anything is allocated: a spec such as
+    /// `784-100000000-10` is an error, not an abort).
+    fn reserve(&self, n: usize) -> Result<(), ModelError> {
+        let have: usize = self
+            .net
+            .params
+            .iter()
+            .map(|p| p.shape().num_elements())
+            .sum();
+        let total = have.saturating_add(n);
+        let bytes = total.saturating_mul(std::mem::size_of::<f32>()) as u64;
+        let memory = physical_memory();
+        if bytes > memory {
+            return Err(invalid(&format!(
+                "layer {}: the model needs {total} parameters ({:.1} GB), more than this machine's {:.1} GB of memory",
+                self.position,
+                bytes as f64 / 1e9,
+                memory as f64 / 1e9
+            )));
+        }
+        Ok(())
     }
 
     /// Adds a parameter.
@@ -305,8 +349,10 @@ impl LayerInit<'_> {
     }
 
     /// Adds a `[1, n]` vector parameter filled with `value`.
-    pub(crate) fn vector(&mut self, name: String, value: f32, n: usize) {
+    pub(crate) fn vector(&mut self, name: String, value: f32, n: usize) -> Result<(), ModelError> {
+        self.reserve(n)?;
         self.net.add_vector(name, value, n, self.device);
+        Ok(())
     }
 
     /// Adds batch-norm running statistics for `channels` (mean 0, variance 1); returns
@@ -373,8 +419,8 @@ impl Network {
             }
             LayerKind::Flatten => reshape::build_flatten(&mut init, input),
             LayerKind::Tokens { tokens } => reshape::build_tokens(&mut init, input, tokens)?,
-            LayerKind::LayerNorm => norm::build(&mut init, input, false),
-            LayerKind::BatchNorm => norm::build(&mut init, input, true),
+            LayerKind::LayerNorm => norm::build(&mut init, input, false)?,
+            LayerKind::BatchNorm => norm::build(&mut init, input, true)?,
             LayerKind::Dropout { p } => reshape::build_dropout(&mut init, input, p)?,
             LayerKind::Attention { heads } => attention::build(&mut init, input, heads)?,
             LayerKind::Residual(_) => unreachable!("handled by the builder"),

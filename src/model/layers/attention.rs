@@ -29,7 +29,7 @@ pub(crate) fn build(
     let name = init.name("attn");
     let bound = (6.0 / (2 * d) as f64).sqrt() as f32;
     for role in ["wq", "wk", "wv", "wo"] {
-        let weights = init.uniform(d * d, bound);
+        let weights = init.uniform(d * d, bound)?;
         init.param(
             format!("{name}.{role}"),
             ParamKind::Matrix {

@@ -41,7 +41,7 @@ pub(crate) fn build(
     let name = init.name("conv");
     let fan_in = c * kernel * kernel;
     let bound = (6.0 / fan_in as f64).sqrt() as f32;
-    let weights = init.uniform(fan_in * channels, bound);
+    let weights = init.uniform(fan_in * channels, bound)?;
     init.param(
         format!("{name}.weight"),
         ParamKind::Matrix {
@@ -52,7 +52,7 @@ pub(crate) fn build(
         weights,
         [channels, fan_in],
     );
-    init.vector(format!("{name}.bias"), 0.0, channels);
+    init.vector(format!("{name}.bias"), 0.0, channels)?;
     let op = LayerOp::Conv2d {
         in_channels: c,
         out_channels: channels,

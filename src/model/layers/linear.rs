@@ -23,7 +23,7 @@ pub(crate) fn build(
     }
     let name = init.name("fc");
     let bound = (6.0 / inputs as f64).sqrt() as f32;
-    let weights = init.uniform(inputs * outputs, bound);
+    let weights = init.uniform(inputs * outputs, bound)?;
     init.param(
         format!("{name}.weight"),
         ParamKind::Matrix {
@@ -34,7 +34,7 @@ pub(crate) fn build(
         weights,
         [inputs, outputs],
     );
-    init.vector(format!("{name}.bias"), 0.0, outputs);
+    init.vector(format!("{name}.bias"), 0.0, outputs)?;
     Ok((LayerOp::Linear { inputs, outputs }, Shape::Flat(outputs)))
 }
 

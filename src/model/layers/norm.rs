@@ -5,9 +5,9 @@
 
 use super::LayerImpl;
 use crate::device::Tensor;
-use crate::model::Shape;
 use crate::model::layer::{Aux, Layer, LayerOp, NormStats};
 use crate::model::network::LayerInit;
+use crate::model::{ModelError, Shape};
 
 /// Variance floor of both norms.
 const EPS: f32 = 1e-5;
@@ -17,7 +17,11 @@ const MOMENTUM: f32 = 0.1;
 /// A norm keeps its input's shape and adds a unit gain and a zero bias per normalised
 /// feature (per channel for batch norm on images); batch norm also gets running
 /// statistics.
-pub(crate) fn build(init: &mut LayerInit<'_>, input: Shape, batch: bool) -> (LayerOp, Shape) {
+pub(crate) fn build(
+    init: &mut LayerInit<'_>,
+    input: Shape,
+    batch: bool,
+) -> Result<(LayerOp, Shape), ModelError> {
     let channels = match (batch, input) {
         (true, Shape::Image { c, .. }) => c,
         (_, Shape::Seq { d, .. }) => d,
@@ -34,9 +38,9 @@ pub(crate) fn build(init: &mut LayerInit<'_>, input: Shape, batch: bool) -> (Lay
     } else {
         (LayerOp::LayerNorm { eps: EPS }, init.name("ln"))
     };
-    init.vector(format!("{name}.gain"), 1.0, channels);
-    init.vector(format!("{name}.bias"), 0.0, channels);
-    (op, input)
+    init.vector(format!("{name}.gain"), 1.0, channels)?;
+    init.vector(format!("{name}.bias"), 0.0, channels)?;
+    Ok((op, input))
 }
 
 impl Layer {
