@@ -791,8 +791,8 @@ fn checkpoints_restore_model_statistics_and_optimizer_state_exactly() {
     // Damaged contents are refused by name, before anything trains on them: a NaN weight,
     // an optimizer state of the wrong shape, a negative step counter.
     let original = std::fs::read(&path).unwrap();
-    let rewrite = |edit: &dyn Fn(&str, Vec<usize>, Vec<u8>) -> (Vec<usize>, Vec<u8>),
-                   scalars: Option<&str>| {
+    type Edit<'a> = &'a dyn Fn(&str, Vec<usize>, Vec<u8>) -> (Vec<usize>, Vec<u8>);
+    let rewrite = |edit: Edit<'_>, scalars: Option<&str>| {
         let file = safetensors::SafeTensors::deserialize(&original).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&original).unwrap();
         let mut info = meta.metadata().clone().unwrap_or_default();
