@@ -567,3 +567,55 @@ fn a_run_directory_is_never_overwritten_or_mixed_up_with_another_run() {
     assert!(!run.holds_run());
     assert!(!run.metrics().exists());
 }
+
+#[test]
+fn divergence_stops_every_estimator_with_a_typed_error() {
+    use mep::train::TrainError;
+    // Backprop at lr 1e6 and EP at lr 1e3 (`mep train --estimator backprop --lr 1e6` on
+    // 784-256-128-10 reached a loss of 7e22 at its second batch).
+    for (estimator, lr) in [(EstimatorArg::Backprop, 1e6), (EstimatorArg::Ep, 1e3)] {
+        let mut run = prepared(
+            TrainOptions {
+                dataset: Some("mnist".into()),
+                model: Some("784-32-10".into()),
+                estimator: Some(estimator),
+                optimizer: Some(OptimizerArg::Sgd),
+                lr: Some(lr),
+                train_samples: Some(2000),
+                test_samples: Some(100),
+                ..TrainOptions::default()
+            },
+            1,
+        );
+        let err = run
+            .trainer
+            .run_epoch(&run.dataset, &run.config, 1, &mut Silent)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TrainError::Diverged { .. }
+                    | TrainError::NonFiniteParameter { .. }
+                    | TrainError::Estimate(_)
+            ),
+            "{estimator:?}: {err}"
+        );
+    }
+    // A parameter made non-finite is found by name.
+    let mut run = prepared(
+        TrainOptions {
+            dataset: Some("xor".into()),
+            model: Some("2-4-2".into()),
+            ..TrainOptions::default()
+        },
+        1,
+    );
+    assert_eq!(run.trainer.non_finite_param(), None);
+    let mut params = run.trainer.model().params().to_vec();
+    params[2] = params[2].clone().mul_scalar(f32::INFINITY);
+    run.trainer.model_mut().set_params(params).unwrap();
+    assert_eq!(
+        run.trainer.non_finite_param().as_deref(),
+        Some("fc2.weight")
+    );
+}

@@ -10,7 +10,7 @@ mod trainer;
 
 pub use metrics::EpochMetrics;
 pub use monitor::{Monitor, MonitorRecord, ParamRecord, PhaseRecord};
-pub use trainer::{StepOutcome, TrainConfig, Trainer};
+pub use trainer::{DIVERGENCE_FACTOR, StepOutcome, TrainConfig, Trainer};
 
 use crate::data::DataError;
 use crate::device::{DeviceError, Tensor};
@@ -35,8 +35,11 @@ pub enum TrainError {
     /// Device selection failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
-    /// The loss became NaN or infinite.
-    #[error("training diverged at epoch {epoch}, batch {batch}: loss is {loss}")]
+    /// The loss became NaN or infinite, or grew past [`trainer::DIVERGENCE_FACTOR`] times
+    /// its start.
+    #[error(
+        "training diverged at epoch {epoch}, batch {batch}: loss is {loss}; try a smaller learning rate"
+    )]
     Diverged {
         /// Epoch (1-based).
         epoch: usize,
@@ -44,6 +47,16 @@ pub enum TrainError {
         batch: usize,
         /// The non-finite loss.
         loss: f32,
+    },
+    /// A parameter became NaN or infinite during an epoch (it is not checkpointed).
+    #[error(
+        "training diverged at epoch {epoch}: parameter {param} holds a non-finite value; try a smaller learning rate"
+    )]
+    NonFiniteParameter {
+        /// Epoch (1-based).
+        epoch: usize,
+        /// The parameter.
+        param: String,
     },
     /// A training option is out of range.
     #[error("invalid training option: {0}")]
