@@ -352,3 +352,21 @@ fn lookup_order_is_flag_then_env_then_cache() {
     let loc = DataLocator::new(None, None, Some(b.clone()));
     assert_eq!(loc.locate(&spec).unwrap().dir, b.join("mnist"));
 }
+
+#[test]
+fn a_data_file_that_is_not_a_regular_file_is_an_error_not_a_fallback() {
+    let a = scratch_dir("idx-irregular-a");
+    let b = scratch_dir("idx-irregular-b");
+    fake_mnist(&b, &[1, 2, 3], &[4, 5], 28);
+    let spec = data::find("mnist").unwrap();
+    // In the first place, the training images are a directory; the second has them all.
+    let bad = a.join("mnist").join("train-images-idx3-ubyte.gz");
+    std::fs::create_dir_all(&bad).unwrap();
+    let loc = DataLocator::new(Some(a.clone()), Some(b.clone()), None);
+    let err = loc.locate(&spec).unwrap_err();
+    assert!(
+        matches!(&err, DataError::Corrupt { path, .. } if *path == bad),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}

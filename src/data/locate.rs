@@ -74,6 +74,7 @@ impl DataLocator {
     pub fn locate(&self, spec: &DatasetSpec) -> Result<LocatedFiles, DataError> {
         let searched = self.search_dirs();
         for root in &searched {
+            check_regular(root, spec)?;
             if let Some(found) = locate_in(root, spec) {
                 return Ok(found);
             }
@@ -89,6 +90,23 @@ impl DataLocator {
             searched: searched.iter().map(|d| d.join(&spec.name)).collect(),
         })
     }
+}
+
+/// A data file's name that exists but is not a regular file (a directory, a FIFO, a
+/// device) is an error, not a reason to read another copy from a later directory.
+fn check_regular(root: &Path, spec: &DatasetSpec) -> Result<(), DataError> {
+    let dir = root.join(&spec.name);
+    for f in spec.files() {
+        for path in [dir.join(&f.file_name), dir.join(f.file_name.trim_end_matches(".gz"))] {
+            if path.exists() && !path.is_file() {
+                return Err(DataError::corrupt(
+                    &path,
+                    "is not a regular file (a directory, FIFO or device)".to_string(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The data set's files under `root/<name>/`, if all are there.
