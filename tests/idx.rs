@@ -370,3 +370,21 @@ fn a_data_file_that_is_not_a_regular_file_is_an_error_not_a_fallback() {
     );
     assert!(err.to_string().contains("not a regular file"), "{err}");
 }
+
+#[test]
+fn multi_member_gzip_reads_as_one_stream_and_trailing_garbage_is_corruption() {
+    let dir = scratch_dir("idx-gzip-members");
+    let good = idx_bytes(IMAGES_MAGIC, &[2, 2, 2], &[1, 2, 3, 4, 5, 6, 7, 8]);
+    // Two members (as `cat a.gz b.gz` makes): the header in one, the pixels in the other.
+    let mut two = gzip(&good[..10]);
+    two.extend(gzip(&good[10..]));
+    let p = write(&dir, "two.gz", &two);
+    let images = read_images(&p).unwrap();
+    assert_eq!(images.pixels, [1, 2, 3, 4, 5, 6, 7, 8]);
+    // A valid member followed by bytes that are no gzip member.
+    let mut tail = gzip(&good);
+    tail.extend_from_slice(b"not gzip at all");
+    let p = write(&dir, "tail.gz", &tail);
+    let reason = corrupt_reason(read_images(&p).unwrap_err(), &p);
+    assert!(reason.contains("damaged compressed stream"), "{reason}");
+}

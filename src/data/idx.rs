@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 
 use super::DataError;
 
@@ -74,7 +74,7 @@ fn open(path: &Path) -> Result<(Box<dyn Read>, u64), DataError> {
     let chained = BufReader::new(head.chain(file));
     if n == 2 && first == [0x1f, 0x8b] {
         let bound = len.saturating_mul(MAX_DEFLATE_RATIO);
-        Ok((Box::new(BufReader::new(GzDecoder::new(chained))), bound))
+        Ok((Box::new(BufReader::new(MultiGzDecoder::new(chained))), bound))
     } else {
         Ok((Box::new(chained), len))
     }
