@@ -323,3 +323,35 @@ fn built_in_sets_cannot_be_fetched() {
         .unwrap_err();
     assert!(matches!(err, DataError::NotDownloadable(_)));
 }
+
+#[test]
+fn a_server_that_accepts_and_never_answers_fails_at_the_stall_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accept connections and hold them open without a byte.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    let dir = scratch_dir("dl-stall");
+    let dest = dir.join("x.gz");
+    let start = std::time::Instant::now();
+    let err = Downloader::with_timeouts(
+        Duration::from_secs(2),
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    )
+    .fetch_file(
+        &format!("http://127.0.0.1:{port}/x.gz"),
+        "00",
+        &dest,
+        &mut NoProgress,
+    )
+    .unwrap_err();
+    let waited = start.elapsed();
+    assert!(matches!(err, DataError::Download { .. }), "{err:?}");
+    assert!(waited < Duration::from_secs(10), "waited {waited:?}");
+    assert!(!dest.exists() && no_temp_files(&dir));
+}

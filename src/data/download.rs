@@ -41,17 +41,34 @@ pub struct Downloader {
     agent: ureq::Agent,
 }
 
+/// How long a download may go without receiving a byte before it fails.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Default for Downloader {
+    /// 30 s to connect, [`STALL_TIMEOUT`] without a byte, an hour in all (a server that
+    /// accepts and never answers fails after 30 s, not after the whole budget).
     fn default() -> Self {
-        Self::new(Duration::from_secs(30), Duration::from_secs(600))
+        Self::with_timeouts(
+            Duration::from_secs(30),
+            STALL_TIMEOUT,
+            Duration::from_secs(3600),
+        )
     }
 }
 
 impl Downloader {
-    /// A downloader with a connection timeout and a timeout for each whole request.
+    /// A downloader with a connection timeout and a timeout for each whole request (and
+    /// the default [`STALL_TIMEOUT`] between bytes).
     pub fn new(connect: Duration, total: Duration) -> Self {
+        Self::with_timeouts(connect, STALL_TIMEOUT.min(total), total)
+    }
+
+    /// A downloader with a connection timeout, a stall timeout (the longest wait for any
+    /// byte, headers or body) and a timeout for each whole request.
+    pub fn with_timeouts(connect: Duration, stall: Duration, total: Duration) -> Self {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(connect))
+            .timeout_per_read(Some(stall))
             .timeout_global(Some(total))
             .build();
         Self {

@@ -74,7 +74,10 @@ fn open(path: &Path) -> Result<(Box<dyn Read>, u64), DataError> {
     let chained = BufReader::new(head.chain(file));
     if n == 2 && first == [0x1f, 0x8b] {
         let bound = len.saturating_mul(MAX_DEFLATE_RATIO);
-        Ok((Box::new(BufReader::new(MultiGzDecoder::new(chained))), bound))
+        Ok((
+            Box::new(BufReader::new(MultiGzDecoder::new(chained))),
+            bound,
+        ))
     } else {
         Ok((Box::new(chained), len))
     }

@@ -97,7 +97,10 @@ impl DataLocator {
 fn check_regular(root: &Path, spec: &DatasetSpec) -> Result<(), DataError> {
     let dir = root.join(&spec.name);
     for f in spec.files() {
-        for path in [dir.join(&f.file_name), dir.join(f.file_name.trim_end_matches(".gz"))] {
+        for path in [
+            dir.join(&f.file_name),
+            dir.join(f.file_name.trim_end_matches(".gz")),
+        ] {
             if path.exists() && !path.is_file() {
                 return Err(DataError::corrupt(
                     &path,
