@@ -48,9 +48,14 @@ pub struct ModelSpec {
     tokens: Vec<String>,
 }
 
+/// An invalid-spec error; a spec longer than 100 characters is shown by its first 100.
 fn err(spec: &str, reason: impl Into<String>) -> ModelError {
+    let shown = match spec.char_indices().nth(100) {
+        Some((at, _)) => format!("{}...", &spec[..at]),
+        None => spec.to_string(),
+    };
     ModelError::InvalidSpec {
-        spec: spec.to_string(),
+        spec: shown,
         reason: reason.into(),
     }
 }
@@ -163,6 +168,11 @@ impl Expander<'_> {
                 }
             }
             if let Some(inner) = t.strip_prefix("res[").and_then(|r| r.strip_suffix(']')) {
+                // Said before any recursion: each level would copy the rest of the spec,
+                // so a deep nest cost quadratic time before the builder refused it.
+                if inner.contains("res[") {
+                    return Err(err(self.spec, "residual blocks cannot be nested"));
+                }
                 let inner_tokens = split_top(inner).map_err(|e| err(self.spec, e))?;
                 let mut block = Vec::new();
                 self.expand(&inner_tokens, &mut block)?;
