@@ -854,3 +854,16 @@ fn checkpoints_restore_model_statistics_and_optimizer_state_exactly() {
     let bad_step = rewrite(&|_, shape, data| (shape, data), Some(r#"{"step": -5.0}"#));
     assert!(bad_step.contains("step counter -5"), "{bad_step}");
 }
+
+#[test]
+fn orthonormalisation_of_a_non_finite_matrix_returns_nan_at_once() {
+    // Found by fuzzing checkpoint loading: an infinite Gram matrix made the Cholesky
+    // jitter loop endless.
+    let p = t(&[1.0, f64::INFINITY, 0.5, 2.0, 1.0, 3.0], [3, 2]);
+    let q = mep::optim::linalg::orthonormalize_columns(p);
+    assert!(h(&q).iter().all(|v| v.is_nan()));
+    // A finite rank-deficient input still gets orthonormal columns (jitter).
+    let p = t(&[1.0, 1.0, 2.0, 2.0, 3.0, 3.0], [3, 2]);
+    let q = h(&mep::optim::linalg::orthonormalize_columns(p));
+    assert!(q.iter().all(|v| v.is_finite()));
+}

@@ -338,8 +338,14 @@ pub fn power_iteration(
 /// near-singular. Row-major.
 fn inverse_cholesky_factor(g: &[f64], r: usize) -> Vec<f64> {
     let scale = (0..r).map(|i| g[i * r + i]).fold(0.0, f64::max).max(1e-30);
+    // A non-finite Gram matrix has no factor (and an infinite scale made the jitter loop
+    // below endless, found by fuzzing checkpoint loading): NaN out, which the trainer's
+    // finiteness check reports.
+    if !scale.is_finite() || g.iter().any(|v| !v.is_finite()) {
+        return vec![f64::NAN; r * r];
+    }
     let mut jitter = 0.0;
-    loop {
+    for _ in 0..JITTER_ATTEMPTS {
         // G = L L^T with L lower; R = L^T.
         let mut l = vec![0.0; r * r];
         let mut ok = true;
@@ -386,7 +392,12 @@ fn inverse_cholesky_factor(g: &[f64], r: usize) -> Vec<f64> {
             jitter * 100.0
         };
     }
+    vec![f64::NAN; r * r]
 }
+
+/// Tries of [`inverse_cholesky_factor`]'s jitter, from `1e-10` to `1e46` times the
+/// largest diagonal entry: a finite positive semi-definite matrix succeeds long before.
+const JITTER_ATTEMPTS: usize = 30;
 
 /// Orthonormal columns spanning `p` (`[m, r]`, `r <= m`) by Cholesky-QR applied twice
 /// (`P <- P R^{-1}` with `P^T P = R^T R`).
