@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::write_atomic;
-use super::{DEFAULT_MODEL, ExperimentError, TrainOptions, build_network, load_or_fetch};
+use super::{DEFAULT_MODEL, ExperimentError, TrainOptions, build_network};
 use crate::bench::plot::{PlotError, Series, heat_map, line_chart};
 use crate::continual::{
     self, ContinualConfig, ContinualObserver, Ewc, EwcConfig, EwcCoupling, EwcSetup, PermutedTasks,
@@ -194,14 +194,7 @@ pub fn load_base(
             "--dataset names the base data set whose permutations are the tasks (mnist or fashion-mnist), not permuted-mnist".into(),
         ));
     }
-    let base = load_or_fetch(
-        options.dataset(),
-        locator,
-        &options.load_options()?,
-        seed,
-        fetch,
-        progress,
-    )?;
+    let base = options.load_data(locator, seed, fetch, progress)?;
     if base.input_shape[0] != 1 || base.input_dim() < 2 {
         return Err(ExperimentError::InvalidOption(format!(
             "permuted tasks need image data; {} has inputs {:?}",

@@ -36,6 +36,21 @@ pub fn load_or_fetch(
     }
 }
 
+impl TrainOptions {
+    /// The options' data set, with their normalisation and sample counts (fetched when
+    /// missing and `fetch`).
+    pub fn load_data(
+        &self,
+        locator: &DataLocator,
+        seed: u64,
+        fetch: bool,
+        progress: &mut dyn DownloadProgress,
+    ) -> Result<Dataset, ExperimentError> {
+        let options = self.load_options()?;
+        load_or_fetch(self.dataset(), locator, &options, seed, fetch, progress)
+    }
+}
+
 /// The network for `spec` on `dataset`, checked against its input and classes.
 pub fn build_network(
     spec: &ModelSpec,
@@ -88,14 +103,7 @@ impl Prepared {
         progress: &mut dyn DownloadProgress,
     ) -> Result<Self, ExperimentError> {
         options.validate()?;
-        let dataset = load_or_fetch(
-            options.dataset(),
-            locator,
-            &options.load_options()?,
-            seed,
-            fetch,
-            progress,
-        )?;
+        let dataset = options.load_data(locator, seed, fetch, progress)?;
         let config = options.train_config(seed)?;
         let spec = options.model()?;
         let model = build_network(&spec, &dataset, seed, &device)?;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::write_atomic;
 use super::{EstimatorArg, ExperimentError, OptimizerArg, TrainOptions, build_network};
-use super::{load_or_fetch, write_atomic};
 use crate::bench::plot::{PlotError, Series, bar_chart, line_chart};
 use crate::bench::{CostModel, mean_std, settle_bench};
 use crate::data::download::DownloadProgress;
@@ -648,10 +648,8 @@ impl Suite {
                     p.opts.test_samples
                 );
                 if !cache.contains_key(&key) {
-                    let d = load_or_fetch(
-                        p.opts.dataset(),
+                    let d = p.opts.load_data(
                         config.locator,
-                        &p.opts.load_options()?,
                         *seed,
                         config.fetch,
                         observer.download(),

@@ -179,7 +179,12 @@ impl Trainer {
             .params()
             .iter()
             .zip(self.model.param_info())
-            .find(|(p, _)| !to_host(&(*p).clone().abs().sum().reshape([1, 1]))[0].is_finite())
+            // `0 x` is 0 for every finite x and NaN for a NaN or an infinity, so the sum is
+            // finite exactly when every entry is (a sum of |x| overflows on large finite
+            // entries).
+            .find(|(p, _)| {
+                !to_host(&(*p).clone().mul_scalar(0.0).sum().reshape([1, 1]))[0].is_finite()
+            })
             .map(|(_, info)| info.name.clone())
     }
 
