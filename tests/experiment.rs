@@ -619,3 +619,19 @@ fn divergence_stops_every_estimator_with_a_typed_error() {
         Some("fc2.weight")
     );
 }
+
+#[test]
+fn a_run_directory_is_locked_while_a_run_uses_it() {
+    use mep::experiment::RunDir;
+    let dir = scratch_dir("experiment-run-lock");
+    let run = RunDir::new(&dir);
+    let held = run.lock().unwrap();
+    let err = run.lock().unwrap_err().to_string();
+    assert!(err.contains("in use by another run"), "{err}");
+    drop(held);
+    let again = run.lock().unwrap();
+    drop(again);
+    // A lock left by a process that no longer runs is taken over.
+    std::fs::write(dir.join(".lock"), "4000000000").unwrap();
+    assert!(run.lock().is_ok());
+}

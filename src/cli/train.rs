@@ -137,6 +137,8 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         None => (1, Vec::new()),
     };
     // Nothing is written before every input has been read and checked.
+    // Held until the run ends: a second run into this directory is refused at once.
+    let _lock = run.lock()?;
     run.start(&run_config, resumed_meta.as_ref(), args.force)?;
     errln!(
         "training {spec} ({num_params} parameters) on {} ({} train / {} test) with {}, {} epochs{}, batch {}, device {}, {} threads",

@@ -50,4 +50,4 @@ pub use recipe::{Built, EstimatorChoice, Recipe};
 pub use run::{
     CHECKPOINT, Prepared, RunMeta, build_network, load_or_fetch, read_meta, write_atomic,
 };
-pub use run_dir::RunDir;
+pub use run_dir::{RunDir, RunLock};

@@ -46,6 +46,48 @@ impl RunDir {
         read_meta(&self.checkpoint())
     }
 
+    /// Locks the directory for this process until the returned guard drops: a second run
+    /// into the same directory (even one started before the first wrote anything) is
+    /// refused. A lock whose process no longer runs (a killed run) is taken over.
+    pub fn lock(&self) -> Result<RunLock, ExperimentError> {
+        fs::create_dir_all(&self.dir).map_err(|e| ExperimentError::io("creating", &self.dir, e))?;
+        let path = self.dir.join(".lock");
+        for _ in 0..2 {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    let _ = write!(f, "{}", std::process::id());
+                    return Ok(RunLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u32>().ok());
+                    match holder {
+                        Some(pid) if process_runs(pid) => {
+                            return Err(ExperimentError::InvalidOption(format!(
+                                "{} is in use by another run (process {pid})",
+                                self.dir.display()
+                            )));
+                        }
+                        // Its process is gone: take the lock over.
+                        _ => {
+                            let _ = fs::remove_file(&path);
+                        }
+                    }
+                }
+                Err(e) => return Err(ExperimentError::io("locking", &path, e)),
+            }
+        }
+        Err(ExperimentError::InvalidOption(format!(
+            "{} is in use by another run",
+            self.dir.display()
+        )))
+    }
+
     /// Whether the directory holds a run (a checkpoint).
     pub fn holds_run(&self) -> bool {
         self.checkpoint().exists()
@@ -175,6 +217,23 @@ impl RunDir {
             .collect::<Result<_, _>>()
             .map_err(|e| ExperimentError::InvalidOption(format!("{}: {e}", path.display())))?;
         Ok(monitor_charts(&records, &self.dir)?)
+    }
+}
+
+/// Whether process `pid` runs (this one does).
+fn process_runs(pid: u32) -> bool {
+    pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// A run directory's lock (see [`RunDir::lock`]); dropping it releases the directory.
+#[derive(Debug)]
+pub struct RunLock {
+    path: PathBuf,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
     }
 }
 
