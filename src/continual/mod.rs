@@ -36,7 +36,7 @@ pub enum ContinualError {
     #[error(transparent)]
     Train(#[from] TrainError),
     /// The Fisher estimate failed.
-    #[error("estimating the Fisher of task {task}: {source}")]
+    #[error("estimating the Fisher of task {task}")]
     Fisher {
         /// The task (0-based).
         task: usize,

@@ -21,7 +21,7 @@ use crate::optim::{Optimizer, OptimizerState};
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// Reading or writing the file failed.
-    #[error("checkpoint {path}: {source}")]
+    #[error("checkpoint {path}")]
     Io {
         /// The file.
         path: PathBuf,
