@@ -6,13 +6,11 @@
 //! no dimension is zero, that the data is exactly as long as the header says (neither truncated
 //! nor followed by trailing bytes) and that a gzip stream is intact.
 
-use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::path::Path;
 
-use flate2::read::MultiGzDecoder;
-
 use super::DataError;
+use super::stream::{open, read_error, read_up_to};
 
 /// Magic number of an IDX image file (`u8` data, 3 dimensions).
 pub const IMAGES_MAGIC: u32 = 0x0000_0803;
@@ -57,56 +55,6 @@ pub fn read_images(path: &Path) -> Result<IdxImages, DataError> {
 pub fn read_labels(path: &Path) -> Result<IdxLabels, DataError> {
     let (_, labels) = read_idx(path, LABELS_MAGIC, 1)?;
     Ok(IdxLabels { labels })
-}
-
-/// Deflate expands at most about 1032:1, so a gzip file of `n` bytes holds at most
-/// `1032 n` bytes.
-const MAX_DEFLATE_RATIO: u64 = 1032;
-
-/// The file as a byte stream (decompressed when it is gzipped), and the most bytes that
-/// stream can hold (its length, or the deflate bound of a gzip file).
-fn open(path: &Path) -> Result<(Box<dyn Read>, u64), DataError> {
-    let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
-    let mut first = [0u8; 2];
-    let n = read_up_to(&mut file, &mut first).map_err(|e| DataError::io(path, e))?;
-    let head = std::io::Cursor::new(first[..n].to_vec());
-    let chained = BufReader::new(head.chain(file));
-    if n == 2 && first == [0x1f, 0x8b] {
-        let bound = len.saturating_mul(MAX_DEFLATE_RATIO);
-        Ok((
-            Box::new(BufReader::new(MultiGzDecoder::new(chained))),
-            bound,
-        ))
-    } else {
-        Ok((Box::new(chained), len))
-    }
-}
-
-/// Reads as many bytes as are available up to `buf.len()`; returns how many were read.
-fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
-/// Maps a read error to a typed error: a damaged gzip stream is corruption, not I/O.
-fn read_error(path: &Path, what: &str, e: std::io::Error) -> DataError {
-    use std::io::ErrorKind::*;
-    match e.kind() {
-        InvalidInput | InvalidData | UnexpectedEof => DataError::corrupt(
-            path,
-            format!("damaged compressed stream while reading {what}: {e}"),
-        ),
-        _ => DataError::io(path, e),
-    }
 }
 
 fn read_idx(path: &Path, magic: u32, ndim: usize) -> Result<(Vec<usize>, Vec<u8>), DataError> {

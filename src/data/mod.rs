@@ -1,13 +1,15 @@
-//! Data: IDX files, the catalogue of named data sets, lookup on disk, verified downloads and
+//! Data: IDX and CIFAR-10 binary files, the catalogue of named data sets, lookup on disk, verified downloads and
 //! mini-batching.
 
 pub mod batch;
 pub mod catalog;
+pub mod cifar;
 pub mod dataset;
 pub mod download;
 mod error;
 pub mod idx;
 pub mod locate;
+mod stream;
 
 pub use batch::{Batch, Batcher, epoch_order, one_hot_into};
 pub use catalog::{DatasetSpec, FileRole, FileSpec, Source, catalog, find};
