@@ -1,5 +1,5 @@
-//! Fuzzing of mep's input parsers: the IDX reader, the model-spec grammar, TOML run
-//! configs and checkpoint loading. Each target mutates valid inputs (bit flips, byte
+//! Fuzzing of mep's input parsers: the IDX and CIFAR-10 readers, the model-spec grammar,
+//! TOML run configs and checkpoint loading. Each target mutates valid inputs (bit flips, byte
 //! insertions and deletions, truncations, splices, interesting values) with a seeded
 //! generator and checks that every input gives a clean result or a typed error, never a
 //! panic, and that what loads is consistent.
@@ -130,6 +130,24 @@ fn idx_reader() {
             if bytes[..2] != [0x1f, 0x8b] {
                 assert_eq!(l.labels.len(), count as usize);
             }
+        }
+    });
+}
+
+#[test]
+fn cifar_reader() {
+    use mep::data::cifar::{RECORD, read_batch};
+    let mut two = vec![7u8; 2 * RECORD];
+    two[0] = 3;
+    two[RECORD] = 9;
+    let corpus = vec![two.clone(), gzip(&two)];
+    let dir = scratch_dir("fuzz-cifar-files");
+    let path = dir.join("input");
+    fuzz("cifar", &corpus, |bytes| {
+        std::fs::write(&path, bytes).unwrap();
+        if let Ok(b) = read_batch(&path) {
+            assert_eq!(b.pixels.len(), b.len() * (RECORD - 1));
+            assert!(b.labels.iter().all(|&l| l < 10));
         }
     });
 }

@@ -209,3 +209,50 @@ fn deeply_nested_residual_blocks_are_refused_at_once_with_a_short_message() {
     assert!(err.contains("cannot be nested"), "{head}");
     assert!(err.len() < 300, "the message echoes {} bytes", err.len());
 }
+
+#[test]
+fn vgg5_is_the_literature_shape_and_vgg5_small_fits_mnist() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let cifar = Shape::Image { c: 3, h: 32, w: 32 };
+    let net = "vgg5"
+        .parse::<ModelSpec>()
+        .unwrap()
+        .build(cifar, 1, &dev)
+        .unwrap();
+    // By hand: 3x3 kernels with biases, 128-256-512-512 channels, 32 -> 16 -> 8 -> 4 -> 2
+    // pixels, then 512 * 2 * 2 features into 10 classes.
+    let convs = [(3, 128), (128, 256), (256, 512), (512, 512)];
+    let conv_params: usize = convs.iter().map(|(i, o)| i * 9 * o + o).sum();
+    assert_eq!(net.num_params(), conv_params + 512 * 4 * 10 + 10);
+    assert_eq!(net.num_params(), 3_859_210);
+    let kernels: Vec<(usize, usize)> = net
+        .layers()
+        .iter()
+        .filter_map(|l| match l.op {
+            LayerOp::Conv2d {
+                kernel, padding, ..
+            } => Some((kernel, padding)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kernels, [(3, 1); 4]);
+    let small = "vgg5-small"
+        .parse::<ModelSpec>()
+        .unwrap()
+        .build(Shape::Image { c: 1, h: 28, w: 28 }, 1, &dev)
+        .unwrap();
+    assert_eq!(small.output_shape(), Shape::Flat(10));
+    let on_cifar = "vgg5-small"
+        .parse::<ModelSpec>()
+        .unwrap()
+        .build(cifar, 1, &dev)
+        .unwrap();
+    let small_convs = [(3, 16), (16, 32), (32, 64), (64, 64)];
+    let expected: usize = small_convs
+        .iter()
+        .map(|(i, o)| i * 9 * o + o)
+        .sum::<usize>()
+        + 64 * 4 * 10
+        + 10;
+    assert_eq!(on_cifar.num_params(), expected);
+}

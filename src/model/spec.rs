@@ -39,6 +39,18 @@ pub const NAMED_MODELS: &[(&str, &str)] = &[
     ("mlp", "784-256-128-10"),
     ("cnn", "conv32k5-pool2-conv64k5-pool2-fc10"),
     ("cnn-small", "conv8k5-pool2-conv16k5-pool2-fc10"),
+    // The EP literature's VGG5 (Laborieux et al. 2021, Scellier et al. 2023, Kerjan et al.
+    // 2026): four 3x3 convolutions with padding 1, each followed by 2x2 max pooling, then
+    // the classifier.
+    (
+        "vgg5",
+        "conv128k3p1-pool2-conv256k3p1-pool2-conv512k3p1-pool2-conv512k3p1-pool2-fc10",
+    ),
+    // VGG5's shape at an eighth of its channels, for CPUs.
+    (
+        "vgg5-small",
+        "conv16k3p1-pool2-conv32k3p1-pool2-conv64k3p1-pool2-conv64k3p1-pool2-fc10",
+    ),
 ];
 
 /// A parsed model description; [`ModelSpec::builder`] resolves it against an input shape.
