@@ -98,3 +98,58 @@ fn bad_batch_files_give_typed_errors_naming_the_file() {
     let r = reason(&write("long.bin", &vec![0u8; 10_001 * RECORD]));
     assert!(r.contains("more than the 10000 records"), "{r}");
 }
+
+#[test]
+fn the_subset_loads_as_a_named_data_set_and_a_short_file_is_refused() {
+    use mep::data::{DataLocator, LoadOptions, load};
+    let shared = data_dir();
+    if !shared.join("cifar-10-subset").is_dir() {
+        eprintln!("skipped: no CIFAR-10 subset in {}", shared.display());
+        return;
+    }
+    let ds = load(
+        "cifar-10-subset",
+        &common::locator(),
+        &LoadOptions::default(),
+        0,
+    )
+    .unwrap();
+    assert_eq!((ds.train.len(), ds.test.len()), (5085, 1017));
+    assert_eq!(ds.input_shape, [3, 32, 32]);
+    assert_eq!(ds.train.dim(), PIXELS);
+    assert_eq!(ds.test.labels()[..5], [3, 8, 8, 0, 6]);
+    assert!(ds.train.inputs().iter().all(|v| (0.0..=1.0).contains(v)));
+    // A folder whose files are whole but shorter than the subset's is refused by name.
+    let root = scratch_dir("cifar-short");
+    let dir = root.join("cifar-10-subset");
+    std::fs::create_dir_all(&dir).unwrap();
+    let two = vec![1u8; 2 * RECORD];
+    for f in mep::data::cifar::TRAIN_FILES
+        .iter()
+        .chain([&mep::data::cifar::TEST_FILE])
+    {
+        std::fs::write(dir.join(f), &two).unwrap();
+    }
+    let err = load(
+        "cifar-10-subset",
+        &DataLocator::new(Some(root.clone()), None, None),
+        &LoadOptions::default(),
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("2 records, but every cifar-10-subset batch file holds 1017"),
+        "{err}"
+    );
+    // Missing files say where they were looked for.
+    let empty = scratch_dir("cifar-missing");
+    let err = load(
+        "cifar-10-subset",
+        &DataLocator::new(Some(empty.clone()), None, None),
+        &LoadOptions::default(),
+        0,
+    )
+    .unwrap_err();
+    assert!(matches!(err, DataError::Missing { .. }), "{err}");
+}

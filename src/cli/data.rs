@@ -85,6 +85,13 @@ fn list(locator: &DataLocator, json: bool) -> Result<()> {
                     ("download", found.is_some(), found)
                 }
                 Source::BuiltIn => ("built-in", true, None),
+                Source::CifarBinary { .. } => {
+                    let found = locator
+                        .locate_cifar(spec)
+                        .ok()
+                        .and_then(|(_, test)| test.parent().map(std::path::Path::to_path_buf));
+                    ("local", found.is_some(), found)
+                }
                 Source::Derived { from } => {
                     let base = data::find(from).expect("derived sets name catalogue entries");
                     let found = locator

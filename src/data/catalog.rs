@@ -38,6 +38,12 @@ pub enum Source {
     },
     /// Built into the library (no files).
     BuiltIn,
+    /// CIFAR-10's binary batch files (`data_batch_1..5.bin`, `test_batch.bin`, raw or
+    /// gzipped) in the data set's folder, each holding `records` records.
+    CifarBinary {
+        /// Records of every batch file (10,000 in the official files).
+        records: usize,
+    },
     /// Computed from another named data set.
     Derived {
         /// The data set it is computed from.
@@ -158,6 +164,16 @@ pub fn catalog() -> Vec<DatasetSpec> {
             test_count: 4,
             input_shape: [1, 1, 2],
             classes: 2,
+            normalization: Normalization::UnitRange,
+        },
+        DatasetSpec {
+            name: "cifar-10-subset".into(),
+            description: "CIFAR-10, the first 1,017 records of each official batch file (a genuine subset, local copy only), 32x32 RGB, 10 classes".into(),
+            source: Source::CifarBinary { records: 1017 },
+            train_count: 5 * 1017,
+            test_count: 1017,
+            input_shape: [3, 32, 32],
+            classes: 10,
             normalization: Normalization::UnitRange,
         },
         DatasetSpec {

@@ -16,6 +16,16 @@ pub const PIXELS: usize = 3 * 32 * 32;
 pub const RECORD: usize = 1 + PIXELS;
 /// Number of classes.
 pub const CLASSES: usize = 10;
+/// The training batch files of a CIFAR-10 folder (each also read gzipped, `NAME.gz`).
+pub const TRAIN_FILES: [&str; 5] = [
+    "data_batch_1.bin",
+    "data_batch_2.bin",
+    "data_batch_3.bin",
+    "data_batch_4.bin",
+    "data_batch_5.bin",
+];
+/// The test batch file.
+pub const TEST_FILE: &str = "test_batch.bin";
 /// Records of each official batch file.
 pub const OFFICIAL_RECORDS: usize = 10_000;
 

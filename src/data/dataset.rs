@@ -164,6 +164,10 @@ pub fn load(
             )?
         }
         Source::BuiltIn => xor(),
+        Source::CifarBinary { records } => {
+            let (train, test) = locator.locate_cifar(&spec)?;
+            load_cifar(&spec, &train, &test, *records, options.normalization)?
+        }
         Source::Derived { from } => {
             let task = parse_task(name)?;
             let mut base = load(from, locator, options, seed)?;
@@ -263,6 +267,48 @@ fn load_split(
         .collect();
     let labels = labels.labels.into_iter().map(u32::from).collect();
     Split::new(inputs, labels, h * w)
+}
+
+/// Loads CIFAR-10 from its training batch files and test batch file; each must hold
+/// exactly `records` records (the official files 10,000, the shared subset 1,017).
+pub fn load_cifar(
+    spec: &DatasetSpec,
+    train: &[std::path::PathBuf],
+    test: &Path,
+    records: usize,
+    normalization: Normalization,
+) -> Result<Dataset, DataError> {
+    let read = |paths: &[&Path]| -> Result<Split, DataError> {
+        let (scale, shift) = match normalization {
+            Normalization::UnitRange => (1.0 / 255.0, 0.0),
+            Normalization::MeanStd { mean, std } => (1.0 / (255.0 * std), -mean / std),
+        };
+        let (mut inputs, mut labels) = (Vec::new(), Vec::new());
+        for path in paths {
+            let batch = super::cifar::read_batch(path)?;
+            if batch.len() != records {
+                return Err(DataError::corrupt(
+                    *path,
+                    format!(
+                        "{} records, but every {} batch file holds {records}",
+                        batch.len(),
+                        spec.name
+                    ),
+                ));
+            }
+            inputs.extend(batch.pixels.iter().map(|&p| f32::from(p) * scale + shift));
+            labels.extend(batch.labels.iter().map(|&l| u32::from(l)));
+        }
+        Split::new(inputs, labels, super::cifar::PIXELS)
+    };
+    let train_paths: Vec<&Path> = train.iter().map(|p| p.as_path()).collect();
+    Ok(Dataset {
+        name: spec.name.clone(),
+        input_shape: spec.input_shape,
+        classes: spec.classes,
+        train: read(&train_paths)?,
+        test: read(&[test])?,
+    })
 }
 
 fn apply_subset(dataset: &mut Dataset, options: &LoadOptions) -> Result<(), DataError> {

@@ -180,7 +180,9 @@ impl Downloader {
             Source::Derived { from } => {
                 return self.fetch_dataset(&catalog::find(from)?, mirrors, root, progress);
             }
-            Source::BuiltIn => return Err(DataError::NotDownloadable(spec.name.clone())),
+            Source::BuiltIn | Source::CifarBinary { .. } => {
+                return Err(DataError::NotDownloadable(spec.name.clone()));
+            }
         };
         let mirrors = mirrors.unwrap_or(catalogue_mirrors);
         let dir = root.join(&spec.name);

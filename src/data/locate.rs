@@ -92,6 +92,56 @@ impl DataLocator {
     }
 }
 
+/// The batch files of a CIFAR-10 folder under `root/<name>/`: the training batches in
+/// order and the test batch (each raw or gzipped), if all are there.
+pub fn locate_cifar_in(root: &Path, spec: &DatasetSpec) -> Option<(Vec<PathBuf>, PathBuf)> {
+    let dir = root.join(&spec.name);
+    let find = |name: &str| -> Option<PathBuf> {
+        let gz = dir.join(format!("{name}.gz"));
+        if gz.is_file() {
+            return Some(gz);
+        }
+        let raw = dir.join(name);
+        raw.is_file().then_some(raw)
+    };
+    let train = super::cifar::TRAIN_FILES
+        .iter()
+        .map(|f| find(f))
+        .collect::<Option<Vec<_>>>()?;
+    Some((train, find(super::cifar::TEST_FILE)?))
+}
+
+impl DataLocator {
+    /// Finds a CIFAR-10 folder's batch files, or says where it looked.
+    pub fn locate_cifar(&self, spec: &DatasetSpec) -> Result<(Vec<PathBuf>, PathBuf), DataError> {
+        let searched = self.search_dirs();
+        for root in &searched {
+            let dir = root.join(&spec.name);
+            for f in super::cifar::TRAIN_FILES
+                .iter()
+                .chain([&super::cifar::TEST_FILE])
+            {
+                for path in [dir.join(f), dir.join(format!("{f}.gz"))] {
+                    if path.exists() && !path.is_file() {
+                        return Err(DataError::corrupt(
+                            &path,
+                            "is not a regular file (a directory, FIFO or device)".to_string(),
+                        ));
+                    }
+                }
+            }
+            if let Some(found) = locate_cifar_in(root, spec) {
+                return Ok(found);
+            }
+        }
+        Err(DataError::Missing {
+            dataset: spec.name.clone(),
+            file: super::cifar::TEST_FILE.into(),
+            searched: searched.iter().map(|d| d.join(&spec.name)).collect(),
+        })
+    }
+}
+
 /// A data file's name that exists but is not a regular file (a directory, a FIFO, a
 /// device) is an error, not a reason to read another copy from a later directory.
 fn check_regular(root: &Path, spec: &DatasetSpec) -> Result<(), DataError> {
