@@ -3,11 +3,13 @@
 
 mod cost;
 pub mod memory;
+mod muon;
 pub mod plot;
 mod settle;
 
 pub use cost::CostModel;
 pub use memory::CountingAllocator;
+pub use muon::{MuonTiming, muon_update_timings};
 pub use settle::{SettleBench, matmul_gflops, settle_bench};
 
 use std::time::Instant;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use mep::bench::{SettleBench, matmul_gflops, settle_bench};
+use mep::bench::{SettleBench, matmul_gflops, muon_update_timings, settle_bench};
 use mep::device::Workload;
 use mep::estimate::TensorBatch;
 use mep::model::{Gemm, ModelSpec, Shape};
@@ -114,41 +114,12 @@ pub struct MuonArgs {
 }
 
 fn muon(args: MuonArgs, globals: &Globals) -> Result<()> {
-    use burn::tensor::Distribution;
-    use mep::optim::NsIteration;
-    use mep::optim::linalg::{newton_schulz, newton_schulz_host_flops};
     let device = globals.device.resolve(Workload::Settle)?;
     let net = args
         .model
         .build(Shape::Image { c: 1, h: 28, w: 28 }, globals.seed, &device)?;
-    let mut rows = Vec::new();
-    let mut total_ms = 0.0;
-    for (info, p) in net.param_info().iter().zip(net.params()) {
-        if !matches!(info.kind, mep::model::ParamKind::Matrix { .. }) {
-            continue;
-        }
-        let [m, n] = p.dims();
-        let g: mep::device::Tensor<2> =
-            mep::device::Tensor::random([m, n], Distribution::Normal(0.0, 1.0), &device);
-        let us = mep::bench::median_us(args.repeats, || {
-            let out = newton_schulz(g.clone(), 5, NsIteration::Quintic);
-            let _ = out.slice([0..1, 0..1]).into_data();
-        });
-        let flops = newton_schulz_host_flops(m, n, 5, NsIteration::Quintic);
-        total_ms += us / 1e3;
-        if !args.json {
-            outln!(
-                "{:>16} {m:>5} x {n:<5} {:8.3} ms {:8.3} GFLOP {:7.1} GFLOP/s",
-                info.name,
-                us / 1e3,
-                flops / 1e9,
-                flops / us / 1e3
-            )?;
-        }
-        rows.push(serde_json::json!({
-            "param": info.name, "rows": m, "cols": n, "ms": us / 1e3, "gflop": flops / 1e9,
-        }));
-    }
+    let rows = muon_update_timings(&net, &device, args.repeats);
+    let total_ms: f64 = rows.iter().map(|r| r.ms).sum();
     if args.json {
         let json = serde_json::json!({
             "model": args.model.to_string(),
@@ -157,9 +128,20 @@ fn muon(args: MuonArgs, globals: &Globals) -> Result<()> {
             "rows": rows,
         });
         outln!("{json}")?;
-    } else {
-        outln!("one Muon update of {}: {total_ms:.3} ms", args.model)?;
+        return Ok(());
     }
+    for r in &rows {
+        outln!(
+            "{:>16} {:>5} x {:<5} {:8.3} ms {:8.3} GFLOP {:7.1} GFLOP/s",
+            r.param,
+            r.rows,
+            r.cols,
+            r.ms,
+            r.gflop,
+            r.gflop / r.ms * 1e3
+        )?;
+    }
+    outln!("one Muon update of {}: {total_ms:.3} ms", args.model)?;
     Ok(())
 }
 

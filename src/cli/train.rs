@@ -126,20 +126,19 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
             .unwrap_or(Loss::CrossEntropy { smoothing: 0.0 });
         trainer = trainer.with_monitor(Monitor::new(every, loss)?);
     }
-    let resumed_meta = resumed.clone();
-    let (start, mut history) = match resumed {
-        Some(meta) => {
-            trainer
-                .load_checkpoint(&run.checkpoint())
-                .with_context(|| format!("resuming from {}", run.checkpoint().display()))?;
-            (meta.epoch + 1, meta.history)
-        }
-        None => (1, Vec::new()),
-    };
+    if resumed.is_some() {
+        trainer
+            .load_checkpoint(&run.checkpoint())
+            .with_context(|| format!("resuming from {}", run.checkpoint().display()))?;
+    }
     // Nothing is written before every input has been read and checked.
     // Held until the run ends: a second run into this directory is refused at once.
     let _lock = run.lock()?;
-    run.start(&run_config, resumed_meta.as_ref(), args.force)?;
+    run.start(&run_config, resumed.as_ref(), args.force)?;
+    let (start, mut history) = match resumed {
+        Some(meta) => (meta.epoch + 1, meta.history),
+        None => (1, Vec::new()),
+    };
     errln!(
         "training {spec} ({num_params} parameters) on {} ({} train / {} test) with {}, {} epochs{}, batch {}, device {}, {} threads",
         dataset.name,

@@ -3,7 +3,6 @@
 //! result files.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use super::{ExperimentError, Recipe, TrainOptions};
@@ -220,22 +219,8 @@ pub fn read_meta(path: &Path) -> Result<RunMeta, ExperimentError> {
     serde_json::from_value(wrapped["meta"].clone()).map_err(|e| bad(format!("run metadata: {e}")))
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory (named after
-/// the target and this process, so concurrent writers never share one), synced, then
-/// renamed into place; the temporary file is removed when any step fails.
+/// [`crate::train::checkpoint::write_atomic`] with the path in its error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ExperimentError> {
-    let name = path
-        .file_name()
-        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let written = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    written.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        ExperimentError::io("writing", path, e)
-    })
+    crate::train::checkpoint::write_atomic(path, bytes)
+        .map_err(|e| ExperimentError::io("writing", path, e))
 }

@@ -117,19 +117,29 @@ pub fn save(
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    write_atomic(path, &bytes).map_err(io)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory (named after
+/// the target and this process, so concurrent writers never share one), synced, then
+/// renamed into place; a failed write (a full disk) removes the temporary, so no partial
+/// file is left behind. Every result file of a run is written this way.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)
     })();
-    // A failed write (a full disk) leaves no partial file behind to keep the disk full.
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written.map_err(io)
+    written
 }
 
 /// Restores `net`'s parameters and running statistics and `optimizer`'s state from

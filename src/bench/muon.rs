@@ -1,0 +1,49 @@
+//! Time of one Muon update: quintic Newton–Schulz (5 steps) on each weight matrix.
+
+use burn::tensor::Distribution;
+
+use super::median_us;
+use crate::device::{Device, Tensor};
+use crate::model::{Network, ParamKind};
+use crate::optim::NsIteration;
+use crate::optim::linalg::{newton_schulz, newton_schulz_host_flops};
+
+/// One weight matrix's Newton–Schulz timing.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MuonTiming {
+    /// Parameter name.
+    pub param: String,
+    /// Rows of the stored matrix.
+    pub rows: usize,
+    /// Columns of the stored matrix.
+    pub cols: usize,
+    /// Median milliseconds of 5 quintic steps on a Gaussian matrix of this shape.
+    pub ms: f64,
+    /// FLOPs of the host iteration, in GFLOP.
+    pub gflop: f64,
+}
+
+/// Median time of the orthogonalisation of every weight matrix of `net` (the Muon update's
+/// cost), on `device`, over `repeats` rounds each.
+pub fn muon_update_timings(net: &Network, device: &Device, repeats: usize) -> Vec<MuonTiming> {
+    net.param_info()
+        .iter()
+        .zip(net.params())
+        .filter(|(info, _)| matches!(info.kind, ParamKind::Matrix { .. }))
+        .map(|(info, p)| {
+            let [rows, cols] = p.dims();
+            let g: Tensor<2> = Tensor::random([rows, cols], Distribution::Normal(0.0, 1.0), device);
+            let us = median_us(repeats, || {
+                let out = newton_schulz(g.clone(), 5, NsIteration::Quintic);
+                let _ = out.slice([0..1, 0..1]).into_data();
+            });
+            MuonTiming {
+                param: info.name.clone(),
+                rows,
+                cols,
+                ms: us / 1e3,
+                gflop: newton_schulz_host_flops(rows, cols, 5, NsIteration::Quintic) / 1e9,
+            }
+        })
+        .collect()
+}
