@@ -119,6 +119,62 @@ fn the_subset_loads_as_a_named_data_set_and_a_short_file_is_refused() {
     assert_eq!(ds.train.dim(), PIXELS);
     assert_eq!(ds.test.labels()[..5], [3, 8, 8, 0, 6]);
     assert!(ds.train.inputs().iter().all(|v| (0.0..=1.0).contains(v)));
+    // Per-channel standardisation with the catalog's statistics (CIFAR-10's full training
+    // set): computed here from the raw bytes, the subset's own channel means and stds are
+    // within 0.01 of them, and the loaded inputs are exactly (x / 255 - mean[c]) / std[c].
+    let spec = mep::data::find("cifar-10-subset").unwrap();
+    let mep::data::Normalization::PerChannel { mean, std } = spec.normalization else {
+        panic!(
+            "CIFAR-10 is standardised per channel: {:?}",
+            spec.normalization
+        );
+    };
+    let std_ds = load(
+        "cifar-10-subset",
+        &common::locator(),
+        &LoadOptions {
+            normalization: spec.normalization,
+            ..LoadOptions::default()
+        },
+        0,
+    )
+    .unwrap();
+    let plane = 32 * 32;
+    for c in 0..3 {
+        let values: Vec<f64> = ds
+            .train
+            .inputs()
+            .chunks(PIXELS)
+            .flat_map(|img| {
+                img[c * plane..(c + 1) * plane]
+                    .iter()
+                    .map(|&v| f64::from(v))
+            })
+            .collect();
+        let n = values.len() as f64;
+        let m = values.iter().sum::<f64>() / n;
+        let s = (values.iter().map(|v| (v - m).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(
+            (m - f64::from(mean[c])).abs() < 0.01,
+            "channel {c}: mean {m}"
+        );
+        assert!((s - f64::from(std[c])).abs() < 0.01, "channel {c}: std {s}");
+        for (raw, standardised) in ds
+            .train
+            .inputs()
+            .chunks(PIXELS)
+            .zip(std_ds.train.inputs().chunks(PIXELS))
+            .take(50)
+        {
+            for i in c * plane..(c + 1) * plane {
+                let want = (raw[i] - mean[c]) / std[c];
+                assert!(
+                    (standardised[i] - want).abs() < 1e-4,
+                    "channel {c} pixel {i}"
+                );
+            }
+        }
+    }
     // A folder whose files are whole but shorter than the subset's is refused by name.
     let root = scratch_dir("cifar-short");
     let dir = root.join("cifar-10-subset");

@@ -116,6 +116,97 @@ fn a_run_without_preset_or_estimator_uses_the_best_ep_recipe() {
 }
 
 #[test]
+fn each_recipe_standardises_its_inputs_unless_measured_otherwise() {
+    use mep::experiment::Standardize;
+    let with = |f: &dyn Fn(&mut TrainOptions)| {
+        let mut o = TrainOptions::default();
+        f(&mut o);
+        o.standardization().unwrap()
+    };
+    let preset = |name: &str| with(&|o| o.preset = Some(name.into()));
+    // EP presets with an orthogonalised update under a spectral bound standardise; the
+    // rest, the default smep_plus included (no bound), keep [0, 1] (RESULTS.md).
+    for p in ["smep", "smep_fast", "sdmep", "local_ep", "natural_ep"] {
+        assert_eq!(preset(p), Standardize::Dataset, "{p}");
+    }
+    for p in ["smep_plus", "muon_backprop", "eqprop", "sgd", "adam"] {
+        assert_eq!(preset(p), Standardize::None, "{p}");
+    }
+    assert_eq!(with(&|_| {}), Standardize::None);
+    // Overrides count: a first-order update or a removed bound keeps [0, 1], a bound
+    // added to smep_plus standardises, and EP from flags (SGD or Adam) keeps [0, 1].
+    let smep_with = |f: &dyn Fn(&mut TrainOptions)| {
+        with(&|o| {
+            o.preset = Some("smep".into());
+            f(o)
+        })
+    };
+    assert_eq!(
+        smep_with(&|o| o.update = Some("plain".into())),
+        Standardize::None
+    );
+    assert_eq!(smep_with(&|o| o.gamma = Some(0.0)), Standardize::None);
+    assert_eq!(
+        smep_with(&|o| o.update = Some("dion".into())),
+        Standardize::Dataset
+    );
+    assert_eq!(
+        with(&|o| {
+            o.preset = Some("smep_plus".into());
+            o.gamma = Some(0.95);
+        }),
+        Standardize::Dataset
+    );
+    assert_eq!(
+        with(&|o| {
+            o.estimator = Some(EstimatorArg::Ep);
+            o.optimizer = Some(OptimizerArg::Sgd);
+        }),
+        Standardize::None
+    );
+    // An explicit choice wins, and a run stores what it used.
+    assert_eq!(
+        with(&|o| {
+            o.preset = Some("eqprop".into());
+            o.standardize = Some(Standardize::Dataset);
+        }),
+        Standardize::Dataset
+    );
+    let run = prepared(
+        TrainOptions {
+            preset: Some("smep".into()),
+            train_samples: Some(64),
+            test_samples: Some(64),
+            ..TrainOptions::default()
+        },
+        1,
+    );
+    assert_eq!(run.options.standardize, Some(Standardize::Dataset));
+    // MNIST standardised: the first pixel (background) is -mean/std.
+    let x0 = run.dataset.train.inputs()[0];
+    assert!((x0 - (-0.1307 / 0.3081)).abs() < 1e-5, "{x0}");
+
+    // A checkpoint written before runs stored their normalisation ran on [0, 1] inputs,
+    // and resumes on them.
+    let dir = scratch_dir("experiment-legacy-standardize");
+    let dirs = mep::experiment::RunDir::new(&dir);
+    let legacy = RunMeta {
+        options: TrainOptions {
+            standardize: None,
+            ..run.options.clone()
+        },
+        seed: 1,
+        epoch: 1,
+        history: Vec::new(),
+    };
+    dirs.record_epoch(&run.trainer, &legacy).unwrap();
+    let read = dirs.read_meta().unwrap();
+    assert_eq!(read.options.standardize, Some(Standardize::None));
+    let (resumed, _) = read.resume(&TrainOptions::default(), None).unwrap();
+    assert_eq!(resumed.standardization().unwrap(), Standardize::None);
+}
+
+#[test]
 fn overrides_reach_the_recipe_and_bad_ones_are_typed_errors() {
     let o = TrainOptions {
         preset: Some("smep_plus".into()),

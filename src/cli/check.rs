@@ -5,8 +5,8 @@ use clap::Args;
 use mep::data::DataLocator;
 use mep::device::{Precision, Workload};
 use mep::estimate::Nudging;
-use mep::experiment::EstimatorArg;
 use mep::experiment::check::{FIXED_POINT_RESIDUAL, GradientCheck};
+use mep::experiment::{EstimatorArg, Standardize};
 use mep::loss::Loss;
 use mep::model::ModelSpec;
 
@@ -52,6 +52,9 @@ pub struct CheckArgs {
     /// Loss of both EP's nudge and the backprop reference.
     #[arg(long, default_value = "mse")]
     loss: Loss,
+    /// Input normalisation, as `mep train --standardize` (default: the data set's own).
+    #[arg(long, value_name = "MEAN,STD|dataset|none", default_value = "dataset")]
+    standardize: Standardize,
     /// Do not download a missing data set.
     #[arg(long)]
     no_fetch: bool,
@@ -74,6 +77,7 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         precision: args.precision,
         estimator: args.estimator,
         loss: args.loss,
+        standardize: args.standardize,
     };
     let locator = DataLocator::from_env(globals.data_dir.clone());
     let device = globals.device.resolve(Workload::Settle)?;

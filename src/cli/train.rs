@@ -7,7 +7,8 @@ use clap::Args;
 use mep::data::DataLocator;
 use mep::device::Workload;
 use mep::experiment::{
-    DEFAULT_MODEL, EstimatorArg, OptimizerArg, Prepared, RunDir, RunMeta, TrainOptions, read_meta,
+    DEFAULT_MODEL, EstimatorArg, OptimizerArg, Prepared, RunDir, RunMeta, Standardize,
+    TrainOptions, read_meta,
 };
 use mep::loss::Loss;
 use mep::train::Monitor;
@@ -140,10 +141,15 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         None => (1, Vec::new()),
     };
     errln!(
-        "training {spec} ({num_params} parameters) on {} ({} train / {} test) with {}, {} epochs{}, batch {}, device {}, {} threads",
+        "training {spec} ({num_params} parameters) on {} ({} train / {} test, {}) with {}, {} epochs{}, batch {}, device {}, {} threads",
         dataset.name,
         dataset.train.len(),
         dataset.test.len(),
+        match opts.standardize {
+            Some(Standardize::Dataset) => "standardised".to_string(),
+            Some(Standardize::MeanStd { mean, std }) => format!("standardised with {mean},{std}"),
+            _ => "inputs in [0, 1]".to_string(),
+        },
         recipe.label(),
         config.epochs,
         if start > 1 {

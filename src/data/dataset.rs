@@ -14,16 +14,81 @@ use super::locate::DataLocator;
 /// How raw pixel bytes become inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Normalization {
-    /// `x / 255`, so inputs lie in [0, 1] (the default).
+    /// `x / 255`, so inputs lie in [0, 1].
     #[default]
     UnitRange,
-    /// `(x / 255 - mean) / std`, for example MNIST's 0.1307 / 0.3081.
+    /// `(x / 255 - mean) / std` on every channel, for example MNIST's 0.1307 / 0.3081.
     MeanStd {
         /// Mean subtracted after scaling to [0, 1].
         mean: f32,
         /// Standard deviation divided by; must be positive.
         std: f32,
     },
+    /// `(x / 255 - mean[c]) / std[c]` on channel `c` of an RGB image, for example
+    /// CIFAR-10's training-set statistics.
+    PerChannel {
+        /// Per-channel means, after scaling to [0, 1].
+        mean: [f32; 3],
+        /// Per-channel standard deviations; each must be positive.
+        std: [f32; 3],
+    },
+}
+
+impl Normalization {
+    /// Checks that every std is positive and finite and every mean finite, and that a
+    /// per-channel normalisation meets a data set of three channels.
+    pub fn validate(&self, channels: usize) -> Result<(), DataError> {
+        let (means, stds): (&[f32], &[f32]) = match self {
+            Self::UnitRange => (&[], &[]),
+            Self::MeanStd { mean, std } => (std::slice::from_ref(mean), std::slice::from_ref(std)),
+            Self::PerChannel { mean, std } => {
+                if channels != 3 {
+                    return Err(DataError::InvalidOption(format!(
+                        "a per-channel normalisation needs 3 channels, the data set has {channels}"
+                    )));
+                }
+                (mean, std)
+            }
+        };
+        if let Some(std) = stds.iter().find(|s| !(**s > 0.0 && s.is_finite())) {
+            return Err(DataError::InvalidOption(format!(
+                "normalisation std must be positive, got {std}"
+            )));
+        }
+        if let Some(mean) = means.iter().find(|m| !m.is_finite()) {
+            return Err(DataError::InvalidOption(format!(
+                "normalisation mean must be finite, got {mean}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `(scale, shift)` such that a byte `p` of channel `channel` becomes
+    /// `p * scale + shift`.
+    pub fn affine(&self, channel: usize) -> (f32, f32) {
+        let (mean, std) = match self {
+            Self::UnitRange => (0.0, 1.0),
+            Self::MeanStd { mean, std } => (*mean, *std),
+            Self::PerChannel { mean, std } => (mean[channel.min(2)], std[channel.min(2)]),
+        };
+        (1.0 / (255.0 * std), -mean / std)
+    }
+
+    /// Normalises `bytes`, images of `channels` planes of `plane` pixels each laid out
+    /// channel after channel (IDX, CIFAR-10), appending to `out`.
+    fn extend(&self, out: &mut Vec<f32>, bytes: &[u8], plane: usize) {
+        let per_channel: [(f32, f32); 3] = [self.affine(0), self.affine(1), self.affine(2)];
+        let channels = if matches!(self, Self::PerChannel { .. }) {
+            3
+        } else {
+            1
+        };
+        out.reserve(bytes.len());
+        for (i, chunk) in bytes.chunks(plane).enumerate() {
+            let (scale, shift) = per_channel[i % channels];
+            out.extend(chunk.iter().map(|&p| f32::from(p) * scale + shift));
+        }
+    }
 }
 
 /// Options applied when a data set is loaded.
@@ -163,7 +228,7 @@ pub fn load(
                 options.normalization,
             )?
         }
-        Source::BuiltIn => xor(),
+        Source::BuiltIn => xor(options.normalization)?,
         Source::CifarBinary { records } => {
             let (train, test) = locator.locate_cifar(&spec)?;
             load_cifar(&spec, &train, &test, *records, options.normalization)?
@@ -198,13 +263,7 @@ pub fn load_idx(
     test_labels: &Path,
     normalization: Normalization,
 ) -> Result<Dataset, DataError> {
-    if let Normalization::MeanStd { std, .. } = normalization
-        && !(std > 0.0 && std.is_finite())
-    {
-        return Err(DataError::InvalidOption(format!(
-            "normalisation std must be positive, got {std}"
-        )));
-    }
+    normalization.validate(spec.input_shape[0])?;
     let train = load_split(spec, train_images, train_labels, normalization)?;
     let test = load_split(spec, test_images, test_labels, normalization)?;
     Ok(Dataset {
@@ -256,15 +315,8 @@ fn load_split(
             ),
         ));
     }
-    let (scale, shift) = match normalization {
-        Normalization::UnitRange => (1.0 / 255.0, 0.0),
-        Normalization::MeanStd { mean, std } => (1.0 / (255.0 * std), -mean / std),
-    };
-    let inputs = images
-        .pixels
-        .iter()
-        .map(|&p| p as f32 * scale + shift)
-        .collect();
+    let mut inputs = Vec::new();
+    normalization.extend(&mut inputs, &images.pixels, h * w);
     let labels = labels.labels.into_iter().map(u32::from).collect();
     Split::new(inputs, labels, h * w)
 }
@@ -278,11 +330,9 @@ pub fn load_cifar(
     records: usize,
     normalization: Normalization,
 ) -> Result<Dataset, DataError> {
+    normalization.validate(spec.input_shape[0])?;
+    let [_, h, w] = spec.input_shape;
     let read = |paths: &[&Path]| -> Result<Split, DataError> {
-        let (scale, shift) = match normalization {
-            Normalization::UnitRange => (1.0 / 255.0, 0.0),
-            Normalization::MeanStd { mean, std } => (1.0 / (255.0 * std), -mean / std),
-        };
         let (mut inputs, mut labels) = (Vec::new(), Vec::new());
         for path in paths {
             let batch = super::cifar::read_batch(path)?;
@@ -296,7 +346,7 @@ pub fn load_cifar(
                     ),
                 ));
             }
-            inputs.extend(batch.pixels.iter().map(|&p| f32::from(p) * scale + shift));
+            normalization.extend(&mut inputs, &batch.pixels, h * w);
             labels.extend(batch.labels.iter().map(|&l| u32::from(l)));
         }
         Split::new(inputs, labels, super::cifar::PIXELS)
@@ -330,22 +380,25 @@ fn apply_subset(dataset: &mut Dataset, options: &LoadOptions) -> Result<(), Data
     Ok(())
 }
 
-/// The XOR truth table as a two-class problem; train and test are the same 4 samples.
-pub fn xor() -> Dataset {
-    let inputs = vec![0., 0., 0., 1., 1., 0., 1., 1.];
+/// The XOR truth table as a two-class problem; train and test are the same 4 samples,
+/// inputs 0 and 1 normalised as the bytes 0 and 255 would be.
+pub fn xor(normalization: Normalization) -> Result<Dataset, DataError> {
+    normalization.validate(1)?;
+    let mut inputs = Vec::new();
+    normalization.extend(&mut inputs, &[0, 0, 0, 255, 255, 0, 255, 255], 2);
     let labels = vec![0, 1, 1, 0];
     let split = Split {
         inputs,
         labels,
         dim: 2,
     };
-    Dataset {
+    Ok(Dataset {
         name: "xor".into(),
         input_shape: [1, 1, 2],
         classes: 2,
         train: split.clone(),
         test: split,
-    }
+    })
 }
 
 /// The pixel permutation of permuted-MNIST task `task` (identity for task 0).

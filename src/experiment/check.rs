@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{EstimatorArg, ExperimentError, build_network, load_or_fetch};
+use super::{EstimatorArg, ExperimentError, Standardize, build_network, load_or_fetch};
 use crate::data::download::DownloadProgress;
 use crate::data::{DataLocator, LoadOptions};
 use crate::device::{Device, Precision};
@@ -46,11 +46,14 @@ pub struct GradientCheck {
     pub estimator: EstimatorArg,
     /// Loss of both EP's nudge and the backprop reference.
     pub loss: Loss,
+    /// Input normalisation, as in training.
+    pub standardize: Standardize,
 }
 
 impl Default for GradientCheck {
     /// EP with centered nudging at beta 0.01, 300 settle steps of 0.3 (momentum 0.5, tol
-    /// 1e-5), MSE, on 64 MNIST samples and `784-256-128-10`.
+    /// 1e-5), MSE, on 64 MNIST samples (standardised as training does) and
+    /// `784-256-128-10`.
     fn default() -> Self {
         Self {
             model: super::DEFAULT_MODEL.into(),
@@ -67,6 +70,7 @@ impl Default for GradientCheck {
             loss: Loss::Mse {
                 scale: MseScale::Half,
             },
+            standardize: super::DEFAULT_STANDARDIZE,
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct GradientReport {
     pub reference: &'static str,
     /// Data set.
     pub dataset: String,
+    /// Its normalisation.
+    pub standardize: Standardize,
     /// Samples.
     pub batch: usize,
     /// Nudge strength.
@@ -125,7 +131,7 @@ impl GradientCheck {
         let options = LoadOptions {
             train_samples: Some(self.batch),
             test_samples: Some(1),
-            ..Default::default()
+            normalization: self.standardize.normalization(&self.dataset)?,
         };
         let data = load_or_fetch(&self.dataset, locator, &options, seed, fetch, progress)?;
         if data.train.len() < self.batch {
@@ -195,6 +201,7 @@ impl GradientCheck {
             estimator: self.estimator,
             reference: reference_name,
             dataset: data.name.clone(),
+            standardize: self.standardize,
             batch: self.batch,
             beta: self.beta,
             nudging: self.nudging,

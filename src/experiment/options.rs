@@ -29,8 +29,9 @@ pub const DEFAULT_MODEL: &str = "784-256-128-10";
 pub const DEFAULT_BATCH: usize = 64;
 /// Epochs without `epochs`.
 pub const DEFAULT_EPOCHS: usize = 1;
-/// Input normalisation without `standardize`.
-pub const DEFAULT_STANDARDIZE: Standardize = Standardize::None;
+/// Input normalisation of the recipes that standardise ([`Recipe::standardize`]): each
+/// data set's own statistics, as PyTorch's examples and the paper's reference normalise.
+pub const DEFAULT_STANDARDIZE: Standardize = Standardize::Dataset;
 
 /// Every setting of a training run. Each is optional: [`TrainOptions::or`] layers them
 /// (the CLI: flags over a `--config` TOML file, same keys in snake_case), a preset fills
@@ -83,9 +84,12 @@ pub struct TrainOptions {
     /// Use only the first N test samples.
     #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
     pub test_samples: Option<usize>,
-    /// Input normalisation after scaling to [0, 1]: MEAN,STD, `dataset` (the data set's
-    /// own training-pixel mean and std: MNIST 0.1307,0.3081, Fashion-MNIST 0.2860,0.3530)
-    /// or `none` (the default: inputs stay in [0, 1]).
+    /// Input normalisation after scaling to [0, 1]: `dataset` (the data set's own
+    /// training-pixel mean and std: MNIST 0.1307,0.3081, Fashion-MNIST 0.2860,0.3530,
+    /// CIFAR-10 per channel), MEAN,STD, or `none` (inputs stay in [0, 1]). Default: the
+    /// recipe's: `dataset` for EP with an orthogonalised update under a spectral bound
+    /// (smep, smep_fast, sdmep, local_ep, natural_ep), `none` for the rest (the README's
+    /// preset table).
     #[cfg_attr(feature = "cli", arg(long, value_name = "MEAN,STD|dataset|none"))]
     pub standardize: Option<Standardize>,
     /// Nudge strength (default 0.5 for EP, 1.0 for EqProp).
@@ -293,13 +297,18 @@ impl TrainOptions {
         Ok(config)
     }
 
-    /// Data loading options (the data set's own normalisation unless `standardize` is set).
+    /// The run's input normalisation: `standardize` if set, else its recipe's
+    /// ([`Recipe::standardize`]).
+    pub fn standardization(&self) -> Result<Standardize, ExperimentError> {
+        match self.standardize {
+            Some(s) => Ok(s),
+            None => Ok(self.unscheduled_recipe()?.standardize()),
+        }
+    }
+
+    /// Data loading options, normalised as [`TrainOptions::standardization`] says.
     pub fn load_options(&self) -> Result<LoadOptions, ExperimentError> {
-        let normalization = match self.standardize.unwrap_or(DEFAULT_STANDARDIZE) {
-            Standardize::None => Normalization::UnitRange,
-            Standardize::MeanStd { mean, std } => Normalization::MeanStd { mean, std },
-            Standardize::Dataset => data::find(self.dataset())?.normalization,
-        };
+        let normalization = self.standardization()?.normalization(self.dataset())?;
         Ok(LoadOptions {
             train_samples: self.train_samples,
             test_samples: self.test_samples,
@@ -401,6 +410,20 @@ impl TrainOptions {
     /// and first-order optimizer flags, each with the matching preset's rules), then every
     /// option that is set.
     pub fn recipe(&self, samples: usize) -> Result<Recipe, ExperimentError> {
+        let recipe = self.unscheduled_recipe()?;
+        let batch = self.batch.unwrap_or(DEFAULT_BATCH).max(1);
+        let steps = self
+            .epochs
+            .unwrap_or(DEFAULT_EPOCHS)
+            .saturating_mul(samples.div_ceil(batch));
+        let recipe = recipe.for_steps(steps);
+        recipe.optimizer.validate()?;
+        Ok(recipe)
+    }
+
+    /// The preset (or defaults) with every override, before the run's length fixes its
+    /// schedule.
+    fn unscheduled_recipe(&self) -> Result<Recipe, ExperimentError> {
         self.finite()?;
         let base = match self.preset()? {
             Some(preset) => preset.config(),
@@ -437,13 +460,6 @@ impl TrainOptions {
             }
         }
         self.override_composite(&mut recipe.optimizer)?;
-        let batch = self.batch.unwrap_or(DEFAULT_BATCH).max(1);
-        let steps = self
-            .epochs
-            .unwrap_or(DEFAULT_EPOCHS)
-            .saturating_mul(samples.div_ceil(batch));
-        recipe = recipe.for_steps(steps);
-        recipe.optimizer.validate()?;
         Ok(recipe)
     }
 
@@ -610,6 +626,15 @@ impl FromStr for Standardize {
 }
 
 impl Standardize {
+    /// The normalisation it means for `dataset`.
+    pub fn normalization(self, dataset: &str) -> Result<Normalization, ExperimentError> {
+        Ok(match self {
+            Self::None => Normalization::UnitRange,
+            Self::MeanStd { mean, std } => Normalization::MeanStd { mean, std },
+            Self::Dataset => data::find(dataset)?.normalization,
+        })
+    }
+
     fn mean_std(mean: f32, std: f32) -> Result<Self, String> {
         if !mean.is_finite() {
             return Err(format!("standardize mean must be finite, got {mean}"));

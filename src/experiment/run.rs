@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::Path;
 
-use super::{ExperimentError, Recipe, TrainOptions};
+use super::{ExperimentError, Recipe, Standardize, TrainOptions};
 use crate::data::download::{DownloadProgress, Downloader};
 use crate::data::{self, DataError, DataLocator, Dataset, LoadOptions};
 use crate::device::Device;
@@ -102,6 +102,12 @@ impl Prepared {
         progress: &mut dyn DownloadProgress,
     ) -> Result<Self, ExperimentError> {
         options.validate()?;
+        // The stored options name the normalisation even when it was left to the default,
+        // so a run reads the same inputs after the default changes.
+        let options = TrainOptions {
+            standardize: Some(options.standardization()?),
+            ..options
+        };
         let dataset = options.load_data(locator, seed, fetch, progress)?;
         let config = options.train_config(seed)?;
         let spec = options.model()?;
@@ -216,7 +222,12 @@ pub fn read_meta(path: &Path) -> Result<RunMeta, ExperimentError> {
         .ok_or_else(|| bad("no run metadata".into()))?;
     let wrapped: serde_json::Value =
         serde_json::from_str(meta).map_err(|e| bad(format!("run metadata: {e}")))?;
-    serde_json::from_value(wrapped["meta"].clone()).map_err(|e| bad(format!("run metadata: {e}")))
+    let mut meta: RunMeta = serde_json::from_value(wrapped["meta"].clone())
+        .map_err(|e| bad(format!("run metadata: {e}")))?;
+    // Runs store their normalisation since the default became `dataset`; one stored
+    // without it ran on inputs in [0, 1].
+    meta.options.standardize.get_or_insert(Standardize::None);
+    Ok(meta)
 }
 
 /// [`crate::train::checkpoint::write_atomic`] with the path in its error.
