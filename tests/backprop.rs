@@ -257,6 +257,7 @@ fn xor_is_learned_by_backprop_sgd() {
         epochs: 100,
         batch_size: 4,
         seed: 1,
+        augment: Default::default(),
     };
     let history = trainer.fit(&ds, &config, &mut Silent).unwrap();
     assert_eq!(history.len(), 100);
@@ -283,6 +284,7 @@ fn adam_learns_mnist_subset_in_three_epochs() {
         epochs: 3,
         batch_size: 64,
         seed: 42,
+        augment: Default::default(),
     };
     let m = trainer
         .fit(&ds, &config, &mut Silent)
@@ -318,6 +320,7 @@ fn same_seed_gives_identical_training() {
                     epochs: 5,
                     batch_size: 2,
                     seed: 5,
+                    augment: Default::default(),
                 },
                 &mut Silent,
             )

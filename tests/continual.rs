@@ -263,6 +263,7 @@ fn flipped_run(ewc: Option<(f64, EwcCoupling)>) -> continual::ContinualReport {
             epochs: 5,
             batch_size: 20,
             seed: 3,
+            augment: Default::default(),
         },
         eval_batch: 64,
     };
@@ -419,6 +420,7 @@ fn ep_sequence_run(ewc: Option<(f64, EwcCoupling)>) -> (continual::ContinualRepo
             epochs: 2,
             batch_size: 16,
             seed: 1,
+            augment: Default::default(),
         },
         eval_batch: 32,
     };

@@ -145,6 +145,7 @@ fn eqprop_learns_xor() {
                 epochs: 300,
                 batch_size: 4,
                 seed: 1,
+                augment: Default::default(),
             },
             &mut Silent,
         )

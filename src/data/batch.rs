@@ -94,6 +94,11 @@ impl<'a> Batcher<'a> {
     /// The next batch, or `None` at the end of the pass. The returned batch borrows the
     /// batcher's buffers, which are overwritten by the next call (no allocation per batch).
     pub fn next_batch(&mut self) -> Option<&Batch> {
+        self.next_batch_mut().map(|b| &*b)
+    }
+
+    /// [`Batcher::next_batch`], writable (augmentation changes the inputs in place).
+    pub fn next_batch_mut(&mut self) -> Option<&mut Batch> {
         if self.pos >= self.order.len() {
             return None;
         }
@@ -110,7 +115,7 @@ impl<'a> Batcher<'a> {
             self.batch.labels.push(self.split.labels()[i]);
         }
         self.pos = end;
-        Some(&self.batch)
+        Some(&mut self.batch)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Data: IDX and CIFAR-10 binary files, the catalogue of named data sets, lookup on disk, verified downloads and
 //! mini-batching.
 
+pub mod augment;
 pub mod batch;
 pub mod catalog;
 pub mod cifar;
@@ -11,6 +12,7 @@ pub mod idx;
 pub mod locate;
 mod stream;
 
+pub use augment::Augment;
 pub use batch::{Batch, Batcher, epoch_order, one_hot_into};
 pub use catalog::{DatasetSpec, FileRole, FileSpec, Source, catalog, find};
 pub use dataset::{Dataset, LoadOptions, Normalization, Split, load};

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::recipe::{EstimatorChoice, Recipe};
 use super::{ExperimentError, Preset};
-use crate::data::{self, LoadOptions, Normalization};
+use crate::data::{self, Augment, LoadOptions, Normalization};
 use crate::device::Precision;
 use crate::ep::{EqPropConfig, EqPropInit, SettleConfig};
 use crate::estimate::{EpConfig, Nudging};
@@ -92,6 +92,12 @@ pub struct TrainOptions {
     /// preset table).
     #[cfg_attr(feature = "cli", arg(long, value_name = "MEAN,STD|dataset|none"))]
     pub standardize: Option<Standardize>,
+    /// Augmentation of training batches, drawn per sample from the seed, epoch and
+    /// sample (reproducible and resumable): `none` (default), `crop:PAD` (random shifts
+    /// of up to PAD pixels, reflect-padded), `flip` (left-right mirror, for natural images
+    /// such as CIFAR-10, not digits) or both, `crop:4,flip`.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "crop:PAD,flip|none"))]
+    pub augment: Option<Augment>,
     /// Nudge strength (default 0.5 for EP, 1.0 for EqProp).
     #[cfg_attr(feature = "cli", arg(long))]
     pub beta: Option<f32>,
@@ -206,6 +212,7 @@ impl TrainOptions {
             train_samples,
             test_samples,
             standardize,
+            augment,
             beta,
             nudging,
             precision,
@@ -287,6 +294,7 @@ impl TrainOptions {
             epochs: self.epochs.unwrap_or(DEFAULT_EPOCHS),
             batch_size: self.batch.unwrap_or(DEFAULT_BATCH),
             seed,
+            augment: self.augment.unwrap_or_default(),
         };
         if config.epochs == 0 {
             return invalid("--epochs must be at least 1");

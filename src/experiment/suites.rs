@@ -362,7 +362,7 @@ pub struct RunRecord {
     pub label: String,
     /// Seed.
     pub seed: u64,
-    /// Its options.
+    /// Its options (with the normalisation its recipe chose).
     pub options: TrainOptions,
     /// Every epoch's metrics.
     pub epochs: Vec<EpochMetrics>,
@@ -641,11 +641,14 @@ impl Suite {
         let total = plan.len() * seeds.len();
         for seed in &seeds {
             for p in &plan {
+                // Runs share a load only when they read the same inputs: recipes differ in
+                // their normalisation.
                 let key = format!(
-                    "{}/{:?}/{:?}/{seed}",
+                    "{}/{:?}/{:?}/{}/{seed}",
                     p.opts.dataset(),
                     p.opts.train_samples,
-                    p.opts.test_samples
+                    p.opts.test_samples,
+                    p.opts.standardization()?,
                 );
                 if !cache.contains_key(&key) {
                     let d = p.opts.load_data(
@@ -682,7 +685,10 @@ impl Suite {
                     setting: p.setting.into(),
                     label: p.label.into(),
                     seed: *seed,
-                    options: p.opts.clone(),
+                    options: TrainOptions {
+                        standardize: Some(p.opts.standardization()?),
+                        ..p.opts.clone()
+                    },
                     final_test_accuracy: last.test_accuracy,
                     final_train_accuracy: last.train_accuracy,
                     seconds_per_epoch: history.iter().map(|m| m.seconds).sum::<f64>()

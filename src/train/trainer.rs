@@ -6,7 +6,7 @@ use burn::tensor::{Int, TensorData};
 
 use super::Monitor;
 use super::{EpochMetrics, Penalty, TrainError, TrainObserver};
-use crate::data::{Batcher, Dataset, Split};
+use crate::data::{Augment, Batcher, Dataset, Split};
 use crate::device::{Device, Tensor, to_host};
 use crate::ep::SettleStats;
 use crate::estimate::{GradientEstimator, TensorBatch};
@@ -20,8 +20,11 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Samples per batch.
     pub batch_size: usize,
-    /// Seed of initialisation and shuffling.
+    /// Seed of initialisation, shuffling and augmentation.
     pub seed: u64,
+    /// Augmentation of training batches (none by default).
+    #[serde(default)]
+    pub augment: Augment,
 }
 
 impl TrainConfig {
@@ -258,15 +261,25 @@ impl Trainer {
         config.validate()?;
         check_fits(&self.model, dataset)?;
         self.epoch = epoch;
+        config.augment.check(dataset.input_shape)?;
         let mut batches =
             Batcher::new(&dataset.train, config.batch_size, config.seed, epoch, true)?;
+        let mut scratch = Vec::new();
         observer.epoch_start(epoch, batches.num_batches());
         let start = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut settle = SettleSummary::default();
         let mut index = 0;
-        while let Some(batch) = batches.next_batch() {
+        while let Some(batch) = batches.next_batch_mut() {
             index += 1;
+            config.augment.apply(
+                &mut batch.inputs,
+                &batch.indices,
+                dataset.input_shape,
+                config.seed,
+                epoch,
+                &mut scratch,
+            );
             let outcome = self.train_step(&batch.inputs, &batch.labels, Some(&batch.indices))?;
             let reference = *self.first_loss.get_or_insert(outcome.loss);
             if !outcome.loss.is_finite() || outcome.loss > DIVERGENCE_FACTOR * reference.max(1.0) {
