@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use common::{data_dir, scratch_dir};
 use mep::data::download::{DownloadProgress, Downloader, NoProgress, sha256_file};
-use mep::data::{self, DataError, DataLocator, DatasetSpec, FileSpec, LoadOptions, Source};
+use mep::data::{
+    self, Archive, Checksum, DataError, DataLocator, DatasetSpec, FileSpec, LoadOptions, Source,
+};
 
 /// What the test server answers for a path.
 #[derive(Clone)]
@@ -354,4 +356,276 @@ fn a_server_that_accepts_and_never_answers_fails_at_the_stall_timeout() {
     assert!(matches!(err, DataError::Download { .. }), "{err:?}");
     assert!(waited < Duration::from_secs(10), "waited {waited:?}");
     assert!(!dest.exists() && no_temp_files(&dir));
+}
+
+/// Records of one synthetic CIFAR-10 batch file: label `(file + i) % 10`, pixel bytes drawn
+/// from the file and record index.
+fn cifar_records(file: usize, count: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(count * 3073);
+    for i in 0..count {
+        out.push(((file + i) % 10) as u8);
+        out.extend((0..3072).map(|p| ((p * 7 + i * 13 + file * 31) % 256) as u8));
+    }
+    out
+}
+
+/// A tar.gz holding `members` (path, bytes) as regular files, as the official archive
+/// holds its batch files under `cifar-10-batches-bin/`.
+fn tar_gz(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, bytes) in members {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, path, bytes.as_slice())
+            .unwrap();
+    }
+    common::gzip(&builder.into_inner().unwrap())
+}
+
+/// The six batch files of a CIFAR-10 folder, `records` records each, at their paths in the
+/// official archive, plus the archive's other members.
+fn cifar_members(records: usize) -> Vec<(String, Vec<u8>)> {
+    let mut members: Vec<(String, Vec<u8>)> = data::cifar::TRAIN_FILES
+        .iter()
+        .chain([&data::cifar::TEST_FILE])
+        .enumerate()
+        .map(|(k, name)| {
+            (
+                format!("cifar-10-batches-bin/{name}"),
+                cifar_records(k, records),
+            )
+        })
+        .collect();
+    members.push((
+        "cifar-10-batches-bin/batches.meta.txt".into(),
+        b"airplane\nautomobile\n".to_vec(),
+    ));
+    members
+}
+
+/// The catalogue's `cifar-10`, its archive named `name` on `mirror`, with `md5` and
+/// `records` per batch file.
+fn cifar_spec(mirror: &str, name: &str, md5: &str, records: usize) -> DatasetSpec {
+    let mut spec = data::find("cifar-10").unwrap();
+    assert!(matches!(
+        spec.source,
+        Source::CifarBinary {
+            archive: Some(_),
+            ..
+        }
+    ));
+    spec.source = Source::CifarBinary {
+        records,
+        archive: Some(Archive {
+            mirrors: vec![mirror.to_string()],
+            file_name: name.to_string(),
+            checksum: Checksum::Md5(md5.to_string()),
+        }),
+    };
+    spec.train_count = 5 * records;
+    spec.test_count = records;
+    spec
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    format!("{:x}", md5::compute(bytes))
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn the_catalogue_names_the_official_cifar_archive() {
+    let spec = data::find("cifar-10").unwrap();
+    let Source::CifarBinary {
+        records,
+        archive: Some(archive),
+    } = spec.source
+    else {
+        panic!("cifar-10 is downloadable");
+    };
+    assert_eq!(records, 10_000);
+    assert_eq!((spec.train_count, spec.test_count), (50_000, 10_000));
+    assert_eq!(
+        format!("{}{}", archive.mirrors[0], archive.file_name),
+        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+    );
+    assert_eq!(
+        archive.checksum,
+        Checksum::Md5("c32a1d4ab5d03f1284b67883e8d87530".into())
+    );
+    // The shared subset stays a local copy: it cannot be fetched.
+    let subset = data::find("cifar-10-subset").unwrap();
+    assert!(matches!(
+        Downloader::default().fetch_dataset(
+            &subset,
+            None,
+            &scratch_dir("dl-subset"),
+            &mut NoProgress
+        ),
+        Err(DataError::NotDownloadable(_))
+    ));
+}
+
+#[test]
+fn fetches_and_unpacks_cifar_which_then_loads() {
+    let members = cifar_members(3);
+    let refs: Vec<(&str, Vec<u8>)> = members
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.clone()))
+        .collect();
+    let archive = tar_gz(&refs);
+    let base = serve(HashMap::from([(
+        "/cifar.tar.gz".to_string(),
+        Reply::Body(archive.clone()),
+    )]));
+    let root = scratch_dir("dl-cifar");
+    let spec = cifar_spec(&base, "cifar.tar.gz", &md5_hex(&archive), 3);
+    let mut rec = Recorder::default();
+    let dir = Downloader::default()
+        .fetch_dataset(&spec, None, &root, &mut rec)
+        .unwrap();
+    assert_eq!(dir, root.join("cifar-10"));
+    assert_eq!(rec.bytes, archive.len() as u64);
+    // The six batch files, byte for byte; the archive and its other members are gone.
+    assert_eq!(
+        files_in(&dir),
+        [
+            "data_batch_1.bin",
+            "data_batch_2.bin",
+            "data_batch_3.bin",
+            "data_batch_4.bin",
+            "data_batch_5.bin",
+            "test_batch.bin"
+        ]
+    );
+    for (path, bytes) in &members[..6] {
+        let name = path.rsplit('/').next().unwrap();
+        assert_eq!(&std::fs::read(dir.join(name)).unwrap(), bytes, "{name}");
+    }
+    let (train, test) = DataLocator::new(None, None, Some(root.clone()))
+        .locate_cifar(&spec)
+        .unwrap();
+    let ds =
+        data::dataset::load_cifar(&spec, &train, &test, 3, data::Normalization::UnitRange).unwrap();
+    assert_eq!((ds.train.len(), ds.test.len()), (15, 3));
+    // Test file k = 5: labels (5 + i) % 10.
+    assert_eq!(ds.test.labels(), &[5, 6, 7]);
+    // A second fetch finds the files and downloads nothing.
+    let mut again = Recorder::default();
+    Downloader::default()
+        .fetch_dataset(&spec, None, &root, &mut again)
+        .unwrap();
+    assert!(again.starts.is_empty());
+}
+
+#[test]
+fn a_damaged_or_incomplete_cifar_archive_leaves_no_batch_file() {
+    let members = cifar_members(2);
+    let refs: Vec<(&str, Vec<u8>)> = members
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.clone()))
+        .collect();
+    let whole = tar_gz(&refs);
+    // No test batch.
+    let incomplete = tar_gz(&refs[..5]);
+    // The gzip stream cut in the middle (its checksum is the cut bytes', so only
+    // unpacking can notice).
+    let cut = whole[..whole.len() / 2].to_vec();
+    let base = serve(HashMap::from([
+        ("/incomplete".to_string(), Reply::Body(incomplete.clone())),
+        ("/cut".to_string(), Reply::Body(cut.clone())),
+        ("/whole".to_string(), Reply::Body(whole.clone())),
+    ]));
+    let batch_files = |dir: &Path| {
+        files_in(dir)
+            .into_iter()
+            .filter(|n| n.contains(".bin"))
+            .collect::<Vec<_>>()
+    };
+
+    let root = scratch_dir("dl-cifar-incomplete");
+    let spec = cifar_spec(&base, "incomplete", &md5_hex(&incomplete), 2);
+    let err = Downloader::default()
+        .fetch_dataset(&spec, None, &root, &mut NoProgress)
+        .unwrap_err();
+    assert!(
+        matches!(&err, DataError::Corrupt { reason, .. } if reason.contains("no test_batch.bin")),
+        "{err}"
+    );
+    assert!(batch_files(&root.join("cifar-10")).is_empty());
+
+    let root = scratch_dir("dl-cifar-cut");
+    let spec = cifar_spec(&base, "cut", &md5_hex(&cut), 2);
+    let err = Downloader::default()
+        .fetch_dataset(&spec, None, &root, &mut NoProgress)
+        .unwrap_err();
+    assert!(matches!(err, DataError::Corrupt { .. }), "{err}");
+    assert!(batch_files(&root.join("cifar-10")).is_empty());
+
+    // A wrong MD5: named as such, and nothing is kept, not even the archive.
+    let root = scratch_dir("dl-cifar-md5");
+    let spec = cifar_spec(&base, "whole", &md5_hex(b"something else"), 2);
+    let err = Downloader::default()
+        .fetch_dataset(&spec, None, &root, &mut NoProgress)
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            DataError::Checksum {
+                algorithm: "md5",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("expected md5"), "{err}");
+    assert!(files_in(&root.join("cifar-10")).is_empty());
+}
+
+#[test]
+fn archive_paths_never_choose_where_files_go() {
+    // A member that climbs out of the folder is taken by its base name into the data set's
+    // folder, never written where its path points.
+    let mut members = cifar_members(2);
+    members[0].0 = "../../escaped/data_batch_1.bin".into();
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, bytes) in &members {
+        let mut header = tar::Header::new_old();
+        // Written into the header's raw name field: tar's own path setter refuses `..`.
+        header.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder.append(&header, bytes.as_slice()).unwrap();
+    }
+    let archive = common::gzip(&builder.into_inner().unwrap());
+    let base = serve(HashMap::from([(
+        "/a".to_string(),
+        Reply::Body(archive.clone()),
+    )]));
+    let root = scratch_dir("dl-cifar-escape").join("deep");
+    let spec = cifar_spec(&base, "a", &md5_hex(&archive), 2);
+    let dir = Downloader::default()
+        .fetch_dataset(&spec, None, &root, &mut NoProgress)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(dir.join("data_batch_1.bin")).unwrap(),
+        members[0].1
+    );
+    assert!(!root.join("../escaped").exists());
+    assert!(!root.join("../../escaped").exists());
 }

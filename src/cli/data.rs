@@ -85,12 +85,17 @@ fn list(locator: &DataLocator, json: bool) -> Result<()> {
                     ("download", found.is_some(), found)
                 }
                 Source::BuiltIn => ("built-in", true, None),
-                Source::CifarBinary { .. } => {
+                Source::CifarBinary { archive, .. } => {
                     let found = locator
                         .locate_cifar(spec)
                         .ok()
                         .and_then(|(_, test)| test.parent().map(std::path::Path::to_path_buf));
-                    ("local", found.is_some(), found)
+                    let source = if archive.is_some() {
+                        "download"
+                    } else {
+                        "local"
+                    };
+                    (source, found.is_some(), found)
                 }
                 Source::Derived { from } => {
                     let base = data::find(from).expect("derived sets name catalogue entries");

@@ -43,12 +43,52 @@ pub enum Source {
     CifarBinary {
         /// Records of every batch file (10,000 in the official files).
         records: usize,
+        /// The archive the batch files are unpacked from (`None`: a local copy only).
+        archive: Option<Archive>,
     },
     /// Computed from another named data set.
     Derived {
         /// The data set it is computed from.
         from: String,
     },
+}
+
+/// A file's expected digest, lower-case hex.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checksum {
+    /// SHA-256.
+    Sha256(String),
+    /// MD5: only where it is all a data set's authors publish (CIFAR-10); it still catches
+    /// truncated and corrupted downloads.
+    Md5(String),
+}
+
+impl Checksum {
+    /// The algorithm's name, as error messages show it.
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            Self::Sha256(_) => "sha256",
+            Self::Md5(_) => "md5",
+        }
+    }
+
+    /// The expected digest.
+    pub fn hex(&self) -> &str {
+        match self {
+            Self::Sha256(h) | Self::Md5(h) => h,
+        }
+    }
+}
+
+/// A downloadable archive that holds a data set's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Archive {
+    /// Base URLs, tried in order; the archive's URL is the base followed by its name.
+    pub mirrors: Vec<String>,
+    /// Its file name on the mirrors, and in the data set's folder while it is unpacked.
+    pub file_name: String,
+    /// Its published checksum.
+    pub checksum: Checksum,
 }
 
 /// A named data set: its source, sizes and shape.
@@ -167,9 +207,30 @@ pub fn catalog() -> Vec<DatasetSpec> {
             normalization: Normalization::UnitRange,
         },
         DatasetSpec {
+            name: "cifar-10".into(),
+            description: "CIFAR-10 (Krizhevsky), 32x32 RGB photographs, 10 classes; the official binary archive (170 MB)".into(),
+            source: Source::CifarBinary {
+                records: super::cifar::OFFICIAL_RECORDS,
+                archive: Some(Archive {
+                    mirrors: vec!["https://www.cs.toronto.edu/~kriz/".into()],
+                    file_name: "cifar-10-binary.tar.gz".into(),
+                    // The only checksum the authors publish (170,052,171 bytes).
+                    checksum: Checksum::Md5("c32a1d4ab5d03f1284b67883e8d87530".into()),
+                }),
+            },
+            train_count: 5 * super::cifar::OFFICIAL_RECORDS,
+            test_count: super::cifar::OFFICIAL_RECORDS,
+            input_shape: [3, 32, 32],
+            classes: 10,
+            normalization: CIFAR10_NORMALIZATION,
+        },
+        DatasetSpec {
             name: "cifar-10-subset".into(),
             description: "CIFAR-10, the first 1,017 records of each official batch file (a genuine subset, local copy only), 32x32 RGB, 10 classes".into(),
-            source: Source::CifarBinary { records: 1017 },
+            source: Source::CifarBinary {
+                records: 1017,
+                archive: None,
+            },
             train_count: 5 * 1017,
             test_count: 1017,
             input_shape: [3, 32, 32],

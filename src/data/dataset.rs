@@ -229,7 +229,7 @@ pub fn load(
             )?
         }
         Source::BuiltIn => xor(options.normalization)?,
-        Source::CifarBinary { records } => {
+        Source::CifarBinary { records, .. } => {
             let (train, test) = locator.locate_cifar(&spec)?;
             load_cifar(&spec, &train, &test, *records, options.normalization)?
         }

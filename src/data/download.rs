@@ -13,7 +13,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::DataError;
-use super::catalog::{self, DatasetSpec, FileSpec, Source};
+use super::catalog::{self, Archive, Checksum, DatasetSpec, FileSpec, Source};
 
 /// Receives progress of a download; the library never prints, the caller shows a bar.
 pub trait DownloadProgress {
@@ -87,10 +87,22 @@ impl Downloader {
         dest: &Path,
         progress: &mut dyn DownloadProgress,
     ) -> Result<(), DataError> {
+        self.fetch_verified(url, &Checksum::Sha256(sha256.to_string()), dest, progress)
+    }
+
+    /// Downloads `url` to `dest`, checking its digest against `checksum`, with
+    /// [`Downloader::fetch_file`]'s guarantees.
+    pub fn fetch_verified(
+        &self,
+        url: &str,
+        checksum: &Checksum,
+        dest: &Path,
+        progress: &mut dyn DownloadProgress,
+    ) -> Result<(), DataError> {
         let dir = dest.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
         let tmp = temp_path(dest);
-        let result = self.fetch_to_temp(url, sha256, &tmp, progress);
+        let result = self.fetch_to_temp(url, checksum, &tmp, progress);
         progress.finish();
         match result {
             Ok(()) => fs::rename(&tmp, dest).map_err(|e| {
@@ -107,7 +119,7 @@ impl Downloader {
     fn fetch_to_temp(
         &self,
         url: &str,
-        sha256: &str,
+        checksum: &Checksum,
         tmp: &Path,
         progress: &mut dyn DownloadProgress,
     ) -> Result<(), DataError> {
@@ -125,7 +137,7 @@ impl Downloader {
 
         let mut out = File::create(tmp).map_err(|e| DataError::io(tmp, e))?;
         let mut reader = response.body_mut().as_reader();
-        let mut hasher = Sha256::new();
+        let mut hasher = Hasher::new(checksum);
         let mut buf = vec![0u8; 1 << 16];
         let mut received = 0u64;
         loop {
@@ -153,11 +165,12 @@ impl Downloader {
             )));
         }
         out.sync_all().map_err(|e| DataError::io(tmp, e))?;
-        let actual = hex(&hasher.finalize());
-        if !actual.eq_ignore_ascii_case(sha256) {
+        let actual = hasher.finish();
+        if !actual.eq_ignore_ascii_case(checksum.hex()) {
             return Err(DataError::Checksum {
                 url: url.to_string(),
-                expected: sha256.to_string(),
+                algorithm: checksum.algorithm(),
+                expected: checksum.hex().to_string(),
                 actual,
             });
         }
@@ -166,8 +179,9 @@ impl Downloader {
 
     /// Fetches every file of `spec` into `root/<name>/`, trying each mirror in turn (the
     /// catalogue's, or `mirrors` when given). Files already present with the right checksum
-    /// are kept. A derived set fetches the set it is computed from. Returns the directory that
-    /// now holds the files.
+    /// are kept. A derived set fetches the set it is computed from; an archived set (CIFAR-10)
+    /// fetches its archive, unpacks its batch files
+    /// and removes it. Returns the directory that now holds the files.
     pub fn fetch_dataset(
         &self,
         spec: &DatasetSpec,
@@ -180,7 +194,11 @@ impl Downloader {
             Source::Derived { from } => {
                 return self.fetch_dataset(&catalog::find(from)?, mirrors, root, progress);
             }
-            Source::BuiltIn | Source::CifarBinary { .. } => {
+            Source::CifarBinary {
+                archive: Some(archive),
+                ..
+            } => return self.fetch_cifar(spec, archive, mirrors, root, progress),
+            Source::BuiltIn | Source::CifarBinary { archive: None, .. } => {
                 return Err(DataError::NotDownloadable(spec.name.clone()));
             }
         };
@@ -193,6 +211,42 @@ impl Downloader {
             }
             self.fetch_from_mirrors(mirrors, file, &dest, progress)?;
         }
+        Ok(dir)
+    }
+
+    fn fetch_cifar(
+        &self,
+        spec: &DatasetSpec,
+        archive: &Archive,
+        mirrors: Option<&[String]>,
+        root: &Path,
+        progress: &mut dyn DownloadProgress,
+    ) -> Result<PathBuf, DataError> {
+        let dir = root.join(&spec.name);
+        if super::locate::locate_cifar_in(root, spec).is_some() {
+            return Ok(dir);
+        }
+        let path = dir.join(&archive.file_name);
+        let present = path.is_file()
+            && Hasher::file(&archive.checksum, &path)?.eq_ignore_ascii_case(archive.checksum.hex());
+        if !present {
+            let mut last = None;
+            for base in mirrors.unwrap_or(&archive.mirrors) {
+                let url = join_url(base, &archive.file_name);
+                match self.fetch_verified(&url, &archive.checksum, &path, progress) {
+                    Ok(()) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                return Err(e);
+            }
+        }
+        super::unpack::unpack_cifar(&path, &dir)?;
+        fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;
         Ok(dir)
     }
 
@@ -220,10 +274,51 @@ impl Downloader {
 
 /// SHA-256 of a file on disk, lower-case hex.
 pub fn sha256_file(path: &Path) -> Result<String, DataError> {
-    let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| DataError::io(path, e))?;
-    Ok(hex(&hasher.finalize()))
+    Hasher::file(&Checksum::Sha256(String::new()), path)
+}
+
+/// A running digest of the algorithm a [`Checksum`] names.
+enum Hasher {
+    Sha256(Sha256),
+    Md5(md5::Context),
+}
+
+impl Hasher {
+    fn new(checksum: &Checksum) -> Self {
+        match checksum {
+            Checksum::Sha256(_) => Self::Sha256(Sha256::new()),
+            Checksum::Md5(_) => Self::Md5(md5::Context::new()),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Self::Sha256(h) => h.update(bytes),
+            Self::Md5(h) => h.consume(bytes),
+        }
+    }
+
+    fn finish(self) -> String {
+        match self {
+            Self::Sha256(h) => hex(&h.finalize()),
+            Self::Md5(h) => hex(&h.finalize().0),
+        }
+    }
+
+    /// The digest of a file on disk, in `checksum`'s algorithm, lower-case hex.
+    fn file(checksum: &Checksum, path: &Path) -> Result<String, DataError> {
+        let mut file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        let mut hasher = Self::new(checksum);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => return Ok(hasher.finish()),
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(DataError::io(path, e)),
+            }
+        }
+    }
 }
 
 fn join_url(base: &str, file: &str) -> String {

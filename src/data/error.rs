@@ -59,13 +59,15 @@ pub enum DataError {
     /// A data set that is built in or derived cannot be downloaded.
     #[error("data set `{0}` has no files to download (it is built in or derived from another set)")]
     NotDownloadable(String),
-    /// A downloaded file's SHA-256 differs from the catalogue's.
+    /// A downloaded file's digest differs from the catalogue's.
     #[error(
-        "{url}: checksum mismatch (expected sha256 {expected}, got {actual}); the file was discarded"
+        "{url}: checksum mismatch (expected {algorithm} {expected}, got {actual}); the file was discarded"
     )]
     Checksum {
         /// Where the file came from.
         url: String,
+        /// The digest's algorithm (`sha256`, `md5`).
+        algorithm: &'static str,
         /// The catalogue checksum.
         expected: String,
         /// The checksum of the bytes received.

@@ -11,10 +11,11 @@ mod error;
 pub mod idx;
 pub mod locate;
 mod stream;
+pub mod unpack;
 
 pub use augment::Augment;
 pub use batch::{Batch, Batcher, epoch_order, one_hot_into};
-pub use catalog::{DatasetSpec, FileRole, FileSpec, Source, catalog, find};
+pub use catalog::{Archive, Checksum, DatasetSpec, FileRole, FileSpec, Source, catalog, find};
 pub use dataset::{Dataset, LoadOptions, Normalization, Split, load};
 pub use error::DataError;
 pub use locate::{DATA_DIR_ENV, DataLocator, LocatedFiles};

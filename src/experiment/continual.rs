@@ -112,7 +112,7 @@ impl ContinualMethod {
                         }
                         _ => "",
                     },
-                    source: e,
+                    source: Box::new(e),
                 }
             })?;
         let m = &report.matrix;

@@ -80,8 +80,8 @@ pub enum ExperimentError {
         method: String,
         /// What to try.
         hint: &'static str,
-        /// The cause.
-        source: crate::continual::ContinualError,
+        /// The cause (boxed: it is large, and rare).
+        source: Box<crate::continual::ContinualError>,
     },
     /// A checkpoint could not be written or read.
     #[error(transparent)]
