@@ -332,7 +332,7 @@ fn missing_and_unknown_data_sets_say_where_they_looked() {
     assert!(matches!(err, DataError::UnknownDataset { .. }));
     assert!(
         err.to_string()
-            .contains("mnist, fashion-mnist, xor, cifar-10-subset, permuted-mnist")
+            .contains("mnist, fashion-mnist, xor, cifar-10, cifar-10-subset, permuted-mnist")
     );
 }
 

@@ -74,8 +74,11 @@ fn xor_is_learned_in_100_steps_by_smep_and_sgd_on_every_seed() {
 
 #[test]
 fn smep_learns_an_mnist_subset_in_one_epoch() {
-    // Measured 83.8% (2000 train / 500 test, 784-256-10, one thread, seed 42); the bar of
-    // 80% leaves margin for other machines.
+    // 2000 train / 500 test, 784-256-10, 31 optimizer steps. Since smep's Muon uses the
+    // reference's cubic Newton–Schulz iteration (better from a few hundred steps on, see
+    // `Preset::smep`) it starts more slowly: measured 78.8 / 83.0 / 81.8 / 83.6% for seeds
+    // 42 / 1 / 2 / 3, against 85.0 / 84.4 / 85.4 / 86.8% with the quintic. The bar of 75%
+    // leaves margin under the lowest (chance is 10%).
     let dir = scratch_dir("mnist-smep-epoch");
     let out = mep(&[
         "train",
@@ -94,7 +97,7 @@ fn smep_learns_an_mnist_subset_in_one_epoch() {
     assert!(out.status.success(), "{}", stderr(&out));
     let e = epochs(&out).pop().unwrap();
     let acc = e["test_accuracy"].as_f64().unwrap();
-    assert!(acc >= 0.80, "test accuracy {acc}");
+    assert!(acc >= 0.75, "test accuracy {acc}");
     assert!(e["settle_steps_mean"].as_f64().unwrap() <= 30.0);
 }
 

@@ -20,8 +20,8 @@ pub struct CostModel {
     pub ep_gradient_per_sample: f64,
     /// One backprop gradient (forward, input and parameter VJPs), per sample.
     pub backprop_per_sample: f64,
-    /// One Muon update of every matrix (5 quintic Newton–Schulz steps) as computed on the
-    /// network's device, per optimizer step (independent of the batch size).
+    /// One Muon update of every matrix (5 Newton–Schulz steps of the given iteration) as
+    /// computed on the network's device, per optimizer step (independent of the batch size).
     pub muon_update: f64,
     /// Settle steps per phase assumed.
     pub settle_steps: usize,
@@ -31,8 +31,8 @@ pub struct CostModel {
 
 impl CostModel {
     /// The cost model of `net` for EP with `settle_steps` steps per phase and `phases`
-    /// nudged phases (1 one-sided, 2 centered).
-    pub fn new(net: &Network, settle_steps: usize, phases: usize) -> Self {
+    /// nudged phases (1 one-sided, 2 centered), updated by Muon with `iteration`.
+    pub fn new(net: &Network, settle_steps: usize, phases: usize, iteration: NsIteration) -> Self {
         let energy = EnergyModel::new(net, Loss::default());
         let forward = net.layers().iter().map(|l| l.forward_flops(1)).sum::<f64>();
         let settle = energy.settle_step_flops(net, 1);
@@ -53,7 +53,7 @@ impl CostModel {
             .map(|p| match p.kind {
                 ParamKind::Matrix {
                     fan_in, fan_out, ..
-                } => ns(fan_out, fan_in, 5, NsIteration::Quintic),
+                } => ns(fan_out, fan_in, 5, iteration),
                 ParamKind::Vector => 0.0,
             })
             .sum();

@@ -1,4 +1,4 @@
-//! Time of one Muon update: quintic Newton–Schulz (5 steps) on each weight matrix.
+//! Time of one Muon update: Newton–Schulz (5 steps) on each weight matrix.
 
 use burn::tensor::Distribution;
 
@@ -17,15 +17,20 @@ pub struct MuonTiming {
     pub rows: usize,
     /// Columns of the stored matrix.
     pub cols: usize,
-    /// Median milliseconds of 5 quintic steps on a Gaussian matrix of this shape.
+    /// Median milliseconds of 5 steps of Muon's iteration on a Gaussian matrix of this shape.
     pub ms: f64,
     /// FLOPs of the host iteration, in GFLOP.
     pub gflop: f64,
 }
 
 /// Median time of the orthogonalisation of every weight matrix of `net` (the Muon update's
-/// cost), on `device`, over `repeats` rounds each.
-pub fn muon_update_timings(net: &Network, device: &Device, repeats: usize) -> Vec<MuonTiming> {
+/// cost) with `iteration`, on `device`, over `repeats` rounds each.
+pub fn muon_update_timings(
+    net: &Network,
+    device: &Device,
+    repeats: usize,
+    iteration: NsIteration,
+) -> Vec<MuonTiming> {
     net.param_info()
         .iter()
         .zip(net.params())
@@ -34,7 +39,7 @@ pub fn muon_update_timings(net: &Network, device: &Device, repeats: usize) -> Ve
             let [rows, cols] = p.dims();
             let g: Tensor<2> = Tensor::random([rows, cols], Distribution::Normal(0.0, 1.0), device);
             let us = median_us(repeats, || {
-                let out = newton_schulz(g.clone(), 5, NsIteration::Quintic);
+                let out = newton_schulz(g.clone(), 5, iteration);
                 let _ = out.slice([0..1, 0..1]).into_data();
             });
             MuonTiming {
@@ -42,7 +47,7 @@ pub fn muon_update_timings(net: &Network, device: &Device, repeats: usize) -> Ve
                 rows,
                 cols,
                 ms: us / 1e3,
-                gflop: newton_schulz_host_flops(rows, cols, 5, NsIteration::Quintic) / 1e9,
+                gflop: newton_schulz_host_flops(rows, cols, 5, iteration) / 1e9,
             }
         })
         .collect()

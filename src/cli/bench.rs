@@ -8,6 +8,7 @@ use mep::bench::{SettleBench, matmul_gflops, muon_update_timings, settle_bench};
 use mep::device::Workload;
 use mep::estimate::TensorBatch;
 use mep::model::{Gemm, ModelSpec, Shape};
+use mep::optim::NsIteration;
 
 use super::Globals;
 use super::suites::{self, SuiteArgs};
@@ -44,8 +45,8 @@ pub enum BenchCommand {
     /// GFLOP/s of the host matrix product (`gemm`, the kernel of the settle loops, the host
     /// convolutions and Newton–Schulz) on given shapes, one thread per worker.
     Gemm(GemmArgs),
-    /// Milliseconds of one Muon update (quintic Newton–Schulz, 5 steps) of every weight
-    /// matrix of a model, per matrix, with its FLOPs and GFLOP/s.
+    /// Milliseconds of one Muon update (Newton–Schulz, 5 steps) of every weight matrix of a
+    /// model, per matrix, with its FLOPs and GFLOP/s.
     Muon(MuonArgs),
     /// One memory measurement in this process (what `bench memory` runs per row).
     #[command(hide = true)]
@@ -108,6 +109,9 @@ pub struct MuonArgs {
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 20)]
     repeats: usize,
+    /// Newton–Schulz iteration: cubic (the paper's presets) or quintic (`--update muon`).
+    #[arg(long, default_value = "cubic")]
+    iteration: NsIteration,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -118,11 +122,12 @@ fn muon(args: MuonArgs, globals: &Globals) -> Result<()> {
     let net = args
         .model
         .build(Shape::Image { c: 1, h: 28, w: 28 }, globals.seed, &device)?;
-    let rows = muon_update_timings(&net, &device, args.repeats);
+    let rows = muon_update_timings(&net, &device, args.repeats, args.iteration);
     let total_ms: f64 = rows.iter().map(|r| r.ms).sum();
     if args.json {
         let json = serde_json::json!({
             "model": args.model.to_string(),
+            "iteration": args.iteration.name(),
             "threads": mep::device::threads(),
             "update_ms": total_ms,
             "rows": rows,

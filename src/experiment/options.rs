@@ -133,8 +133,8 @@ pub struct TrainOptions {
     /// products.
     #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
     pub settle_per_sample: Option<bool>,
-    /// Matrix update rule of the composite optimizer: plain, muon, muon-cubic, dion,
-    /// lowrank, fisher, adam.
+    /// Matrix update rule of the composite optimizer: plain, muon (quintic Newton–Schulz),
+    /// muon-cubic (the reference's iteration), dion, lowrank, fisher, adam.
     #[cfg_attr(feature = "cli", arg(long))]
     pub update: Option<String>,
     /// Spectral bound gamma on every matrix (0 removes the preset's constraint).

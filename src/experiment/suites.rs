@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::preset::smep_iteration;
 use super::write_atomic;
 use super::{EstimatorArg, ExperimentError, OptimizerArg, TrainOptions, build_network};
 use crate::bench::plot::{PlotError, Series, bar_chart, line_chart};
@@ -956,7 +957,7 @@ fn speed_summary(
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 10).collect();
     let tensors = TensorBatch::new(&x, &labels, 10, device);
     let settle = settle_bench(&spec.to_string(), &net, &tensors, 30, 0.5, 10)?;
-    let cost = CostModel::new(&net, 30, 1);
+    let cost = CostModel::new(&net, 30, 1, smep_iteration());
     let ep_flop = cost.ep_epoch(samples, batch, true);
     let bp_flop = cost.backprop_epoch(samples);
     let steps = samples.div_ceil(batch) as f64;

@@ -132,14 +132,14 @@ pub enum UpdateRule {
     Muon {
         /// Iterations (5 in the paper).
         ns_steps: usize,
-        /// Quintic (default) or the reference's cubic.
+        /// Keller Jordan's quintic ([`NsIteration::DEFAULT`]) or the reference's cubic.
         iteration: NsIteration,
     },
     /// Dion: rank-`r` power iteration warm-started from the previous right factor `Q`:
     /// `B = M + G`, `P = orth(B Q)`, `R = B^T P`, `M <- B - (1 - mu) P R^T` (error feedback
     /// into the momentum), `Q <- colnorm(R)`, direction `P Q^T` with Muon's shape scale.
     /// `r = max(1, floor(rank_frac * min(m, n)))`. Matrices with fewer than `threshold`
-    /// entries use Muon instead.
+    /// entries use Muon (quintic) instead.
     Dion {
         /// Rank as a fraction of the smaller side, in (0, 1].
         rank_frac: f64,
@@ -157,7 +157,7 @@ pub enum UpdateRule {
     /// Natural gradient with the diagonal empirical Fisher: `F` is an exponential moving
     /// average (weight `ema` on the past) of the mean squared per-sample gradient, computed
     /// exactly from the estimator's per-sample factors (`mean_b (a_b^2)^T (g_b^2)`); the
-    /// direction is `G / (F + damping)`, then orthogonalised if asked. Matrices without
+    /// direction is `G / (F + damping)`, then orthogonalised (quintic Newton–Schulz) if asked. Matrices without
     /// factors (conv kernels) are not whitened.
     Fisher {
         /// Damping added to `F`.
@@ -192,15 +192,15 @@ impl UpdateRule {
         "adam",
     ];
 
-    /// Muon with 5 quintic Newton–Schulz steps (the paper's setting).
+    /// Muon with 5 Newton–Schulz steps of [`NsIteration::DEFAULT`] (the quintic).
     pub const fn muon() -> Self {
         Self::Muon {
             ns_steps: 5,
-            iteration: NsIteration::Quintic,
+            iteration: NsIteration::DEFAULT,
         }
     }
 
-    /// Muon with the reference's cubic iteration, 5 steps.
+    /// Muon with 5 steps of the reference's cubic iteration (the paper's presets).
     pub const fn muon_cubic() -> Self {
         Self::Muon {
             ns_steps: 5,

@@ -22,8 +22,49 @@ pub enum NsIteration {
     Cubic,
 }
 
+impl std::str::FromStr for NsIteration {
+    type Err = String;
+
+    /// `quintic` or `cubic`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "quintic" => Ok(Self::Quintic),
+            "cubic" => Ok(Self::Cubic),
+            other => Err(format!(
+                "unknown Newton–Schulz iteration `{other}` (known: quintic, cubic)"
+            )),
+        }
+    }
+}
+
 /// Quintic Newton–Schulz coefficients.
 pub const QUINTIC: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);
+
+/// Cubic Newton–Schulz coefficients (`c = 0`: no `A^2` term).
+pub const CUBIC: (f32, f32, f32) = (1.5, -0.5, 0.0);
+
+impl NsIteration {
+    /// Muon's iteration unless asked otherwise: the quintic, which trains short runs of
+    /// convolutional nets better. The paper's presets use the cubic, as the reference does
+    /// (see `Preset::smep`).
+    pub const DEFAULT: Self = Self::Quintic;
+
+    /// The iteration's name: `quintic` or `cubic`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Quintic => "quintic",
+            Self::Cubic => "cubic",
+        }
+    }
+
+    /// `(a, b, c)` of the step `X <- a X + (b A + c A^2) X`, `A = X X^T`.
+    pub const fn coefficients(self) -> (f32, f32, f32) {
+        match self {
+            Self::Quintic => QUINTIC,
+            Self::Cubic => CUBIC,
+        }
+    }
+}
 
 /// `||x||_F` as a `[1, 1]` tensor (no host read).
 pub(crate) fn frobenius(x: &Tensor<2>) -> Tensor<2> {
@@ -33,8 +74,8 @@ pub(crate) fn frobenius(x: &Tensor<2>) -> Tensor<2> {
 /// Approximately `U V^T` of `g = U S V^T`: Frobenius pre-normalisation, then `steps`
 /// iterations on the wide orientation (the Gram matrix is the smaller one).
 ///
-/// For a wide `r x c` matrix with `c >= 2r` and at most [`GRAM_SPACE_MAX_STEPS`] quintic
-/// steps (the presets use 5), the iterations run in the `r x r` Gram space
+/// For a wide `r x c` matrix with `c >= 2r` and at most [`GRAM_SPACE_MAX_STEPS`] steps
+/// (the presets use 5), the iterations run in the `r x r` Gram space
 /// (see [`newton_schulz_direct`] for the textbook form, which gives the same result up to
 /// rounding): each iterate is `X_k = Q_k X_0` with `Q_k` a polynomial in `G = X_0 X_0^T`,
 /// so `A_k = X_k X_k^T = Q_k G Q_k`; all of them commute, so `A_{k+1} = p(A_k)^2 A_k` and
@@ -42,8 +83,8 @@ pub(crate) fn frobenius(x: &Tensor<2>) -> Tensor<2> {
 /// end: the `r^2 c` products are paid twice in all instead of twice per step. (Forming
 /// `Q G Q` instead costs as much but multiplies by `Q`, which grows like `3.44^k` on
 /// directions with tiny singular values, and lost up to 8% of the result to rounding.)
-/// For 784 x 256 and 5 quintic steps that is 0.78 instead of 1.20 GFLOP
-/// ([`newton_schulz_flops`]).
+/// For 784 x 256 and 5 quintic steps that is 0.78 instead of 1.20 GFLOP, for 5 cubic
+/// steps 0.61 instead of 1.03 ([`newton_schulz_flops`]).
 ///
 /// On a CPU device in f32 the Gram-space iteration runs on host buffers
 /// ([`newton_schulz_host`]), where every `r x r` product is symmetric and only its blocks
@@ -56,15 +97,15 @@ pub fn newton_schulz(g: Tensor<2>, steps: usize, iteration: NsIteration) -> Tens
     if crate::device::is_host(&g.device()) && g.dtype() == burn::tensor::DType::F32 {
         let [rows, cols] = g.dims();
         let device = g.device();
-        let out = newton_schulz_host(&crate::device::into_host(g), rows, cols, steps);
+        let out = newton_schulz_host(&crate::device::into_host(g), rows, cols, steps, iteration);
         return Tensor::from_data(TensorData::new(out, [rows, cols]), &device);
     }
-    newton_schulz_on_device(g, steps)
+    newton_schulz_on_device(g, steps, iteration)
 }
 
-/// The Gram-space quintic iteration of [`newton_schulz`] with burn's ops, on any device
-/// (for a wide orientation `c >= 2r`; any shape gives the same map).
-pub fn newton_schulz_on_device(g: Tensor<2>, steps: usize) -> Tensor<2> {
+/// The Gram-space iteration of [`newton_schulz`] with burn's ops, on any device (for a
+/// wide orientation `c >= 2r`; any shape gives the same map).
+pub fn newton_schulz_on_device(g: Tensor<2>, steps: usize, iteration: NsIteration) -> Tensor<2> {
     let [rows, cols] = g.dims();
     let r = rows.min(cols);
     let tall = rows > cols;
@@ -72,10 +113,13 @@ pub fn newton_schulz_on_device(g: Tensor<2>, steps: usize) -> Tensor<2> {
     let x = x.clone() / frobenius(&x).add_scalar(1e-7);
     let mut a = x.clone().matmul(x.clone().transpose());
     let mut q: Option<Tensor<2>> = None;
-    let (qa, qb, qc) = QUINTIC;
+    let (qa, qb, qc) = iteration.coefficients();
     for step in 0..steps {
-        let p = (a.clone().mul_scalar(qb) + a.clone().matmul(a.clone()).mul_scalar(qc))
-            .add(Tensor::eye(r, &x.device()).mul_scalar(qa));
+        let mut p = a.clone().mul_scalar(qb);
+        if qc != 0.0 {
+            p = p + a.clone().matmul(a.clone()).mul_scalar(qc);
+        }
+        let p = p.add(Tensor::eye(r, &x.device()).mul_scalar(qa));
         q = Some(match q {
             None => p.clone(),
             Some(q) => p.clone().matmul(q),
@@ -166,15 +210,21 @@ fn transpose_scaled(src: &[f32], rows: usize, cols: usize, scale: f32, dst: &mut
     }
 }
 
-/// The quintic Newton–Schulz map of [`newton_schulz`] in the Gram space on host buffers
-/// (`g` row-major `rows x cols`, wide or tall). `Q_k`, `G` and every `A_k` are polynomials
+/// The Newton–Schulz map of [`newton_schulz`] in the Gram space on host buffers (`g`
+/// row-major `rows x cols`, wide or tall). `Q_k`, `G` and every `A_k` are polynomials
 /// in `G`, so they are symmetric and commute, and each `r x r` product (`A^2`, `p(A) A`,
 /// `p(A) (p(A) A)`, `p(A) Q`) is symmetric: `symmetric_product` computes 36 of its 64
 /// blocks at `r = 256`, and `G = X X^T` likewise. Only the final `Q X` is a full product.
 /// 784 x 256, 5 steps: 0.48 instead of 0.78 GFLOP; measured on one thread 4.7-4.8 ms
 /// against 6.4-6.5 ms for [`newton_schulz_on_device`] on the CPU (blocks of 16, 64 and 128
 /// took 5.0, 5.1-5.2 and 5.5 ms).
-pub fn newton_schulz_host(g: &[f32], rows: usize, cols: usize, steps: usize) -> Vec<f32> {
+pub fn newton_schulz_host(
+    g: &[f32],
+    rows: usize,
+    cols: usize,
+    steps: usize,
+    iteration: NsIteration,
+) -> Vec<f32> {
     let (r, c) = (rows.min(cols), rows.max(cols));
     let tall = rows > cols;
     // In f64: the quintic is not scale-invariant, and an f32 running sum over 2e5 squares
@@ -192,15 +242,21 @@ pub fn newton_schulz_host(g: &[f32], rows: usize, cols: usize, steps: usize) -> 
     let x = MatRef::new(&scaled, r, c);
     let mut a = vec![0.0; r * r];
     symmetric_product(&mut a, x, x.t());
-    let (qa, qb, qc) = QUINTIC;
-    let mut a2 = vec![0.0; r * r];
+    let (qa, qb, qc) = iteration.coefficients();
+    let mut a2 = vec![0.0; if qc != 0.0 { r * r } else { 0 }];
     let mut p = vec![0.0; r * r];
     let mut q = vec![0.0; r * r];
     let mut tmp = vec![0.0; r * r];
     for step in 0..steps {
-        symmetric_product(&mut a2, square(&a, r), square(&a, r));
-        for ((pi, &ai), &a2i) in p.iter_mut().zip(&a).zip(&a2) {
-            *pi = qb * ai + qc * a2i;
+        if qc != 0.0 {
+            symmetric_product(&mut a2, square(&a, r), square(&a, r));
+            for ((pi, &ai), &a2i) in p.iter_mut().zip(&a).zip(&a2) {
+                *pi = qb * ai + qc * a2i;
+            }
+        } else {
+            for (pi, &ai) in p.iter_mut().zip(&a) {
+                *pi = qb * ai;
+            }
         }
         for i in 0..r {
             p[i * r + i] += qa;
@@ -228,20 +284,20 @@ pub fn newton_schulz_host(g: &[f32], rows: usize, cols: usize, steps: usize) -> 
 }
 
 /// Whether [`newton_schulz`] iterates in the Gram space: wide enough (`c >= 2r`) for the
-/// saving, and only for at most [`GRAM_SPACE_MAX_STEPS`] quintic steps. `Q_k` grows like
-/// `a^k` (a = 3.4445) on a direction with a tiny singular value while `G` is rounded
+/// saving, and only for at most [`GRAM_SPACE_MAX_STEPS`] steps. `Q_k` grows like
+/// `a^k` (quintic a = 3.4445, cubic 1.5) on a direction with a tiny singular value while `G` is rounded
 /// relative to its largest one, so `Q G Q` loses about `a^(2k)` f32 ulps there: 5 steps
 /// lose about 1e-2 of `G`'s scale on such directions, whose output is that small anyway
 /// (measured against exact arithmetic: 4e-4 relative error with singular values down to
 /// 1e-4, against 5e-6 for the textbook form, and 3e-6 for both on Gaussian inputs; the
-/// quintic itself is about 0.3 away from `U V^T`). The cubic's 1.5^k over tens of steps
-/// would not be safe.
-fn uses_gram_space(dims: [usize; 2], steps: usize, iteration: NsIteration) -> bool {
+/// quintic itself is about 0.3 away from `U V^T`). The cubic grows `Q` far less (1.5^6 =
+/// 11 at most here), but its 1.5^k over tens of steps would not be safe either.
+fn uses_gram_space(dims: [usize; 2], steps: usize, _iteration: NsIteration) -> bool {
     let (r, c) = (dims[0].min(dims[1]), dims[0].max(dims[1]));
-    c >= 2 * r && (1..=GRAM_SPACE_MAX_STEPS).contains(&steps) && iteration == NsIteration::Quintic
+    c >= 2 * r && (1..=GRAM_SPACE_MAX_STEPS).contains(&steps)
 }
 
-/// Most quintic steps that [`newton_schulz`] runs in the Gram space.
+/// Most steps that [`newton_schulz`] runs in the Gram space.
 pub const GRAM_SPACE_MAX_STEPS: usize = 6;
 
 /// The textbook Newton–Schulz iteration `X <- p(X X^T) X` on the wide orientation (what
@@ -307,9 +363,14 @@ pub fn newton_schulz_host_flops(m: usize, n: usize, steps: usize, iteration: NsI
         }
         total
     };
-    // G; per step A^2; after the first, p(A) Q; before the last, p(A) A and p(A) (p(A) A);
-    // then the full Q X.
-    let products = steps + 3 * (steps - 1);
+    // G; per step A^2 (quintic only); after the first, p(A) Q; before the last, p(A) A and
+    // p(A) (p(A) A); then the full Q X.
+    let squares = if iteration == NsIteration::Quintic {
+        steps
+    } else {
+        0
+    };
+    let products = squares + 3 * (steps - 1);
     symmetric(c) + products as f64 * symmetric(r) + 2.0 * (r * r * c) as f64
 }
 

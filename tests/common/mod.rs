@@ -243,10 +243,21 @@ pub fn gaussianish(m: usize, n: usize, seed: u64) -> Vec<f64> {
 /// The quintic Newton–Schulz map in exact (f64) arithmetic through the SVD:
 /// `U f(S / |G|_F) V^T` with `f` the scalar quintic iterated `steps` times.
 pub fn exact_quintic(g: &[f64], m: usize, n: usize, steps: usize) -> Vec<f64> {
+    exact_newton_schulz(g, m, n, steps, (3.4445, -4.7750, 2.0315))
+}
+
+/// `steps` Newton–Schulz steps `y <- a y + b y^3 + c y^5` applied in exact arithmetic to
+/// the singular values of `g / ||g||_F`, through the SVD.
+pub fn exact_newton_schulz(
+    g: &[f64],
+    m: usize,
+    n: usize,
+    steps: usize,
+    (a, b, c): (f64, f64, f64),
+) -> Vec<f64> {
     let (u, s, v) = svd(g, m, n);
     let k = m.min(n);
     let norm = s.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let (a, b, c) = (3.4445, -4.7750, 2.0315);
     let f: Vec<f64> = s
         .iter()
         .map(|&x| {
