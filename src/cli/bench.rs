@@ -35,6 +35,10 @@ pub enum BenchCommand {
     /// Residual MLPs with 50 and 100 linear layers (width 128): EP and backprop+Adam, one
     /// epoch on 10k MNIST samples; accuracy, time, settle steps and per-layer gradient norms.
     Deep(SuiteArgs),
+    /// Convolutional EP (conv_ep) against backprop with the same optimizer, augmentation,
+    /// model (vgg5-small), epochs and seed, on MNIST, Fashion-MNIST and CIFAR-10 (the full
+    /// set when present, else the shared subset).
+    Conv(SuiteArgs),
     /// Continual learning on permuted MNIST (10 tasks, 784-256-128-10, one epoch per task):
     /// EP, EP+error feedback, EP+EWC (momentum SGD at lr 0.05), backprop and backprop+EWC
     /// (the sgd preset), with the same seeds.
@@ -191,6 +195,7 @@ pub fn run(cmd: BenchCommand, globals: &Globals) -> Result<()> {
         BenchCommand::Speed(args) => suites::run(Suite::Speed, args, globals),
         BenchCommand::Sota(args) => suites::run(Suite::Sota, args, globals),
         BenchCommand::Deep(args) => suites::run(Suite::Deep, args, globals),
+        BenchCommand::Conv(args) => suites::run(Suite::Conv, args, globals),
         BenchCommand::Continual(args) => super::continual::bench(args, globals),
         BenchCommand::Memory(args) => super::memory::run(args, globals),
         BenchCommand::MemoryProbe(args) => super::memory::probe(args, globals),

@@ -42,6 +42,10 @@ pub struct CheckArgs {
     /// Heavy-ball momentum of settling.
     #[arg(long, default_value_t = 0.5)]
     settle_momentum: f32,
+    /// Settle step following the energy's curvature (at most --settle-lr), as `mep train
+    /// --settle-curvature`.
+    #[arg(long)]
+    settle_curvature: bool,
     /// Precision of EP's free phase, settling and contrast (f32, bf16 or f16); the backprop
     /// reference stays in f32, so the comparison shows what the precision costs.
     #[arg(long, default_value = "f32")]
@@ -74,6 +78,7 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         settle_lr: args.settle_lr,
         tol: args.tol,
         settle_momentum: args.settle_momentum,
+        curvature: args.settle_curvature,
         precision: args.precision,
         estimator: args.estimator,
         loss: args.loss,
@@ -127,9 +132,10 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
     }
     for (i, s) in report.settle.iter().enumerate() {
         outln!(
-            "phase {}: {} settle steps, residual {:.3e}{}",
+            "phase {}: {} settle steps of {:.3}, residual {:.3e}{}",
             i + 1,
             s.steps,
+            s.step,
             s.residual,
             if s.converged { " (converged)" } else { "" }
         )?;

@@ -1,4 +1,4 @@
-//! `mep bench table1|table2|xor|speed|sota|deep`: the library's suites with progress bars.
+//! `mep bench table1|table2|xor|speed|sota|deep|conv`: the library's suites with progress bars.
 
 use std::path::PathBuf;
 

@@ -149,6 +149,10 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
             Some(Standardize::Dataset) => "standardised".to_string(),
             Some(Standardize::MeanStd { mean, std }) => format!("standardised with {mean},{std}"),
             _ => "inputs in [0, 1]".to_string(),
+        } + &if config.augment.is_off() {
+            String::new()
+        } else {
+            format!(", augmented {}", config.augment)
         },
         recipe.label(),
         config.epochs,

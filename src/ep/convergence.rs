@@ -14,6 +14,11 @@ pub const ADAPTIVE_MAX_FACTOR: f32 = 2.0;
 /// Settling counts as diverged when the largest per-sample state-gradient norm grows past
 /// this multiple of its value at the start.
 pub const BLOWUP_FACTOR: f32 = 1e3;
+/// Power-iteration rounds of the curvature estimate ([`SettleConfig::curvature`]).
+pub const CURVATURE_ITERATIONS: usize = 6;
+/// Fraction of heavy-ball's stability limit `2 (1 + momentum) / lambda_max` that the
+/// curvature-following step takes (power iteration approaches `lambda_max` from below).
+pub const CURVATURE_SAFETY: f32 = 0.5;
 
 /// Settling options.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -40,6 +45,15 @@ pub struct SettleConfig {
     /// loop drops stopped samples from its products, so the saved steps save time.
     #[serde(default)]
     pub per_sample: bool,
+    /// A step that follows the energy's curvature: at the start of each settle, the state
+    /// Hessian's largest eigenvalue `lambda` is estimated by [`CURVATURE_ITERATIONS`]
+    /// rounds of power iteration on finite differences of the state gradient, and the
+    /// step is `min(lr, CURVATURE_SAFETY * 2 (1 + momentum) / lambda)`: heavy-ball stays
+    /// stable as the weights (and with them `lambda`, about `1 + sigma_max(W)^2`) grow.
+    /// Costs about [`CURVATURE_ITERATIONS`] settle steps per settle. The equilibrium, and
+    /// so the EP gradient at convergence, is unchanged.
+    #[serde(default)]
+    pub curvature: bool,
 }
 
 impl Default for SettleConfig {
@@ -53,6 +67,7 @@ impl Default for SettleConfig {
             check_every: 5,
             adaptive: false,
             per_sample: false,
+            curvature: false,
         }
     }
 }
@@ -121,6 +136,10 @@ pub struct SettleStats {
     /// stop on their own, see [`SettleConfig::per_sample`]).
     #[serde(default)]
     pub sample_steps: f32,
+    /// The step size used (`lr`, or the curvature-following step, see
+    /// [`SettleConfig::curvature`]).
+    #[serde(default)]
+    pub step: f32,
 }
 
 /// Settled states with their evaluation.

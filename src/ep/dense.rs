@@ -374,7 +374,10 @@ pub(crate) fn settle(
 
     let loss = model.loss();
     let mut residuals = ResidualCheck::new(config, beta);
-    let mut stats = SettleStats::default();
+    let mut stats = SettleStats {
+        step: config.lr,
+        ..SettleStats::default()
+    };
     let mut curve = Vec::new();
     loop {
         let check = stats.steps.is_multiple_of(config.check_every);

@@ -137,7 +137,10 @@ impl<'a> LeanChain<'a> {
         let loss = self.model.loss();
         let mut momentum: Vec<Option<Tensor<2>>> = vec![None; depth];
         let mut residuals = ResidualCheck::new(config, beta);
-        let mut stats = SettleStats::default();
+        let mut stats = SettleStats {
+            step: config.lr,
+            ..SettleStats::default()
+        };
         let mut curve = Vec::new();
         loop {
             let check = stats.steps.is_multiple_of(config.check_every);

@@ -11,10 +11,10 @@ pub(crate) mod lean;
 mod settle;
 
 pub use convergence::{
-    ADAPTIVE_GROWTH, ADAPTIVE_MAX_FACTOR, ADAPTIVE_SHRINK, BLOWUP_FACTOR, SettleConfig,
-    SettleError, SettleStats, Settled,
+    ADAPTIVE_GROWTH, ADAPTIVE_MAX_FACTOR, ADAPTIVE_SHRINK, BLOWUP_FACTOR, CURVATURE_ITERATIONS,
+    CURVATURE_SAFETY, SettleConfig, SettleError, SettleStats, Settled,
 };
 pub(crate) use energy::DensePlan;
 pub use energy::{BatchContext, EnergyModel, Evaluation};
 pub use eqprop::{EqPropConfig, EqPropInit, EqPropModel, EqPropNetworkError};
-pub use settle::Settler;
+pub use settle::{Settler, largest_curvature};

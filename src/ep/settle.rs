@@ -3,8 +3,8 @@
 use burn::tensor::TensorData;
 
 use super::convergence::{
-    ADAPTIVE_GROWTH, ADAPTIVE_MAX_FACTOR, ADAPTIVE_SHRINK, ResidualCheck, SettleConfig,
-    SettleError, SettleStats, Settled,
+    ADAPTIVE_GROWTH, ADAPTIVE_MAX_FACTOR, ADAPTIVE_SHRINK, CURVATURE_ITERATIONS, CURVATURE_SAFETY,
+    ResidualCheck, SettleConfig, SettleError, SettleStats, Settled,
 };
 use super::energy::{BatchContext, EnergyModel, Evaluation};
 use crate::device::{Tensor, to_host};
@@ -53,9 +53,8 @@ impl Settler {
     /// Descends the energy at nudge `beta` from `start` (whose evaluation is `start_eval`).
     /// On a CPU device, networks with the dense structure (linear layers joined by
     /// element-wise activations) in f32 run the fused host loop of `ep::dense`, which
-    /// computes the same iteration; everything else (lower precision, the adaptive step)
-    /// runs
-    /// [`Settler::settle_generic`].
+    /// computes the same iteration; everything else (lower precision, the adaptive or
+    /// curvature-following step) runs [`Settler::settle_generic`].
     pub fn settle(
         &self,
         model: &EnergyModel,
@@ -67,6 +66,7 @@ impl Settler {
     ) -> Result<Settled, SettleError> {
         if crate::device::is_host(&ctx.input().device())
             && !self.config.adaptive
+            && !self.config.curvature
             && start.iter().all(|s| s.dtype() == burn::tensor::DType::F32)
             && let Some(plan) = model.dense_plan(net)
         {
@@ -90,13 +90,22 @@ impl Settler {
         let mut eval = start_eval.clone();
         let mut momentum: Vec<Tensor<2>> = states.iter().map(Tensor::zeros_like).collect();
         let mut residuals = ResidualCheck::new(c, beta);
-        let mut stats = SettleStats::default();
+        let base_lr = if c.curvature {
+            let lambda = largest_curvature(model, net, ctx, &states, &eval, beta);
+            c.lr.min(CURVATURE_SAFETY * 2.0 * (1.0 + c.momentum) / lambda)
+        } else {
+            c.lr
+        };
+        let mut stats = SettleStats {
+            step: base_lr,
+            ..SettleStats::default()
+        };
         let mut curve = Vec::new();
         let batch = ctx.batch_size();
         let device = ctx.input().device();
         let mut step_size = c
             .adaptive
-            .then(|| Tensor::<2>::full([batch, 1], c.lr, &device));
+            .then(|| Tensor::<2>::full([batch, 1], base_lr, &device));
         let mut energy = c
             .adaptive
             .then(|| model.per_sample_energy(ctx, &eval, beta));
@@ -153,7 +162,7 @@ impl Settler {
                     let grown = lr
                         .clone()
                         .mul_scalar(ADAPTIVE_GROWTH)
-                        .clamp_max(c.lr * ADAPTIVE_MAX_FACTOR);
+                        .clamp_max(base_lr * ADAPTIVE_MAX_FACTOR);
                     let shrunk = lr.clone().mul_scalar(ADAPTIVE_SHRINK);
                     let reject = accept.clone().neg().add_scalar(1.0);
                     *lr = grown * accept.clone() + shrunk * reject.clone();
@@ -174,7 +183,7 @@ impl Settler {
                 }
                 _ => {
                     for (s, m) in states.iter_mut().zip(&momentum) {
-                        let step = m.clone().mul_scalar(c.lr);
+                        let step = m.clone().mul_scalar(base_lr);
                         *s = s.clone()
                             - match &mask {
                                 Some(mask) => step * mask.clone(),
@@ -190,4 +199,76 @@ impl Settler {
             model, ctx, states, eval, stats, curve, &stopped, beta,
         ))
     }
+}
+
+/// The state Hessian's largest eigenvalue at `states` (whose evaluation is `eval`), over
+/// the whole batch (the Hessian is block-diagonal across samples, so this is the largest
+/// over samples): [`CURVATURE_ITERATIONS`] rounds of power iteration, each product `H v`
+/// a finite difference of the state gradient over a displacement of rms `1e-3` times the
+/// states' rms (exact where no ReLU or max-pool switches: the layered energy is piecewise
+/// quadratic in the states). Starts from a fixed pattern, so runs are reproducible.
+pub fn largest_curvature(
+    model: &EnergyModel,
+    net: &Network,
+    ctx: &BatchContext,
+    states: &[Tensor<2>],
+    eval: &Evaluation,
+    beta: f32,
+) -> f32 {
+    let sum_sq = |ts: &[Tensor<2>]| -> f32 {
+        let total = ts
+            .iter()
+            .map(|t| t.clone().square().sum())
+            .reduce(|a, b| a + b)
+            .expect("at least one state");
+        to_host(&total.reshape([1, 1]))[0]
+    };
+    let count: usize = states
+        .iter()
+        .map(|s| s.dims().iter().product::<usize>())
+        .sum();
+    let rms = (sum_sq(states) / count as f32).sqrt();
+    let scale = 1e-3 * rms.max(1e-3);
+    let device = ctx.input().device();
+    // A fixed pseudo-random pattern in [-0.5, 0.5).
+    let mut k = 0u64;
+    let mut v: Vec<Tensor<2>> = states
+        .iter()
+        .map(|s| {
+            let dims = s.dims();
+            let data: Vec<f32> = (0..dims[0] * dims[1])
+                .map(|_| {
+                    k += 1;
+                    let h = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+                    h as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect();
+            Tensor::from_data(TensorData::new(data, dims), &device)
+        })
+        .collect();
+    let base = model.state_gradients(net, ctx, eval, beta);
+    let mut lambda = 0.0;
+    for _ in 0..CURVATURE_ITERATIONS {
+        let norm = sum_sq(&v).sqrt();
+        if !(norm.is_finite() && norm > 0.0) {
+            break;
+        }
+        // The displacement: v rescaled to rms `scale`.
+        let factor = scale * (count as f32).sqrt() / norm;
+        let moved: Vec<Tensor<2>> = states
+            .iter()
+            .zip(&v)
+            .map(|(s, d)| s.clone() + d.clone().mul_scalar(factor))
+            .collect();
+        let moved_eval = model.evaluate(net, ctx, &moved);
+        let grads = model.state_gradients(net, ctx, &moved_eval, beta);
+        v = grads
+            .into_iter()
+            .zip(&base)
+            .map(|(g, b)| g - b.clone())
+            .collect();
+        // |H d| / |d| with |d| = scale * sqrt(count).
+        lambda = sum_sq(&v).sqrt() / (scale * (count as f32).sqrt());
+    }
+    lambda.max(1.0)
 }

@@ -40,6 +40,9 @@ pub struct GradientCheck {
     pub tol: f32,
     /// Heavy-ball momentum of settling.
     pub settle_momentum: f32,
+    /// The curvature-following settle step ([`crate::ep::SettleConfig::curvature`]).
+    #[serde(default)]
+    pub curvature: bool,
     /// Precision of EP's free phase, settling and contrast; the reference stays in f32.
     pub precision: Precision,
     /// Estimator to check: ep, local-ep or eqprop.
@@ -65,6 +68,7 @@ impl Default for GradientCheck {
             settle_lr: 0.3,
             tol: 1e-5,
             settle_momentum: 0.5,
+            curvature: false,
             precision: Precision::F32,
             estimator: EstimatorArg::Ep,
             loss: Loss::Mse {
@@ -155,6 +159,7 @@ impl GradientCheck {
             tol: self.tol,
             momentum: self.settle_momentum,
             check_every: 10,
+            curvature: self.curvature,
             ..SettleConfig::default()
         };
         let ep_config = EpConfig {

@@ -128,6 +128,12 @@ pub struct TrainOptions {
     /// Per-sample adaptive settle step.
     #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
     pub adaptive: Option<bool>,
+    /// A settle step that follows the energy's curvature: `min(--settle-lr, 0.5 * 2 (1 +
+    /// momentum) / lambda_max)`, with the state Hessian's largest eigenvalue estimated by
+    /// power iteration at the start of each settle, so settling stays stable as the
+    /// weights grow (the conv_ep preset's choice).
+    #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
+    pub settle_curvature: Option<bool>,
     /// Per-sample stopping: a sample stops settling once its own state-gradient norm is
     /// under --settle-tol * beta (at a check); the dense fast path then drops it from its
     /// products.
@@ -222,6 +228,7 @@ impl TrainOptions {
             settle_momentum,
             settle_check,
             adaptive,
+            settle_curvature,
             settle_per_sample,
             update,
             gamma,
@@ -288,13 +295,21 @@ impl TrainOptions {
         }
     }
 
-    /// Epochs, batch size and seed.
+    /// Epochs, batch size, seed and augmentation (`augment` if set, else the recipe's on
+    /// the data set, [`Recipe::augment`]).
     pub fn train_config(&self, seed: u64) -> Result<TrainConfig, ExperimentError> {
+        let augment = match self.augment {
+            Some(a) => a,
+            None => {
+                let dataset = crate::data::find(self.dataset())?;
+                self.unscheduled_recipe()?.augment(&dataset)
+            }
+        };
         let config = TrainConfig {
             epochs: self.epochs.unwrap_or(DEFAULT_EPOCHS),
             batch_size: self.batch.unwrap_or(DEFAULT_BATCH),
             seed,
-            augment: self.augment.unwrap_or_default(),
+            augment,
         };
         if config.epochs == 0 {
             return invalid("--epochs must be at least 1");
@@ -383,6 +398,7 @@ impl TrainOptions {
             check_every: self.settle_check.unwrap_or(base.check_every),
             adaptive: self.adaptive.unwrap_or(base.adaptive),
             per_sample: self.settle_per_sample.unwrap_or(base.per_sample),
+            curvature: self.settle_curvature.unwrap_or(base.curvature),
         }
     }
 

@@ -1,6 +1,7 @@
 //! A resolved recipe: which gradient estimator with which options, and the composite
 //! optimizer's configuration.
 
+use crate::data::{Augment, DatasetSpec};
 use crate::ep::EqPropConfig;
 use crate::estimate::{EpConfig, EstimateError, GradientEstimator};
 use crate::loss::Loss;
@@ -112,10 +113,26 @@ impl Recipe {
             self.estimator,
             EstimatorChoice::Ep(_) | EstimatorChoice::LocalEp(_) | EstimatorChoice::NaturalEp(_)
         );
-        if ep && orthogonalised && bounded {
+        // The convolutional recipe standardises as every published one does.
+        if (ep && orthogonalised && bounded) || self.preset == Some(Preset::ConvEp) {
             super::DEFAULT_STANDARDIZE
         } else {
             Standardize::None
+        }
+    }
+
+    /// The training-batch augmentation the recipe uses on `dataset` when none is asked
+    /// for: random crops of 4 pixels and left-right flips for [`Preset::conv_ep`] on
+    /// natural (three-channel) images such as CIFAR-10, as the published convolutional EP
+    /// recipes train; nothing otherwise (digits and clothes, and every other recipe).
+    pub fn augment(&self, dataset: &DatasetSpec) -> Augment {
+        if self.preset == Some(Preset::ConvEp) && dataset.input_shape[0] == 3 {
+            Augment {
+                crop_pad: 4,
+                flip: true,
+            }
+        } else {
+            Augment::NONE
         }
     }
 

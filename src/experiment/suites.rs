@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::preset::smep_iteration;
+use super::preset::{Preset, smep_iteration};
 use super::write_atomic;
 use super::{EstimatorArg, ExperimentError, OptimizerArg, TrainOptions, build_network};
 use crate::bench::plot::{PlotError, Series, bar_chart, line_chart};
@@ -38,6 +38,11 @@ pub enum Suite {
     /// Depth: residual MLPs of width 128 with 50 and 100 linear layers, EP and backprop,
     /// one epoch on 10k MNIST samples, with per-layer gradient norms at initialisation.
     Deep,
+    /// Convolutional EP ([`Preset::conv_ep`]) against backprop with the same optimizer,
+    /// inputs, augmentation, model (`vgg5-small`), epochs and seed, on MNIST,
+    /// Fashion-MNIST and CIFAR-10 (the full set when present, the shared subset otherwise,
+    /// named as such).
+    Conv,
 }
 
 /// One depth of the deep suite and its EP settle settings.
@@ -128,9 +133,66 @@ fn opts(
     }
 }
 
+/// The conv suite's backprop twin of [`Preset::conv_ep`] on `dataset`: the same optimizer
+/// (its update rule, learning rate, schedule, momentum and weight decay), inputs and
+/// augmentation, with the cross-entropy gradient by backprop.
+fn conv_backprop(mut o: TrainOptions, dataset: &str) -> Result<TrainOptions, ExperimentError> {
+    let recipe = Preset::conv_ep();
+    let opt = recipe.optimizer;
+    o.preset = None;
+    o.estimator = Some(EstimatorArg::Backprop);
+    o.optimizer = Some(OptimizerArg::Sgd);
+    o.loss = Some("ce".into());
+    o.update = Some(opt.update.name().into());
+    o.lr = Some(opt.lr);
+    o.momentum = Some(opt.momentum);
+    o.nesterov = Some(opt.nesterov);
+    o.weight_decay = Some(opt.weight_decay);
+    o.gamma = Some(match opt.constraint {
+        crate::optim::Constraint::Spectral { gamma, .. } => gamma,
+        _ => 0.0,
+    });
+    o.schedule = Some(
+        match opt.schedule {
+            crate::optim::Schedule::Cosine { .. } => "cosine",
+            _ => "constant",
+        }
+        .into(),
+    );
+    o.standardize = Some(recipe.standardize());
+    o.augment = Some(recipe.augment(&crate::data::find(dataset)?));
+    Ok(o)
+}
+
 fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
     let mut out = Vec::new();
     match suite {
+        Suite::Conv => {
+            // Full: 10 epochs of the whole sets (hours per data set on this CPU: the
+            // weekly tier). Quick: one epoch on 512 samples.
+            let (epochs, train, test) = if quick {
+                (1, Some(512), Some(256))
+            } else {
+                (10, None, None)
+            };
+            for (setting, dataset) in [
+                ("mnist", "mnist"),
+                ("fashion-mnist", "fashion-mnist"),
+                ("cifar-10", "cifar-10"),
+            ] {
+                let ep = opts("conv_ep", dataset, "vgg5-small", epochs, 64, train, test);
+                let bp = conv_backprop(ep.clone(), dataset)
+                    .expect("the conv suite's data sets are in the catalogue");
+                for (label, o) in [("conv_ep", ep), ("backprop", bp)] {
+                    out.push(Plan {
+                        setting,
+                        label,
+                        opts: o,
+                        paper: None,
+                    });
+                }
+            }
+        }
         Suite::Deep => {
             let (train, test) = if quick { (1000, 500) } else { (10000, 10000) };
             for deep in deep_settings(quick) {
@@ -632,8 +694,9 @@ impl Suite {
                 "--seeds needs at least one seed".into(),
             ));
         }
-        let plan = plans(self, config.quick);
-        for p in &plan {
+        let mut plan = plans(self, config.quick);
+        for p in &mut plan {
+            substitute_cifar_subset(p, config.locator);
             p.opts.validate()?;
         }
         let device = &config.device;
@@ -743,6 +806,21 @@ impl Suite {
             table: md,
             deep,
         })
+    }
+}
+
+/// A plan on the full CIFAR-10 runs on the shared subset when the full set is not on disk
+/// (the suites never download 170 MB by themselves), under the subset's name.
+fn substitute_cifar_subset(plan: &mut Plan, locator: &DataLocator) {
+    if plan.opts.dataset() != "cifar-10" {
+        return;
+    }
+    let present = crate::data::find("cifar-10")
+        .map(|spec| locator.locate_cifar(&spec).is_ok())
+        .unwrap_or(false);
+    if !present {
+        plan.opts.dataset = Some("cifar-10-subset".into());
+        plan.setting = "cifar-10-subset";
     }
 }
 

@@ -242,6 +242,23 @@ impl UpdateRule {
         }
     }
 
+    /// The rule's name in [`UpdateRule::NAMES`] (a rule with other settings than its
+    /// named constructor's has the same name).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Muon {
+                iteration: NsIteration::Cubic,
+                ..
+            } => "muon-cubic",
+            Self::Muon { .. } => "muon",
+            Self::Dion { .. } => "dion",
+            Self::LowRank { .. } => "lowrank",
+            Self::Fisher { .. } => "fisher",
+            Self::Adam { .. } => "adam",
+        }
+    }
+
     /// Whether the rule compresses by itself (so error feedback needs no compression in
     /// front of it).
     pub fn compresses(&self) -> bool {
