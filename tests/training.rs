@@ -149,6 +149,10 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
         "200",
         "--nudging",
         "random",
+        // Each sample's crop is drawn from (seed, epoch, index): a resumed run draws the
+        // same ones.
+        "--augment",
+        "crop:2",
         "--json",
     ];
     let whole = scratch_dir("resume-whole");
