@@ -42,12 +42,16 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 fn convolution_kernels_match_burn_for_strides_and_padding() {
     let dev = cpu_device(CpuBackend::Flex);
     let ad = autodiff(&dev);
-    // (batch, in, h, w, out, kernel, stride, padding)
+    // (batch, in, h, w, out, kernel, stride, padding). Samples are multiplied in blocks of
+    // ceil(512 / output pixels): the first cases fit one block; 9 samples of 10 x 10
+    // outputs make blocks of 6 and 3, and 30 x 30 outputs a block per sample.
     let cases = [
         (3, 3, 9, 7, 4, 3, 1, 0),
         (2, 2, 8, 8, 3, 3, 2, 1),
         (2, 1, 6, 6, 2, 5, 1, 2),
         (4, 5, 11, 10, 6, 4, 3, 2),
+        (9, 2, 12, 12, 3, 3, 1, 0),
+        (3, 1, 30, 30, 2, 3, 1, 1),
     ];
     for (seed, &(b, ci, h, w, co, k, s, p)) in cases.iter().enumerate() {
         let out_h = (h + 2 * p - k) / s + 1;

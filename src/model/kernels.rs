@@ -3,8 +3,8 @@
 //! burn-flex runs 4-D convolutions and pooling at a few GFLOP/s on this workload (its conv
 //! returns channels-last views that every following op must gather, and its weight backward
 //! reached 2.6 GFLOP/s on the first layer of `cnn`). These kernels do the same math on plain
-//! row-major `NCHW` slices: per-sample im2col + one `gemm` product, parallel over the batch
-//! with rayon. [`super::Layer`] calls them on the CPU devices and keeps burn's ops for
+//! row-major `NCHW` slices: im2col over a block of samples + one `gemm` product per block,
+//! parallel over the blocks with rayon. [`super::Layer`] calls them on the CPU devices and keeps burn's ops for
 //! autodiff and GPU tensors; `tests/model.rs` checks both paths agree.
 
 use rayon::prelude::*;
@@ -152,6 +152,10 @@ pub(crate) fn matmul_into(
 /// order.
 const PARAM_GROUPS: usize = 8;
 
+/// Columns of the im2col matrix that a block of samples fills before its product
+/// ([`ConvGeometry::block_samples`]).
+const BLOCK_COLUMNS: usize = 512;
+
 /// The sizes of one 2-D convolution over a batch of `NCHW` images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeometry {
@@ -224,14 +228,26 @@ impl ConvGeometry {
         batch
     }
 
-    /// Writes the receptive fields of one sample as columns: `cols[patch, pixel]`.
-    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+    /// Samples whose products are made together: enough that the im2col matrix of the
+    /// group has at least [`BLOCK_COLUMNS`] columns (one sample where its own image is
+    /// that large). Fixed by the geometry and the batch alone, so results do not depend on
+    /// the thread count.
+    fn block_samples(&self, batch: usize) -> usize {
+        BLOCK_COLUMNS
+            .div_ceil(self.out_pixels())
+            .clamp(1, batch.max(1))
+    }
+
+    /// Writes the receptive fields of one sample as columns: row `r` of `cols[patch,
+    /// pixel]` starts at `r * row_stride` (a block of samples shares each row, one sample's
+    /// pixels after another's).
+    fn im2col(&self, x: &[f32], cols: &mut [f32], row_stride: usize) {
         let (k, pix) = (self.kernel, self.out_pixels());
         for c in 0..self.in_channels {
             let plane = &x[c * self.in_h * self.in_w..(c + 1) * self.in_h * self.in_w];
             for ki in 0..k {
                 for kj in 0..k {
-                    let row = &mut cols[((c * k + ki) * k + kj) * pix..][..pix];
+                    let row = &mut cols[((c * k + ki) * k + kj) * row_stride..][..pix];
                     let (lo, hi) = self.valid_cols(kj);
                     for oh in 0..self.out_h {
                         let out = &mut row[oh * self.out_w..(oh + 1) * self.out_w];
@@ -258,15 +274,16 @@ impl ConvGeometry {
         }
     }
 
-    /// Adds columns back into one sample's image: the adjoint of [`Self::im2col`].
-    fn col2im(&self, cols: &[f32], x: &mut [f32]) {
+    /// Adds columns back into one sample's image (row `r` of the columns starts at
+    /// `r * row_stride`): the adjoint of [`Self::im2col`].
+    fn col2im(&self, cols: &[f32], row_stride: usize, x: &mut [f32]) {
         let (k, pix) = (self.kernel, self.out_pixels());
         x.fill(0.0);
         for c in 0..self.in_channels {
             let plane = &mut x[c * self.in_h * self.in_w..(c + 1) * self.in_h * self.in_w];
             for ki in 0..k {
                 for kj in 0..k {
-                    let row = &cols[((c * k + ki) * k + kj) * pix..][..pix];
+                    let row = &cols[((c * k + ki) * k + kj) * row_stride..][..pix];
                     let (lo, hi) = self.valid_cols(kj);
                     if lo == hi {
                         continue;
@@ -292,52 +309,97 @@ impl ConvGeometry {
         }
     }
 
+    /// The im2col columns of a block of samples (`xs`, whole samples): `[patch, n * pix]`
+    /// in `cols`, sample `b`'s pixels at columns `b * pix..`. Returns the width `n * pix`.
+    fn block_columns(&self, xs: &[f32], cols: &mut [f32]) -> usize {
+        let pix = self.out_pixels();
+        let width = xs.len() / self.in_len() * pix;
+        for (b, x) in xs.chunks(self.in_len()).enumerate() {
+            self.im2col(x, &mut cols[b * pix..], width);
+        }
+        width
+    }
+
+    /// A block's `[B, out, pix]` output gradients as one `[out, B * pix]` matrix in `dst`.
+    /// Returns the width `B * pix`.
+    fn gather_outputs(&self, gys: &[f32], dst: &mut [f32]) -> usize {
+        let pix = self.out_pixels();
+        let width = gys.len() / self.out_len() * pix;
+        for (b, g) in gys.chunks(self.out_len()).enumerate() {
+            for (o, row) in g.chunks(pix).enumerate() {
+                dst[o * width + b * pix..][..pix].copy_from_slice(row);
+            }
+        }
+        width
+    }
+
     /// `y = conv(x, w) + bias` for a batch: `x` `[B, in, H, W]`, `w` `[out, in*k*k]`,
     /// `bias` `[out]`, `y` `[B, out, OH, OW]`.
+    ///
+    /// Samples are taken in blocks ([`Self::block_samples`]) whose columns form one
+    /// product `[out, patch] x [patch, block * pix]`: a late layer of a VGG-style net has
+    /// a handful of output pixels per sample, and a product that narrow runs at a fraction
+    /// of the kernel's speed.
     pub fn forward(&self, x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32]) {
-        self.batch(x.len(), y.len());
-        let (patch, pix) = (self.patch_len(), self.out_pixels());
-        assert_eq!(w.len(), self.out_channels * patch, "kernel length");
-        assert_eq!(bias.len(), self.out_channels, "bias length");
-        let kernel = MatRef::new(w, self.out_channels, patch);
-        y.par_chunks_mut(self.out_len())
-            .zip(x.par_chunks(self.in_len()))
+        let batch = self.batch(x.len(), y.len());
+        let (patch, pix, out) = (self.patch_len(), self.out_pixels(), self.out_channels);
+        assert_eq!(w.len(), out * patch, "kernel length");
+        assert_eq!(bias.len(), out, "bias length");
+        let kernel = MatRef::new(w, out, patch);
+        let block = self.block_samples(batch);
+        y.par_chunks_mut(block * self.out_len())
+            .zip(x.par_chunks(block * self.in_len()))
             .for_each_init(
-                || vec![0.0; patch * pix],
-                |cols, (ys, xs)| {
-                    self.im2col(xs, cols);
-                    for (row, &b) in ys.chunks_mut(pix).zip(bias) {
-                        row.fill(b);
+                || (vec![0.0; patch * block * pix], vec![0.0; out * block * pix]),
+                |(cols, product), (ys, xs)| {
+                    let width = self.block_columns(xs, cols);
+                    let product = &mut product[..out * width];
+                    matmul(
+                        product,
+                        kernel,
+                        MatRef::new(&cols[..patch * width], patch, width),
+                        false,
+                    );
+                    for (b, ys) in ys.chunks_mut(self.out_len()).enumerate() {
+                        for (o, (row, &bias)) in ys.chunks_mut(pix).zip(bias).enumerate() {
+                            let src = &product[o * width + b * pix..][..pix];
+                            row.iter_mut().zip(src).for_each(|(d, &v)| *d = v + bias);
+                        }
                     }
-                    matmul(ys, kernel, MatRef::new(cols, patch, pix), true);
                 },
             );
     }
 
-    /// The input's vector-Jacobian product: `gx = conv^T(gy)` for every sample.
+    /// The input's vector-Jacobian product: `gx = conv^T(gy)` for every sample, one
+    /// product per block of samples as in [`Self::forward`].
     pub fn input_vjp(&self, w: &[f32], gy: &[f32], gx: &mut [f32]) {
-        self.batch(gx.len(), gy.len());
-        let (patch, pix) = (self.patch_len(), self.out_pixels());
-        assert_eq!(w.len(), self.out_channels * patch, "kernel length");
-        let kernel_t = MatRef::new(w, self.out_channels, patch).t();
-        gx.par_chunks_mut(self.in_len())
-            .zip(gy.par_chunks(self.out_len()))
+        let batch = self.batch(gx.len(), gy.len());
+        let (patch, pix, out) = (self.patch_len(), self.out_pixels(), self.out_channels);
+        assert_eq!(w.len(), out * patch, "kernel length");
+        let kernel_t = MatRef::new(w, out, patch).t();
+        let block = self.block_samples(batch);
+        gx.par_chunks_mut(block * self.in_len())
+            .zip(gy.par_chunks(block * self.out_len()))
             .for_each_init(
-                || vec![0.0; patch * pix],
-                |cols, (gxs, gys)| {
+                || (vec![0.0; patch * block * pix], vec![0.0; out * block * pix]),
+                |(cols, grads), (gxs, gys)| {
+                    let width = self.gather_outputs(gys, grads);
                     matmul(
-                        cols,
+                        &mut cols[..patch * width],
                         kernel_t,
-                        MatRef::new(gys, self.out_channels, pix),
+                        MatRef::new(&grads[..out * width], out, width),
                         false,
                     );
-                    self.col2im(cols, gxs);
+                    for (b, gx) in gxs.chunks_mut(self.in_len()).enumerate() {
+                        self.col2im(&cols[b * pix..], width, gx);
+                    }
                 },
             );
     }
 
     /// The parameters' vector-Jacobian products summed over the batch: `gw` `[out,
-    /// in*k*k]` and `gb` `[out]` (both overwritten).
+    /// in*k*k]` and `gb` `[out]` (both overwritten); one product per block of samples as
+    /// in [`Self::forward`].
     pub fn param_vjp(&self, x: &[f32], gy: &[f32], gw: &mut [f32], gb: &mut [f32]) {
         let batch = self.batch(x.len(), gy.len());
         let (patch, pix, out) = (self.patch_len(), self.out_pixels(), self.out_channels);
@@ -345,18 +407,25 @@ impl ConvGeometry {
         assert_eq!(gb.len(), out, "bias gradient length");
         // Fixed groups of samples, summed in order: the result does not depend on how
         // rayon schedules the groups, so runs repeat bit for bit at any thread count.
-        let group = batch.div_ceil(PARAM_GROUPS).max(1);
+        let block = self.block_samples(batch);
+        let group = batch.div_ceil(PARAM_GROUPS).max(1).div_ceil(block) * block;
         let partials: Vec<(Vec<f32>, Vec<f32>)> = x
             .par_chunks(group * self.in_len())
             .zip(gy.par_chunks(group * self.out_len()))
             .map(|(xs, gys)| {
                 let (mut w_acc, mut b_acc) = (vec![0.0; out * patch], vec![0.0; out]);
-                let mut cols = vec![0.0; patch * pix];
-                for (xs, gys) in xs.chunks(self.in_len()).zip(gys.chunks(self.out_len())) {
-                    self.im2col(xs, &mut cols);
-                    let cols_t = MatRef::new(&cols, patch, pix).t();
-                    matmul(&mut w_acc, MatRef::new(gys, out, pix), cols_t, true);
-                    for (b, row) in b_acc.iter_mut().zip(gys.chunks(pix)) {
+                let mut cols = vec![0.0; patch * block * pix];
+                let mut grads = vec![0.0; out * block * pix];
+                for (xs, gys) in xs
+                    .chunks(block * self.in_len())
+                    .zip(gys.chunks(block * self.out_len()))
+                {
+                    let width = self.block_columns(xs, &mut cols);
+                    self.gather_outputs(gys, &mut grads);
+                    let cols_t = MatRef::new(&cols[..patch * width], patch, width).t();
+                    let grads = MatRef::new(&grads[..out * width], out, width);
+                    matmul(&mut w_acc, grads, cols_t, true);
+                    for (b, row) in b_acc.iter_mut().zip(grads.data.chunks(width)) {
                         *b += row.iter().sum::<f32>();
                     }
                 }
