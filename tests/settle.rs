@@ -545,3 +545,88 @@ fn the_curvature_step_keeps_a_too_large_step_stable() {
     let capped = settle(&net, &batch, SettleConfig { lr: 0.01, ..config }, 0.5).unwrap();
     assert_eq!(capped.stats.step, 0.01);
 }
+
+/// The fused convolutional loop against the generic one: states, steps and residual
+/// curves, for strides 1 and 2, padding 0 to 2, odd image sizes, average-free max pooling,
+/// flatten and linear links, MSE and cross-entropy nudges, one and several blocks of
+/// samples.
+#[test]
+fn the_fused_conv_loop_computes_the_generic_iteration() {
+    let dev = cpu_device(CpuBackend::Flex);
+    // (spec, input shape, batch)
+    let cases = [
+        (
+            "conv4k3-pool2-conv6k3p1-fc10",
+            Shape::Image { c: 1, h: 13, w: 11 },
+            20,
+        ),
+        (
+            "conv5k3s2p1-relu-conv6k3p2-pool2-fc7-fc10",
+            Shape::Image { c: 3, h: 15, w: 15 },
+            40,
+        ),
+        (
+            "conv3k5p2-tanh-pool3-conv4k3s2-fc10",
+            Shape::Image { c: 2, h: 17, w: 13 },
+            33,
+        ),
+    ];
+    for (k, (spec, input, batch)) in cases.into_iter().enumerate() {
+        let net = common::network(spec, input, k as u64 + 1, &dev);
+        let n = input.numel();
+        let x: Vec<f32> = (0..batch * n)
+            .map(|i| ((i * 37 + k) % 101) as f32 / 101.0 - 0.3)
+            .collect();
+        let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 7) % 10).collect();
+        let data = TensorBatch::new(&x, &labels, 10, &dev);
+        for loss in [Loss::default(), Loss::CrossEntropy { smoothing: 0.0 }] {
+            let energy = EnergyModel::new(&net, loss);
+            assert_eq!(energy.fused_loop(&net), Some("conv"), "{spec}");
+            let (ctx, free, eval) = energy.free_phase(&net, data.x.clone(), data.targets.clone());
+            // A fixed step, and the curvature's (estimated once, then the same iteration).
+            for curvature in [false, true] {
+                let config = SettleConfig {
+                    lr: if curvature { 5.0 } else { 0.1 },
+                    steps: 25,
+                    tol: 0.0,
+                    check_every: 5,
+                    momentum: if curvature { 0.9 } else { 0.5 },
+                    curvature,
+                    ..SettleConfig::default()
+                };
+                let settler = Settler::new(config).unwrap();
+                let fused = settler
+                    .settle(&energy, &net, &ctx, &free, &eval, 0.5)
+                    .unwrap();
+                let generic = settler
+                    .settle_generic(&energy, &net, &ctx, &free, &eval, 0.5)
+                    .unwrap();
+                assert_eq!(fused.stats.steps, generic.stats.steps);
+                assert_eq!(fused.stats.step, generic.stats.step);
+                assert!(!curvature || fused.stats.step < 5.0);
+                for (a, b) in fused.states.iter().zip(&generic.states) {
+                    let (a, b) = (to_vec(a), to_vec(b));
+                    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+                    let diff = a
+                        .iter()
+                        .zip(&b)
+                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(
+                        diff <= 1e-4 * scale,
+                        "{spec} {loss:?} curvature {curvature}: states differ by {diff} (scale {scale})"
+                    );
+                }
+                assert_eq!(fused.residual_curve.len(), generic.residual_curve.len());
+                for (&(sa, ra), &(sb, rb)) in
+                    fused.residual_curve.iter().zip(&generic.residual_curve)
+                {
+                    assert_eq!(sa, sb);
+                    assert!(
+                        (ra - rb).abs() <= 1e-3 * rb.max(1e-6),
+                        "{spec}: residual {ra} vs {rb}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -35,7 +35,7 @@ struct Link {
 
 /// `dst = f(src)` (a copy without an activation). The match is outside the loops, so each
 /// loop is a plain, vectorisable map.
-fn apply(activation: Option<Activation>, src: &[f32], dst: &mut [f32]) {
+pub(super) fn apply(activation: Option<Activation>, src: &[f32], dst: &mut [f32]) {
     let map = |dst: &mut [f32], f: &dyn Fn(f32) -> f32| {
         for (d, &x) in dst.iter_mut().zip(src) {
             *d = f(x);
@@ -61,7 +61,7 @@ fn apply(activation: Option<Activation>, src: &[f32], dst: &mut [f32]) {
 
 /// `g = f'(s) g - e`: the feedback already in `g` through the activation, minus the
 /// state's own error.
-fn feedback(activation: Option<Activation>, g: &mut [f32], s: &[f32], e: &[f32]) {
+pub(super) fn feedback(activation: Option<Activation>, g: &mut [f32], s: &[f32], e: &[f32]) {
     match activation {
         None => {
             for (gi, &ei) in g.iter_mut().zip(e) {
@@ -85,7 +85,13 @@ fn feedback(activation: Option<Activation>, g: &mut [f32], s: &[f32], e: &[f32])
 }
 
 /// The per-sample nudge gradient `dL/ds_L` into `out` (rows of `classes`).
-fn loss_gradient(loss: Loss, output: &[f32], targets: &[f32], classes: usize, out: &mut [f32]) {
+pub(super) fn loss_gradient(
+    loss: Loss,
+    output: &[f32],
+    targets: &[f32],
+    classes: usize,
+    out: &mut [f32],
+) {
     match loss {
         Loss::Mse { scale } => {
             let k = match scale {

@@ -134,6 +134,30 @@ pub(crate) struct DensePlan {
     pub residual: Vec<bool>,
 }
 
+/// The structure of a convolutional chain: every state after the first is a convolution
+/// or a linear layer fed by the previous state through at most an element-wise
+/// activation, a max pooling and a flatten (in that order), with no skip links, and
+/// nothing follows the last state.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ConvPlan {
+    /// State widths `n_0..n_{L-1}` (values per sample).
+    pub widths: Vec<usize>,
+    /// For each state `i >= 1`: its layer's index, the activation before it and the max
+    /// pooling layer before it.
+    pub links: Vec<ConvLinkPlan>,
+}
+
+/// One link of a [`ConvPlan`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ConvLinkPlan {
+    /// The convolution or linear layer.
+    pub layer: usize,
+    /// The activation applied to the state below.
+    pub activation: Option<crate::model::Activation>,
+    /// The max pooling layer after the activation.
+    pub pool: Option<usize>,
+}
+
 impl BatchContext {
     /// The first state's prediction (cached for the batch).
     pub(crate) fn first_prediction(&self) -> &Tensor<2> {
@@ -184,6 +208,72 @@ impl EnergyModel {
             links,
             residual,
         })
+    }
+
+    /// Which fused host settle loop `net` settles in on a CPU device in f32 (`"dense"` or
+    /// `"conv"`; the conv loop only without per-sample stopping), if any; `None` means the
+    /// generic loop.
+    pub fn fused_loop(&self, net: &Network) -> Option<&'static str> {
+        if self.dense_plan(net).is_some() {
+            Some("dense")
+        } else if self.conv_plan(net).is_some() {
+            Some("conv")
+        } else {
+            None
+        }
+    }
+
+    /// The [`ConvPlan`] of `net`, if its energy has the structure of a convolutional chain
+    /// (with at least one convolution or pooling: dense chains have [`DensePlan`]).
+    pub(crate) fn conv_plan(&self, net: &Network) -> Option<ConvPlan> {
+        if !self.suffix.is_empty() {
+            return None;
+        }
+        let layers = net.layers();
+        let mut widths = Vec::with_capacity(self.segments.len());
+        let mut links = Vec::new();
+        let mut spatial = false;
+        for (i, seg) in self.segments.iter().enumerate() {
+            if seg.skip.is_some() || !seg.injections.is_empty() {
+                return None;
+            }
+            widths.push(layers[seg.layer].output.numel());
+            if i == 0 {
+                continue;
+            }
+            match layers[seg.layer].op {
+                LayerOp::Linear { .. } => {}
+                LayerOp::Conv2d { .. } => spatial = true,
+                _ => return None,
+            }
+            let mut activation = None;
+            let mut pool = None;
+            let mut flattened = false;
+            for &l in &seg.prefix {
+                match layers[l].op {
+                    LayerOp::Activation(act)
+                        if activation.is_none()
+                            && pool.is_none()
+                            && !flattened
+                            && act.scalar_derivative(0.5).is_some() =>
+                    {
+                        activation = Some(act);
+                    }
+                    LayerOp::MaxPool2d { .. } if pool.is_none() && !flattened => {
+                        pool = Some(l);
+                        spatial = true;
+                    }
+                    LayerOp::Flatten if !flattened => flattened = true,
+                    _ => return None,
+                }
+            }
+            links.push(ConvLinkPlan {
+                layer: seg.layer,
+                activation,
+                pool,
+            });
+        }
+        spatial.then_some(ConvPlan { widths, links })
     }
 
     /// The layers of the first state's segment, in order (its state layer last).

@@ -52,9 +52,11 @@ impl Settler {
 
     /// Descends the energy at nudge `beta` from `start` (whose evaluation is `start_eval`).
     /// On a CPU device, networks with the dense structure (linear layers joined by
-    /// element-wise activations) in f32 run the fused host loop of `ep::dense`, which
-    /// computes the same iteration; everything else (lower precision, the adaptive or
-    /// curvature-following step) runs [`Settler::settle_generic`].
+    /// element-wise activations) in f32 run the fused host loop of `ep::dense`, and
+    /// convolutional chains (without per-sample stopping) that of `ep::conv`; both compute
+    /// the same iteration (with the curvature-following step, at the step estimated here).
+    /// Everything else (lower precision, the adaptive step) runs
+    /// [`Settler::settle_generic`].
     pub fn settle(
         &self,
         model: &EnergyModel,
@@ -64,15 +66,29 @@ impl Settler {
         start_eval: &Evaluation,
         beta: f32,
     ) -> Result<Settled, SettleError> {
-        if crate::device::is_host(&ctx.input().device())
+        let host = crate::device::is_host(&ctx.input().device())
             && !self.config.adaptive
-            && !self.config.curvature
-            && start.iter().all(|s| s.dtype() == burn::tensor::DType::F32)
-            && let Some(plan) = model.dense_plan(net)
-        {
-            return super::dense::settle(&plan, &self.config, model, net, ctx, start, beta);
+            && start.iter().all(|s| s.dtype() == burn::tensor::DType::F32);
+        let dense = host.then(|| model.dense_plan(net)).flatten();
+        let conv = (host && dense.is_none() && !self.config.per_sample)
+            .then(|| model.conv_plan(net))
+            .flatten();
+        if dense.is_none() && conv.is_none() {
+            return self.settle_generic(model, net, ctx, start, start_eval, beta);
         }
-        self.settle_generic(model, net, ctx, start, start_eval, beta)
+        // The fused loops take a fixed step: the curvature's, fixed here, as the generic
+        // loop fixes it at its start.
+        let mut config = self.config;
+        if config.curvature {
+            let lambda = largest_curvature(model, net, ctx, start, start_eval, beta);
+            config.lr = curvature_step(&config, lambda);
+            config.curvature = false;
+        }
+        match (dense, conv) {
+            (Some(plan), _) => super::dense::settle(&plan, &config, model, net, ctx, start, beta),
+            (_, Some(plan)) => super::conv::settle(&plan, &config, model, net, ctx, start, beta),
+            _ => unreachable!("one of the plans exists"),
+        }
     }
 
     /// The generic settle loop on burn tensors (any network, any device).
@@ -91,8 +107,7 @@ impl Settler {
         let mut momentum: Vec<Tensor<2>> = states.iter().map(Tensor::zeros_like).collect();
         let mut residuals = ResidualCheck::new(c, beta);
         let base_lr = if c.curvature {
-            let lambda = largest_curvature(model, net, ctx, &states, &eval, beta);
-            c.lr.min(CURVATURE_SAFETY * 2.0 * (1.0 + c.momentum) / lambda)
+            curvature_step(c, largest_curvature(model, net, ctx, &states, &eval, beta))
         } else {
             c.lr
         };
@@ -199,6 +214,14 @@ impl Settler {
             model, ctx, states, eval, stats, curve, &stopped, beta,
         ))
     }
+}
+
+/// The curvature-following step for a largest eigenvalue `lambda`: `min(lr, CURVATURE_SAFETY
+/// * 2 (1 + momentum) / lambda)` ([`SettleConfig::curvature`]).
+fn curvature_step(config: &SettleConfig, lambda: f32) -> f32 {
+    config
+        .lr
+        .min(CURVATURE_SAFETY * 2.0 * (1.0 + config.momentum) / lambda)
 }
 
 /// The state Hessian's largest eigenvalue at `states` (whose evaluation is `eval`), over

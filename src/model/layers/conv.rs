@@ -76,7 +76,7 @@ fn options(layer: &Layer) -> ConvOptions<2> {
     ConvOptions::new([stride, stride], [padding, padding], [1, 1], 1)
 }
 
-fn geometry(layer: &Layer) -> ConvGeometry {
+pub(super) fn geometry(layer: &Layer) -> ConvGeometry {
     let (
         LayerOp::Conv2d {
             in_channels,

@@ -97,6 +97,17 @@ pub(super) fn from_host(values: Vec<f32>, rows: usize, cols: usize, device: &Dev
 }
 
 impl Layer {
+    /// A convolution's sizes on its input (`None` for other layers).
+    pub(crate) fn conv_geometry(&self) -> Option<crate::model::kernels::ConvGeometry> {
+        matches!(self.op, crate::model::layer::LayerOp::Conv2d { .. }).then(|| conv::geometry(self))
+    }
+
+    /// A max pooling's sizes on its input (`None` for other layers).
+    pub(crate) fn max_pool_geometry(&self) -> Option<crate::model::kernels::PoolGeometry> {
+        matches!(self.op, crate::model::layer::LayerOp::MaxPool2d { .. })
+            .then(|| pool::geometry(self))
+    }
+
     /// The input as `[batch, c, h, w]`.
     pub(super) fn image(&self, x: Tensor<2>) -> Tensor<4> {
         let Shape::Image { c, h, w } = self.input else {

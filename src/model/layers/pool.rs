@@ -52,7 +52,7 @@ fn window(layer: &Layer) -> (usize, usize) {
     }
 }
 
-fn geometry(layer: &Layer) -> PoolGeometry {
+pub(super) fn geometry(layer: &Layer) -> PoolGeometry {
     let (kernel, stride) = window(layer);
     let (
         Shape::Image { c, h, w },

@@ -1,0 +1,336 @@
+//! The fused host settle loop for convolutional chains.
+//!
+//! The counterpart of [`super::dense`] for nets whose states are convolutions or linear
+//! layers joined by an activation, a max pooling and a flatten ([`ConvPlan`]): `cnn`,
+//! `vgg5` and their small variants. The generic loop runs each layer on burn tensors and
+//! copies every host kernel's result into a new tensor (a third of a `vgg5-small` settle
+//! step went to those copies and burn's element-wise ops); here every buffer is allocated
+//! once per settle and each step is, per link, the activation, the pooling (argmax kept),
+//! one convolution or product for the prediction and one for the feedback (the host
+//! kernels of `model::kernels`, which multiply blocks of samples at once), then one fused
+//! pass per state for momentum and state. Blocks of samples step in parallel as in the
+//! dense loop. Per-sample stopping and the adaptive and curvature steps stay with the
+//! generic loop, which `tests/settle.rs` compares this one with.
+
+use burn::tensor::TensorData;
+use rayon::prelude::*;
+
+use super::convergence::{ResidualCheck, SettleConfig, SettleError, SettleStats, Settled};
+use super::dense::{apply, feedback, loss_gradient};
+use super::energy::{BatchContext, ConvPlan, EnergyModel, Evaluation};
+use crate::device::{Tensor, to_host};
+use crate::loss::Loss;
+use crate::model::Activation;
+use crate::model::Network;
+use crate::model::kernels::{ConvGeometry, MatRef, PoolGeometry, matmul};
+
+/// The operator of a link's prediction.
+enum Op {
+    /// `h = x W + b`, `W` `[n_in, n_out]`.
+    Linear { n_in: usize, n_out: usize },
+    /// `h = conv(x, W) + b`, `W` `[out, in * k * k]`.
+    Conv(ConvGeometry),
+}
+
+/// One link `h_{i+1} = op(pool(f(s_i)))` of the plan, on the host.
+struct Link {
+    activation: Option<Activation>,
+    pool: Option<PoolGeometry>,
+    op: Op,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    /// Values per sample after the pooling (the operator's input).
+    input: usize,
+}
+
+impl Link {
+    /// `out = op(x)` for `x.len() / self.input` samples (`out` overwritten).
+    fn predict(&self, x: &[f32], out: &mut [f32]) {
+        match &self.op {
+            Op::Linear { n_in, n_out } => {
+                let rows = x.len() / n_in;
+                for row in out.chunks_exact_mut(*n_out) {
+                    row.copy_from_slice(&self.bias);
+                }
+                matmul(
+                    out,
+                    MatRef::new(x, rows, *n_in),
+                    MatRef::new(&self.weight, *n_in, *n_out),
+                    true,
+                );
+            }
+            Op::Conv(geo) => geo.forward(x, &self.weight, &self.bias, out),
+        }
+    }
+
+    /// `gx = op^T(gy)`, the input's vector-Jacobian product (`gx` overwritten).
+    fn feedback(&self, gy: &[f32], gx: &mut [f32]) {
+        match &self.op {
+            Op::Linear { n_in, n_out } => {
+                let rows = gy.len() / n_out;
+                matmul(
+                    gx,
+                    MatRef::new(gy, rows, *n_out),
+                    MatRef::new(&self.weight, *n_in, *n_out).t(),
+                    false,
+                );
+            }
+            Op::Conv(geo) => geo.input_vjp(&self.weight, gy, gx),
+        }
+    }
+}
+
+/// The buffers of a block of consecutive samples.
+struct Chunk {
+    rows: usize,
+    first: Vec<f32>,
+    targets: Vec<f32>,
+    states: Vec<Vec<f32>>,
+    momentum: Vec<Vec<f32>>,
+    errors: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+    /// `acts[i]`: `f(s_i)` for the link out of state `i`.
+    acts: Vec<Vec<f32>>,
+    /// `pooled[i]`, `argmax[i]`: its pooling and the window maxima (empty without one).
+    pooled: Vec<Vec<f32>>,
+    argmax: Vec<Vec<u32>>,
+    /// `back[i]`: the feedback into the link's input (before the pooling's adjoint).
+    back: Vec<Vec<f32>>,
+    nudge: Vec<f32>,
+    /// Per-sample squared gradient norm of each state, `[rows, depth]`.
+    sq: Vec<f32>,
+}
+
+impl Chunk {
+    fn new(
+        rows: std::ops::Range<usize>,
+        widths: &[usize],
+        links: &[Link],
+        first: &[f32],
+        targets: &[f32],
+        states: &[Vec<f32>],
+    ) -> Self {
+        let n = rows.len();
+        let slice = |v: &[f32], w: usize| v[rows.start * w..rows.end * w].to_vec();
+        let zeros = || widths.iter().map(|w| vec![0.0; n * w]).collect::<Vec<_>>();
+        let depth = widths.len();
+        let pooled_len = |l: &Link| if l.pool.is_some() { n * l.input } else { 0 };
+        Self {
+            rows: n,
+            first: slice(first, widths[0]),
+            targets: slice(targets, widths[depth - 1]),
+            states: states
+                .iter()
+                .zip(widths)
+                .map(|(s, &w)| slice(s, w))
+                .collect(),
+            momentum: zeros(),
+            errors: zeros(),
+            grads: zeros(),
+            acts: widths[..depth - 1]
+                .iter()
+                .map(|w| vec![0.0; n * w])
+                .collect(),
+            pooled: links.iter().map(|l| vec![0.0; pooled_len(l)]).collect(),
+            argmax: links.iter().map(|l| vec![0; pooled_len(l)]).collect(),
+            back: links.iter().map(|l| vec![0.0; n * l.input]).collect(),
+            nudge: vec![0.0; n * widths[depth - 1]],
+            sq: vec![0.0; n * depth],
+        }
+    }
+
+    /// `acts`, the poolings and the prediction errors `e_i = h_i - s_i` at the current
+    /// states.
+    fn evaluate(&mut self, links: &[Link]) {
+        for (e, (&h, &s)) in self.errors[0]
+            .iter_mut()
+            .zip(self.first.iter().zip(&self.states[0]))
+        {
+            *e = h - s;
+        }
+        for (i, link) in links.iter().enumerate() {
+            apply(link.activation, &self.states[i], &mut self.acts[i]);
+            let input: &[f32] = match &link.pool {
+                Some(pool) => {
+                    pool.max_forward(&self.acts[i], &mut self.pooled[i], &mut self.argmax[i]);
+                    &self.pooled[i]
+                }
+                None => &self.acts[i],
+            };
+            let e = &mut self.errors[i + 1];
+            link.predict(input, e);
+            for (ei, &si) in e.iter_mut().zip(&self.states[i + 1]) {
+                *ei -= si;
+            }
+        }
+    }
+
+    /// `g_i = -e_i + f'(s_i) pool^T(op^T(e_{i+1}))` and `g_L = -e_L + beta dL/ds_L`; with
+    /// `norms`, also the per-sample squared norms.
+    fn gradients(&mut self, links: &[Link], widths: &[usize], loss: Loss, beta: f32, norms: bool) {
+        let depth = widths.len();
+        for (i, &width) in widths.iter().enumerate() {
+            let g = &mut self.grads[i];
+            if let Some(link) = links.get(i) {
+                let back = &mut self.back[i];
+                link.feedback(&self.errors[i + 1], back);
+                match &link.pool {
+                    Some(pool) => pool.max_backward(&self.argmax[i], back, g),
+                    None => g.copy_from_slice(back),
+                }
+                feedback(link.activation, g, &self.states[i], &self.errors[i]);
+            } else {
+                loss_gradient(loss, &self.states[i], &self.targets, width, &mut self.nudge);
+                for ((gi, &ni), &ei) in g.iter_mut().zip(&self.nudge).zip(&self.errors[i]) {
+                    *gi = beta * ni - ei;
+                }
+            }
+            if norms {
+                for (b, row) in g.chunks_exact(width).enumerate() {
+                    self.sq[b * depth + i] = row.iter().map(|v| v * v).sum();
+                }
+            }
+        }
+    }
+
+    /// `m <- mu m + g; s <- s - lr m` in one pass per state, then the new errors.
+    fn step(&mut self, links: &[Link], momentum: f32, lr: f32) {
+        for ((s, m), g) in self
+            .states
+            .iter_mut()
+            .zip(&mut self.momentum)
+            .zip(&self.grads)
+        {
+            for ((si, mi), &gi) in s.iter_mut().zip(m.iter_mut()).zip(g) {
+                *mi = *mi * momentum + gi;
+                *si -= lr * *mi;
+            }
+        }
+        self.evaluate(links);
+    }
+}
+
+/// The plan's links with their parameters on the host.
+fn links(plan: &ConvPlan, net: &Network) -> Vec<Link> {
+    plan.links
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let layer = &net.layers()[l.layer];
+            let p = layer.params(net.params());
+            let pool = l.pool.and_then(|k| net.layers()[k].max_pool_geometry());
+            let input = match &pool {
+                Some(g) => g.channels * g.out_h * g.out_w,
+                None => plan.widths[i],
+            };
+            let op = match layer.conv_geometry() {
+                Some(geo) => Op::Conv(geo),
+                None => Op::Linear {
+                    n_in: input,
+                    n_out: plan.widths[i + 1],
+                },
+            };
+            Link {
+                activation: l.activation,
+                pool,
+                op,
+                weight: to_host(&p[0]),
+                bias: to_host(&p[1]),
+                input,
+            }
+        })
+        .collect()
+}
+
+/// Settles on the host; see the module docs. Same contract as [`super::Settler::settle`].
+pub(crate) fn settle(
+    plan: &ConvPlan,
+    config: &SettleConfig,
+    model: &EnergyModel,
+    net: &Network,
+    ctx: &BatchContext,
+    start: &[Tensor<2>],
+    beta: f32,
+) -> Result<Settled, SettleError> {
+    let batch = ctx.batch_size();
+    let widths = &plan.widths;
+    let depth = widths.len();
+    let links = links(plan, net);
+    let first = to_host(ctx.first_prediction());
+    let targets = to_host(ctx.targets());
+    let states: Vec<Vec<f32>> = start.iter().map(to_host).collect();
+    let blocks = crate::device::threads().min(batch / 16).max(1);
+    let mut chunks: Vec<Chunk> = (0..blocks)
+        .map(|b| {
+            let rows = batch * b / blocks..batch * (b + 1) / blocks;
+            Chunk::new(rows, widths, &links, &first, &targets, &states)
+        })
+        .collect();
+    let each = |chunks: &mut Vec<Chunk>, f: &(dyn Fn(&mut Chunk) + Sync)| {
+        if chunks.len() == 1 {
+            f(&mut chunks[0]);
+        } else {
+            chunks.par_iter_mut().for_each(f);
+        }
+    };
+    each(&mut chunks, &|c| c.evaluate(&links));
+
+    let loss = model.loss();
+    let mut residuals = ResidualCheck::new(config, beta);
+    let mut stats = SettleStats {
+        step: config.lr,
+        ..SettleStats::default()
+    };
+    let mut curve = Vec::new();
+    loop {
+        let check = stats.steps.is_multiple_of(config.check_every);
+        each(&mut chunks, &|c| {
+            c.gradients(&links, widths, loss, beta, check)
+        });
+        if check {
+            let rows = || chunks.iter().flat_map(|c| c.sq.chunks_exact(depth));
+            let layer_max: Vec<f32> = (0..depth)
+                .map(|i| {
+                    rows()
+                        .map(|r| r[i])
+                        .fold(f32::NEG_INFINITY, f32::max)
+                        .sqrt()
+                })
+                .collect();
+            let total = rows()
+                .map(|r| r.iter().sum::<f32>())
+                .fold(f32::NEG_INFINITY, f32::max)
+                .sqrt();
+            if residuals.check(
+                &layer_max,
+                total,
+                model.state_names(),
+                &mut stats,
+                &mut curve,
+            )? {
+                stats.converged = true;
+                break;
+            }
+        }
+        if stats.steps >= config.steps {
+            break;
+        }
+        each(&mut chunks, &|c| c.step(&links, config.momentum, config.lr));
+        stats.steps += 1;
+    }
+    let device = ctx.input().device();
+    let states: Vec<Tensor<2>> = (0..depth)
+        .map(|i| {
+            let values: Vec<f32> = chunks
+                .iter()
+                .flat_map(|c| c.states[i].iter().copied())
+                .collect();
+            Tensor::from_data(TensorData::new(values, [batch, widths[i]]), &device)
+        })
+        .collect();
+    let stopped = vec![None; chunks.iter().map(|c| c.rows).sum()];
+    let eval: Evaluation = model.evaluate(net, ctx, &states);
+    Ok(Settled::finish(
+        model, ctx, states, eval, stats, curve, &stopped, beta,
+    ))
+}
