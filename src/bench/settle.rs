@@ -6,7 +6,8 @@ use super::median_us;
 use crate::device::{Backend, Device, Tensor};
 use crate::ep::{EnergyModel, SettleConfig, Settler};
 use crate::estimate::{
-    EpConfig, EpEstimator, EstimateError, GradientEstimator, Nudging, TensorBatch,
+    BackpropEstimator, EpConfig, EpEstimator, EstimateError, GradientEstimator, Nudging,
+    TensorBatch,
 };
 use crate::loss::Loss;
 use crate::model::{Gemm, Network, kernels};
@@ -36,6 +37,15 @@ pub struct SettleBench {
     pub ep_gradient_ms: f64,
     /// Achieved GFLOP/s of the whole EP gradient.
     pub ep_gradient_gflops: f64,
+    /// Median milliseconds of one backprop gradient (cross-entropy) of the same batch.
+    #[serde(default)]
+    pub backprop_ms: f64,
+    /// Its achieved GFLOP/s (forward, input and parameter VJPs: 3x the forward's).
+    #[serde(default)]
+    pub backprop_gflops: f64,
+    /// The settle loop that ran: `dense`, `conv` (the fused host loops) or `generic`.
+    #[serde(default)]
+    pub settle_loop: String,
 }
 
 fn force(t: &Tensor<2>) {
@@ -106,9 +116,9 @@ fn host_gemm_gflops(gemms: &[Gemm], repeats: usize) -> f64 {
     flops / us / 1e3
 }
 
-/// Times one settle step (a fixed-length settle divided by its steps) and one one-sided EP
-/// gradient of `net` on `batch` (settle step size `lr`, no early stopping), and the matrix
-/// products of the same shapes.
+/// Times one settle step (a fixed-length settle divided by its steps), one one-sided EP
+/// gradient of `net` on `batch` (settle step size `lr`, no early stopping) and one backprop
+/// gradient, and the matrix products of the same shapes.
 pub fn settle_bench(
     model: &str,
     net: &Network,
@@ -159,6 +169,17 @@ pub fn settle_bench(
     }
     let grad_flops = energy.gradient_flops(net, n, steps, 1);
 
+    let mut bp = BackpropEstimator::new(Loss::CrossEntropy { smoothing: 0.0 })?;
+    let mut failure = None;
+    let bp_us = median_us(repeats, || match bp.estimate(net, batch) {
+        Ok(e) => force(&e.grads[0]),
+        Err(e) => failure = Some(e),
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let bp_flops = 3.0 * net.layers().iter().map(|l| l.forward_flops(n)).sum::<f64>();
+
     // The settle step's products: each state layer after the first, forward and transposed.
     let mut shapes = Vec::new();
     let states: Vec<_> = net.layers().iter().filter(|l| l.is_state()).collect();
@@ -189,5 +210,8 @@ pub fn settle_bench(
         matmul_gflops: matmul,
         ep_gradient_ms: grad_us / 1e3,
         ep_gradient_gflops: grad_flops / grad_us / 1e3,
+        backprop_ms: bp_us / 1e3,
+        backprop_gflops: bp_flops / bp_us / 1e3,
+        settle_loop: energy.fused_loop(net).unwrap_or("generic").to_string(),
     })
 }

@@ -75,7 +75,7 @@ pub struct SettleArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "784-256-128-10,cnn-small"
+        default_value = "784-256-128-10,cnn-small,cnn,vgg5-small"
     )]
     models: Vec<ModelSpec>,
     /// Directory for results.json.
@@ -242,29 +242,40 @@ fn settle(args: SettleArgs, globals: &Globals) -> Result<()> {
         return Ok(());
     }
     outln!(
-        "{:<34} {:>5} {:>7} {:>12} {:>10} {:>10} {:>11} {:>12} {:>10}",
+        "{:<12} {:>5} {:>7} {:>8} {:>12} {:>10} {:>10} {:>11} {:>12} {:>10} {:>12} {:>10}",
         "model",
         "batch",
         "threads",
+        "loop",
         "settle step",
         "MFLOP",
         "GFLOP/s",
         "matmul GF/s",
         "EP gradient",
+        "GFLOP/s",
+        "backprop",
         "GFLOP/s"
     )?;
     for r in &rows {
+        // Named models by their name: a VGG's spec is too long for a column.
+        let model = mep::model::NAMED_MODELS
+            .iter()
+            .find(|(_, spec)| *spec == r.model)
+            .map_or(r.model.as_str(), |(name, _)| name);
         outln!(
-            "{:<34} {:>5} {:>7} {:>9.1} us {:>10.2} {:>10.2} {:>11.2} {:>9.2} ms {:>10.2}",
-            r.model,
+            "{:<12} {:>5} {:>7} {:>8} {:>9.1} us {:>10.2} {:>10.2} {:>11.2} {:>9.2} ms {:>10.2} {:>9.2} ms {:>10.2}",
+            model,
             r.batch,
             r.threads,
+            r.settle_loop,
             r.settle_step_us,
             r.settle_step_mflop,
             r.settle_gflops,
             r.matmul_gflops,
             r.ep_gradient_ms,
-            r.ep_gradient_gflops
+            r.ep_gradient_gflops,
+            r.backprop_ms,
+            r.backprop_gflops
         )?;
     }
     errln!("results in {}", args.out.join("results.json").display());
