@@ -356,3 +356,64 @@ fn devices_parse_and_cuda_without_the_feature_is_a_clear_error() {
         assert!(err.to_string().contains("--features cuda"), "{err}");
     }
 }
+
+/// On the CPU, backprop runs through the layers' own VJPs (host kernels); burn autodiff
+/// is the oracle. Every layer type the VJP path takes: linear, conv (strides, padding),
+/// max and average pooling, flatten, every activation, layer norm, attention and residual
+/// blocks; MSE and cross-entropy.
+#[test]
+fn backprop_through_the_layers_vjps_equals_autodiff() {
+    use mep::estimate::{BackpropEstimator, GradientEstimator, TensorBatch};
+    use mep::model::Shape;
+    let dev = cpu_device(CpuBackend::Flex);
+    let cases: [(&str, Shape); 6] = [
+        ("784-64-tanh-32-10", Shape::Flat(784)),
+        (
+            "conv4k3p1-pool2-conv6k3s2p1-fc10",
+            Shape::Image { c: 1, h: 12, w: 12 },
+        ),
+        (
+            "conv5k5p2-gelu-avgpool2-conv4k3-sigmoid-flatten-fc16-silu-fc10",
+            Shape::Image { c: 2, h: 13, w: 11 },
+        ),
+        ("64-32-res[32]-ln-res[32]-hsig-10", Shape::Flat(64)),
+        ("48-tokens4-attn2-flatten-fc10", Shape::Flat(48)),
+        ("30-lrelu-20-crelu-10", Shape::Flat(30)),
+    ];
+    for (k, (spec, input)) in cases.into_iter().enumerate() {
+        let net = common::network(spec, input, k as u64 + 3, &dev);
+        let batch = 7;
+        let x: Vec<f32> = (0..batch * input.numel())
+            .map(|i| ((i * 31 + k * 7) % 97) as f32 / 97.0 - 0.4)
+            .collect();
+        let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 3) % 10).collect();
+        let data = TensorBatch::new(&x, &labels, 10, &dev);
+        for loss in [Loss::default(), Loss::CrossEntropy { smoothing: 0.1 }] {
+            let host = BackpropEstimator::new(loss)
+                .unwrap()
+                .estimate(&net, &data)
+                .unwrap();
+            let oracle = BackpropEstimator::new(loss)
+                .unwrap()
+                .through_autodiff()
+                .estimate(&net, &data)
+                .unwrap();
+            assert!((host.loss - oracle.loss).abs() <= 1e-5 * oracle.loss.abs().max(1.0));
+            for ((g, r), info) in host.grads.iter().zip(&oracle.grads).zip(net.param_info()) {
+                let (g, r) = (to_vec(g.clone()), to_vec(r.clone()));
+                let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+                let diff = g
+                    .iter()
+                    .zip(&r)
+                    .map(|(a, b)| (a - b).powi(2))
+                    .sum::<f32>()
+                    .sqrt();
+                assert!(
+                    diff <= 1e-5 * norm.max(1e-6),
+                    "{spec} {loss:?} {}: |diff| {diff} against |grad| {norm}",
+                    info.name
+                );
+            }
+        }
+    }
+}
