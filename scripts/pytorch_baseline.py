@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
-"""PyTorch reference timing for `mep bench speed`'s backprop rows.
+"""PyTorch reference timing for `mep bench speed`'s backprop rows and `mep bench muon`.
 
-Trains the same MLP as `mep bench speed` (784-256-128-10, ReLU, He-initialised), with the
-same loss (cross-entropy), batch (64), data (full MNIST, pixels / 255) and optimizers as
-mep's `sgd` preset (SGD, lr 0.1, momentum 0.9) and `adam` preset (Adam, lr 1e-3), for one
-epoch, and prints one JSON object per optimizer: the seconds of the training loop (as mep's
-`seconds`: batches drawn, forward, backward, step; evaluation not included) and the test
-accuracy after the epoch.
+Trains the same model as mep (`--model mlp`: 784-256-128-10; `cnn`:
+conv32k5-pool2-conv64k5-pool2-fc10; `vgg5-small`: four 3x3 convolutions with padding 1 and
+16-32-64-64 channels, each followed by ReLU and 2x2 max pooling, then fc10; ReLU,
+He-initialised), with the same loss (cross-entropy), batch (64), data (MNIST, pixels / 255;
+`--train-samples N` for the first N) and optimizers as mep's `sgd` preset (SGD, lr 0.1,
+momentum 0.9) and `adam` preset (Adam, lr 1e-3), for one epoch, and prints one JSON object
+per optimizer and repeat: the seconds of the training loop (as mep's `seconds`: batches
+drawn, forward, backward, step; evaluation not included) and the test accuracy after the
+epoch. `--newton-schulz` instead times the textbook Newton-Schulz iteration (5 quintic
+steps, as Keller Jordan's Muon, and 5 cubic steps, as the paper's reference) on the weight
+matrices of 784-256-128-10, the work of one Muon update.
 
 Needs `torch` and `numpy` (`pip install torch numpy`); reads the gzipped IDX files from
 `$MEP_DATA_DIR/mnist` (default `../shared/data`). Usage:
 
     python3 scripts/pytorch_baseline.py --threads 1
+    python3 scripts/pytorch_baseline.py --threads 1 --model cnn --train-samples 10000
+    python3 scripts/pytorch_baseline.py --threads 1 --newton-schulz
 """
 
 import argparse
@@ -32,11 +39,12 @@ def read_idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def load(root):
+def load(root, image):
     def part(images, labels):
-        x = read_idx(os.path.join(root, images)).reshape(-1, 784).astype(np.float32) / 255.0
+        x = read_idx(os.path.join(root, images)).astype(np.float32) / 255.0
+        x = x.reshape(-1, 1, 28, 28) if image else x.reshape(-1, 784)
         y = read_idx(os.path.join(root, labels)).astype(np.int64)
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
 
     return (
         part("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -44,24 +52,68 @@ def load(root):
     )
 
 
-def model():
-    net = torch.nn.Sequential(
-        torch.nn.Linear(784, 256),
-        torch.nn.ReLU(),
-        torch.nn.Linear(256, 128),
-        torch.nn.ReLU(),
-        torch.nn.Linear(128, 10),
-    )
+def model(name):
+    nn = torch.nn
+    if name == "mlp":
+        layers = [nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)]
+    elif name == "cnn":
+        layers = [
+            nn.Conv2d(1, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 10),
+        ]
+    elif name == "vgg5-small":
+        layers, c, side = [], 1, 28
+        for out in (16, 32, 64, 64):
+            layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c, side = out, side // 2
+        layers += [nn.Flatten(), nn.Linear(c * side * side, 10)]
+    else:
+        raise SystemExit(f"unknown --model {name} (mlp, cnn, vgg5-small)")
+    net = nn.Sequential(*layers)
     for layer in net:
-        if isinstance(layer, torch.nn.Linear):
-            torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            torch.nn.init.zeros_(layer.bias)
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
     return net
 
 
-def epoch(name, train, test, batch, seed):
+def newton_schulz(g, steps, quintic):
+    """The textbook iteration on the wide orientation, after Frobenius normalisation."""
+    x = g.T if g.shape[0] > g.shape[1] else g
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        a = x @ x.T
+        if quintic:
+            x = 3.4445 * x + (-4.7750 * a + 2.0315 * (a @ a)) @ x
+        else:
+            x = 1.5 * x - 0.5 * (a @ x)
+    return x.T if g.shape[0] > g.shape[1] else x
+
+
+def muon_timing(repeats):
+    torch.manual_seed(0)
+    mats = [torch.randn(784, 256), torch.randn(256, 128), torch.randn(128, 10)]
+    for quintic in (True, False):
+        times = []
+        for _ in range(max(repeats, 1) * 10):
+            start = time.perf_counter()
+            for m in mats:
+                newton_schulz(m, 5, quintic)
+            times.append(time.perf_counter() - start)
+        times.sort()
+        print(json.dumps({
+            "framework": "pytorch",
+            "version": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "iteration": "quintic" if quintic else "cubic",
+            "update_ms": 1e3 * times[len(times) // 2],
+        }), flush=True)
+
+
+def epoch(name, arch, train, test, batch, seed):
     torch.manual_seed(seed)
-    net = model()
+    net = model(arch)
     if name == "sgd":
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     else:
@@ -84,8 +136,10 @@ def epoch(name, train, test, batch, seed):
     return {
         "framework": "pytorch",
         "version": torch.__version__,
+        "model": arch,
         "optimizer": name,
         "threads": torch.get_num_threads(),
+        "train_samples": len(x),
         "batch": batch,
         "epoch_seconds": seconds,
         "test_accuracy": accuracy,
@@ -98,13 +152,21 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeats", type=int, default=3, help="epochs timed per optimizer")
+    p.add_argument("--model", default="mlp", help="mlp, cnn or vgg5-small")
+    p.add_argument("--train-samples", type=int, default=None, help="the first N training images")
+    p.add_argument("--newton-schulz", action="store_true", help="time one Muon update instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.newton_schulz:
+        muon_timing(args.repeats)
+        return
     root = os.path.join(os.environ.get("MEP_DATA_DIR", "../shared/data"), "mnist")
-    train, test = load(root)
+    (x, y), test = load(root, image=args.model != "mlp")
+    if args.train_samples is not None:
+        x, y = x[: args.train_samples], y[: args.train_samples]
     for name in ("sgd", "adam"):
         for r in range(args.repeats):
-            print(json.dumps(epoch(name, train, test, args.batch, args.seed + r)), flush=True)
+            print(json.dumps(epoch(name, args.model, (x, y), test, args.batch, args.seed + r)), flush=True)
 
 
 if __name__ == "__main__":
