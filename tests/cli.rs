@@ -161,7 +161,11 @@ fn errors_are_one_clear_line_with_nonzero_exit() {
     );
     assert_clean_failure(
         &mep(&["data", "fetch", "xor"], None),
-        "has no files to download",
+        "cannot be downloaded",
+    );
+    assert_clean_failure(
+        &mep(&["data", "fetch", "cifar-10-subset"], None),
+        "cifar-10-subset` cannot be downloaded (it is built in, derived from another set, or a local copy only)",
     );
     assert_clean_failure(
         &mep(

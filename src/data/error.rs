@@ -57,7 +57,9 @@ pub enum DataError {
         known: String,
     },
     /// A data set that is built in or derived cannot be downloaded.
-    #[error("data set `{0}` has no files to download (it is built in or derived from another set)")]
+    #[error(
+        "data set `{0}` cannot be downloaded (it is built in, derived from another set, or a local copy only)"
+    )]
     NotDownloadable(String),
     /// A downloaded file's digest differs from the catalogue's.
     #[error(
