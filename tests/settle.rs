@@ -583,15 +583,18 @@ fn the_fused_conv_loop_computes_the_generic_iteration() {
             let energy = EnergyModel::new(&net, loss);
             assert_eq!(energy.fused_loop(&net), Some("conv"), "{spec}");
             let (ctx, free, eval) = energy.free_phase(&net, data.x.clone(), data.targets.clone());
-            // A fixed step, and the curvature's (estimated once, then the same iteration).
-            for curvature in [false, true] {
+            // A fixed step, the curvature's (estimated once, then the same iteration), and
+            // per-sample stopping (samples stop at different checks; a stopped sample is
+            // swapped out of its block's products).
+            for (curvature, per_sample) in [(false, false), (true, false), (false, true)] {
                 let config = SettleConfig {
                     lr: if curvature { 5.0 } else { 0.1 },
-                    steps: 25,
-                    tol: 0.0,
+                    steps: if per_sample { 60 } else { 25 },
+                    tol: if per_sample { 0.3 } else { 0.0 },
                     check_every: 5,
                     momentum: if curvature { 0.9 } else { 0.5 },
                     curvature,
+                    per_sample,
                     ..SettleConfig::default()
                 };
                 let settler = Settler::new(config).unwrap();
@@ -603,6 +606,9 @@ fn the_fused_conv_loop_computes_the_generic_iteration() {
                     .unwrap();
                 assert_eq!(fused.stats.steps, generic.stats.steps);
                 assert_eq!(fused.stats.step, generic.stats.step);
+                assert_eq!(fused.stats.sample_steps, generic.stats.sample_steps);
+                // Measured: samples stop after 20 to 50 of the 60 steps on average.
+                assert!(!per_sample || fused.stats.sample_steps < 55.0, "{spec}");
                 assert!(!curvature || fused.stats.step < 5.0);
                 for (a, b) in fused.states.iter().zip(&generic.states) {
                     let (a, b) = (to_vec(a), to_vec(b));

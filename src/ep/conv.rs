@@ -9,8 +9,9 @@
 //! one convolution or product for the prediction and one for the feedback (the host
 //! kernels of `model::kernels`, which multiply blocks of samples at once), then one fused
 //! pass per state for momentum and state. Blocks of samples step in parallel as in the
-//! dense loop. Per-sample stopping and the adaptive and curvature steps stay with the
-//! generic loop, which `tests/settle.rs` compares this one with.
+//! dense loop, and with per-sample stopping a stopped sample is swapped behind the moving
+//! ones of its block and leaves every product. The adaptive step stays with the generic
+//! loop, which `tests/settle.rs` compares this one with.
 
 use burn::tensor::TensorData;
 use rayon::prelude::*;
@@ -83,6 +84,12 @@ impl Link {
 /// The buffers of a block of consecutive samples.
 struct Chunk {
     rows: usize,
+    /// Rows still moving: they are kept first, stopped ones are swapped behind them.
+    active: usize,
+    /// `order[p]`: the chunk row whose sample sits at position `p`.
+    order: Vec<usize>,
+    /// The step at which each chunk row stopped (per-sample stopping).
+    stopped: Vec<Option<usize>>,
     first: Vec<f32>,
     targets: Vec<f32>,
     states: Vec<Vec<f32>>,
@@ -101,6 +108,16 @@ struct Chunk {
     sq: Vec<f32>,
 }
 
+/// Swaps rows `a` and `b` (of `w` values each) of `buf`.
+fn swap_rows<T>(buf: &mut [T], w: usize, a: usize, b: usize) {
+    if w == 0 || buf.is_empty() {
+        return;
+    }
+    let (lo, hi) = (a.min(b), a.max(b));
+    let (head, tail) = buf.split_at_mut(hi * w);
+    head[lo * w..(lo + 1) * w].swap_with_slice(&mut tail[..w]);
+}
+
 impl Chunk {
     fn new(
         rows: std::ops::Range<usize>,
@@ -117,6 +134,9 @@ impl Chunk {
         let pooled_len = |l: &Link| if l.pool.is_some() { n * l.input } else { 0 };
         Self {
             rows: n,
+            active: n,
+            order: (0..n).collect(),
+            stopped: vec![None; n],
             first: slice(first, widths[0]),
             targets: slice(targets, widths[depth - 1]),
             states: states
@@ -139,25 +159,37 @@ impl Chunk {
         }
     }
 
-    /// `acts`, the poolings and the prediction errors `e_i = h_i - s_i` at the current
-    /// states.
-    fn evaluate(&mut self, links: &[Link]) {
-        for (e, (&h, &s)) in self.errors[0]
+    /// `acts`, the poolings and the prediction errors `e_i = h_i - s_i` of the moving
+    /// samples at the current states.
+    fn evaluate(&mut self, links: &[Link], widths: &[usize]) {
+        let r = self.active;
+        let w0 = widths[0];
+        for (e, (&h, &s)) in self.errors[0][..r * w0]
             .iter_mut()
             .zip(self.first.iter().zip(&self.states[0]))
         {
             *e = h - s;
         }
         for (i, link) in links.iter().enumerate() {
-            apply(link.activation, &self.states[i], &mut self.acts[i]);
+            let (w, w_next) = (widths[i], widths[i + 1]);
+            apply(
+                link.activation,
+                &self.states[i][..r * w],
+                &mut self.acts[i][..r * w],
+            );
             let input: &[f32] = match &link.pool {
                 Some(pool) => {
-                    pool.max_forward(&self.acts[i], &mut self.pooled[i], &mut self.argmax[i]);
-                    &self.pooled[i]
+                    let pooled = &mut self.pooled[i][..r * link.input];
+                    pool.max_forward(
+                        &self.acts[i][..r * w],
+                        pooled,
+                        &mut self.argmax[i][..r * link.input],
+                    );
+                    pooled
                 }
-                None => &self.acts[i],
+                None => &self.acts[i][..r * w],
             };
-            let e = &mut self.errors[i + 1];
+            let e = &mut self.errors[i + 1][..r * w_next];
             link.predict(input, e);
             for (ei, &si) in e.iter_mut().zip(&self.states[i + 1]) {
                 *ei -= si;
@@ -165,23 +197,31 @@ impl Chunk {
         }
     }
 
-    /// `g_i = -e_i + f'(s_i) pool^T(op^T(e_{i+1}))` and `g_L = -e_L + beta dL/ds_L`; with
-    /// `norms`, also the per-sample squared norms.
+    /// `g_i = -e_i + f'(s_i) pool^T(op^T(e_{i+1}))` and `g_L = -e_L + beta dL/ds_L` for the
+    /// moving samples; with `norms`, also their squared norms.
     fn gradients(&mut self, links: &[Link], widths: &[usize], loss: Loss, beta: f32, norms: bool) {
         let depth = widths.len();
+        let r = self.active;
         for (i, &width) in widths.iter().enumerate() {
-            let g = &mut self.grads[i];
+            let g = &mut self.grads[i][..r * width];
             if let Some(link) = links.get(i) {
-                let back = &mut self.back[i];
-                link.feedback(&self.errors[i + 1], back);
+                let back = &mut self.back[i][..r * link.input];
+                link.feedback(&self.errors[i + 1][..r * widths[i + 1]], back);
                 match &link.pool {
-                    Some(pool) => pool.max_backward(&self.argmax[i], back, g),
+                    Some(pool) => pool.max_backward(&self.argmax[i][..r * link.input], back, g),
                     None => g.copy_from_slice(back),
                 }
                 feedback(link.activation, g, &self.states[i], &self.errors[i]);
             } else {
-                loss_gradient(loss, &self.states[i], &self.targets, width, &mut self.nudge);
-                for ((gi, &ni), &ei) in g.iter_mut().zip(&self.nudge).zip(&self.errors[i]) {
+                let nudge = &mut self.nudge[..r * width];
+                loss_gradient(
+                    loss,
+                    &self.states[i][..r * width],
+                    &self.targets,
+                    width,
+                    nudge,
+                );
+                for ((gi, &ni), &ei) in g.iter_mut().zip(nudge.iter()).zip(&self.errors[i]) {
                     *gi = beta * ni - ei;
                 }
             }
@@ -193,20 +233,70 @@ impl Chunk {
         }
     }
 
-    /// `m <- mu m + g; s <- s - lr m` in one pass per state, then the new errors.
-    fn step(&mut self, links: &[Link], momentum: f32, lr: f32) {
-        for ((s, m), g) in self
+    /// Swaps the samples at positions `a` and `b` in every per-sample buffer.
+    fn swap(&mut self, a: usize, b: usize, widths: &[usize], links: &[Link]) {
+        if a == b {
+            return;
+        }
+        let depth = widths.len();
+        swap_rows(&mut self.first, widths[0], a, b);
+        swap_rows(&mut self.targets, widths[depth - 1], a, b);
+        swap_rows(&mut self.nudge, widths[depth - 1], a, b);
+        swap_rows(&mut self.sq, depth, a, b);
+        for (i, &w) in widths.iter().enumerate() {
+            swap_rows(&mut self.states[i], w, a, b);
+            swap_rows(&mut self.momentum[i], w, a, b);
+            swap_rows(&mut self.errors[i], w, a, b);
+            swap_rows(&mut self.grads[i], w, a, b);
+        }
+        for (i, link) in links.iter().enumerate() {
+            swap_rows(&mut self.acts[i], widths[i], a, b);
+            swap_rows(&mut self.back[i], link.input, a, b);
+            if link.pool.is_some() {
+                swap_rows(&mut self.pooled[i], link.input, a, b);
+                swap_rows(&mut self.argmax[i], link.input, a, b);
+            }
+        }
+        self.order.swap(a, b);
+    }
+
+    /// Stops every moving sample whose total gradient norm (from the last
+    /// [`Chunk::gradients`] with norms) is at most `threshold`.
+    fn stop_converged(&mut self, threshold: f32, step: usize, widths: &[usize], links: &[Link]) {
+        let depth = widths.len();
+        let mut p = 0;
+        while p < self.active {
+            let norm = self.sq[p * depth..(p + 1) * depth]
+                .iter()
+                .sum::<f32>()
+                .sqrt();
+            if norm <= threshold {
+                self.stopped[self.order[p]] = Some(step);
+                self.active -= 1;
+                self.swap(p, self.active, widths, links);
+            } else {
+                p += 1;
+            }
+        }
+    }
+
+    /// `m <- mu m + g; s <- s - lr m` in one pass per state for the moving samples, then
+    /// the new errors.
+    fn step(&mut self, links: &[Link], widths: &[usize], momentum: f32, lr: f32) {
+        let r = self.active;
+        for (((s, m), g), &w) in self
             .states
             .iter_mut()
             .zip(&mut self.momentum)
             .zip(&self.grads)
+            .zip(widths)
         {
-            for ((si, mi), &gi) in s.iter_mut().zip(m.iter_mut()).zip(g) {
+            for ((si, mi), &gi) in s[..r * w].iter_mut().zip(m.iter_mut()).zip(g) {
                 *mi = *mi * momentum + gi;
                 *si -= lr * *mi;
             }
         }
-        self.evaluate(links);
+        self.evaluate(links, widths);
     }
 }
 
@@ -273,7 +363,7 @@ pub(crate) fn settle(
             chunks.par_iter_mut().for_each(f);
         }
     };
-    each(&mut chunks, &|c| c.evaluate(&links));
+    each(&mut chunks, &|c| c.evaluate(&links, widths));
 
     let loss = model.loss();
     let mut residuals = ResidualCheck::new(config, beta);
@@ -311,24 +401,39 @@ pub(crate) fn settle(
                 stats.converged = true;
                 break;
             }
+            if config.per_sample {
+                let (threshold, step) = (residuals.threshold(), stats.steps);
+                each(&mut chunks, &|c| {
+                    c.stop_converged(threshold, step, widths, &links)
+                });
+            }
         }
         if stats.steps >= config.steps {
             break;
         }
-        each(&mut chunks, &|c| c.step(&links, config.momentum, config.lr));
+        each(&mut chunks, &|c| {
+            c.step(&links, widths, config.momentum, config.lr)
+        });
         stats.steps += 1;
     }
     let device = ctx.input().device();
+    // Samples back in batch order.
     let states: Vec<Tensor<2>> = (0..depth)
         .map(|i| {
-            let values: Vec<f32> = chunks
-                .iter()
-                .flat_map(|c| c.states[i].iter().copied())
-                .collect();
-            Tensor::from_data(TensorData::new(values, [batch, widths[i]]), &device)
+            let w = widths[i];
+            let mut values = vec![0.0; batch * w];
+            let mut offset = 0;
+            for c in &chunks {
+                for (p, &row) in c.order.iter().enumerate() {
+                    let dst = (offset + row) * w;
+                    values[dst..dst + w].copy_from_slice(&c.states[i][p * w..(p + 1) * w]);
+                }
+                offset += c.rows;
+            }
+            Tensor::from_data(TensorData::new(values, [batch, w]), &device)
         })
         .collect();
-    let stopped = vec![None; chunks.iter().map(|c| c.rows).sum()];
+    let stopped: Vec<Option<usize>> = chunks.iter().flat_map(|c| c.stopped.clone()).collect();
     let eval: Evaluation = model.evaluate(net, ctx, &states);
     Ok(Settled::finish(
         model, ctx, states, eval, stats, curve, &stopped, beta,

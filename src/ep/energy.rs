@@ -211,8 +211,7 @@ impl EnergyModel {
     }
 
     /// Which fused host settle loop `net` settles in on a CPU device in f32 (`"dense"` or
-    /// `"conv"`; the conv loop only without per-sample stopping), if any; `None` means the
-    /// generic loop.
+    /// `"conv"`; neither with the adaptive step), if any; `None` means the generic loop.
     pub fn fused_loop(&self, net: &Network) -> Option<&'static str> {
         if self.dense_plan(net).is_some() {
             Some("dense")

@@ -53,7 +53,7 @@ impl Settler {
     /// Descends the energy at nudge `beta` from `start` (whose evaluation is `start_eval`).
     /// On a CPU device, networks with the dense structure (linear layers joined by
     /// element-wise activations) in f32 run the fused host loop of `ep::dense`, and
-    /// convolutional chains (without per-sample stopping) that of `ep::conv`; both compute
+    /// convolutional chains that of `ep::conv`; both compute
     /// the same iteration (with the curvature-following step, at the step estimated here).
     /// Everything else (lower precision, the adaptive step) runs
     /// [`Settler::settle_generic`].
@@ -70,7 +70,7 @@ impl Settler {
             && !self.config.adaptive
             && start.iter().all(|s| s.dtype() == burn::tensor::DType::F32);
         let dense = host.then(|| model.dense_plan(net)).flatten();
-        let conv = (host && dense.is_none() && !self.config.per_sample)
+        let conv = (host && dense.is_none())
             .then(|| model.conv_plan(net))
             .flatten();
         if dense.is_none() && conv.is_none() {
