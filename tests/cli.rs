@@ -728,3 +728,20 @@ fn an_idx_header_claiming_gigabytes_is_refused_without_reserving_them() {
         .unwrap();
     assert_clean_failure(&out, "promises 3920000000 data bytes, found 1000");
 }
+
+#[test]
+fn train_help_names_every_preset() {
+    // The flag's help is written by hand (clap needs a literal): this keeps it in step with
+    // `Preset::ALL`.
+    let out = mep(&["train", "--help"], None);
+    assert!(out.status.success());
+    let help = stdout(&out);
+    let line = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("Preset:"))
+        .expect("the --preset help");
+    let text: String = help[help.find(line).unwrap()..].chars().take(400).collect();
+    for name in mep::experiment::Preset::names() {
+        assert!(text.contains(name), "--preset help misses {name}: {text}");
+    }
+}

@@ -47,7 +47,7 @@ pub struct TrainOptions {
     #[cfg_attr(feature = "cli", arg(long))]
     pub model: Option<String>,
     /// Preset: smep, smep_plus, smep_fast, sdmep, local_ep, natural_ep, muon_backprop,
-    /// eqprop, sgd, adam. Without a preset, --estimator or --optimizer a run uses the
+    /// eqprop, sgd, adam, conv_ep. Without a preset, --estimator or --optimizer a run uses the
     /// best EP recipe measured for the model (smep_plus); `--estimator backprop` trains
     /// with backprop and Adam.
     #[cfg_attr(feature = "cli", arg(long, conflicts_with_all = ["estimator", "optimizer"]))]
