@@ -13,12 +13,10 @@
 //! ones of its block and leaves every product. The adaptive step stays with the generic
 //! loop, which `tests/settle.rs` compares this one with.
 
-use burn::tensor::TensorData;
-use rayon::prelude::*;
-
-use super::convergence::{ResidualCheck, SettleConfig, SettleError, SettleStats, Settled};
+use super::blocks::{SampleBlock, Shared, drive};
+use super::convergence::{SettleConfig, SettleError, Settled};
 use super::dense::{apply, feedback, loss_gradient};
-use super::energy::{BatchContext, ConvPlan, EnergyModel, Evaluation};
+use super::energy::{BatchContext, ConvPlan, EnergyModel};
 use crate::device::{Tensor, to_host};
 use crate::loss::Loss;
 use crate::model::Activation;
@@ -83,7 +81,6 @@ impl Link {
 
 /// The buffers of a block of consecutive samples.
 struct Chunk {
-    rows: usize,
     /// Rows still moving: they are kept first, stopped ones are swapped behind them.
     active: usize,
     /// `order[p]`: the chunk row whose sample sits at position `p`.
@@ -133,7 +130,6 @@ impl Chunk {
         let depth = widths.len();
         let pooled_len = |l: &Link| if l.pool.is_some() { n * l.input } else { 0 };
         Self {
-            rows: n,
             active: n,
             order: (0..n).collect(),
             stopped: vec![None; n],
@@ -300,6 +296,42 @@ impl Chunk {
     }
 }
 
+impl SampleBlock for Chunk {
+    type Link = Link;
+
+    fn evaluate(&mut self, shared: &Shared<'_, Link>) {
+        Chunk::evaluate(self, shared.links, shared.widths);
+    }
+
+    fn gradients(&mut self, shared: &Shared<'_, Link>, beta: f32, norms: bool) {
+        Chunk::gradients(self, shared.links, shared.widths, shared.loss, beta, norms);
+    }
+
+    fn stop_converged(&mut self, shared: &Shared<'_, Link>, threshold: f32, step: usize) {
+        Chunk::stop_converged(self, threshold, step, shared.widths, shared.links);
+    }
+
+    fn step(&mut self, shared: &Shared<'_, Link>, momentum: f32, lr: f32) {
+        Chunk::step(self, shared.links, shared.widths, momentum, lr);
+    }
+
+    fn sq(&self) -> &[f32] {
+        &self.sq
+    }
+
+    fn order(&self) -> &[usize] {
+        &self.order
+    }
+
+    fn stopped(&self) -> &[Option<usize>] {
+        &self.stopped
+    }
+
+    fn state(&self, i: usize) -> &[f32] {
+        &self.states[i]
+    }
+}
+
 /// The plan's links with their parameters on the host.
 fn links(plan: &ConvPlan, net: &Network) -> Vec<Link> {
     plan.links
@@ -344,98 +376,21 @@ pub(crate) fn settle(
 ) -> Result<Settled, SettleError> {
     let batch = ctx.batch_size();
     let widths = &plan.widths;
-    let depth = widths.len();
     let links = links(plan, net);
     let first = to_host(ctx.first_prediction());
     let targets = to_host(ctx.targets());
     let states: Vec<Vec<f32>> = start.iter().map(to_host).collect();
     let blocks = crate::device::threads().min(batch / 16).max(1);
-    let mut chunks: Vec<Chunk> = (0..blocks)
+    let chunks: Vec<Chunk> = (0..blocks)
         .map(|b| {
             let rows = batch * b / blocks..batch * (b + 1) / blocks;
             Chunk::new(rows, widths, &links, &first, &targets, &states)
         })
         .collect();
-    let each = |chunks: &mut Vec<Chunk>, f: &(dyn Fn(&mut Chunk) + Sync)| {
-        if chunks.len() == 1 {
-            f(&mut chunks[0]);
-        } else {
-            chunks.par_iter_mut().for_each(f);
-        }
+    let shared = Shared {
+        links: &links,
+        widths,
+        loss: model.loss(),
     };
-    each(&mut chunks, &|c| c.evaluate(&links, widths));
-
-    let loss = model.loss();
-    let mut residuals = ResidualCheck::new(config, beta);
-    let mut stats = SettleStats {
-        step: config.lr,
-        ..SettleStats::default()
-    };
-    let mut curve = Vec::new();
-    loop {
-        let check = stats.steps.is_multiple_of(config.check_every);
-        each(&mut chunks, &|c| {
-            c.gradients(&links, widths, loss, beta, check)
-        });
-        if check {
-            let rows = || chunks.iter().flat_map(|c| c.sq.chunks_exact(depth));
-            let layer_max: Vec<f32> = (0..depth)
-                .map(|i| {
-                    rows()
-                        .map(|r| r[i])
-                        .fold(f32::NEG_INFINITY, f32::max)
-                        .sqrt()
-                })
-                .collect();
-            let total = rows()
-                .map(|r| r.iter().sum::<f32>())
-                .fold(f32::NEG_INFINITY, f32::max)
-                .sqrt();
-            if residuals.check(
-                &layer_max,
-                total,
-                model.state_names(),
-                &mut stats,
-                &mut curve,
-            )? {
-                stats.converged = true;
-                break;
-            }
-            if config.per_sample {
-                let (threshold, step) = (residuals.threshold(), stats.steps);
-                each(&mut chunks, &|c| {
-                    c.stop_converged(threshold, step, widths, &links)
-                });
-            }
-        }
-        if stats.steps >= config.steps {
-            break;
-        }
-        each(&mut chunks, &|c| {
-            c.step(&links, widths, config.momentum, config.lr)
-        });
-        stats.steps += 1;
-    }
-    let device = ctx.input().device();
-    // Samples back in batch order.
-    let states: Vec<Tensor<2>> = (0..depth)
-        .map(|i| {
-            let w = widths[i];
-            let mut values = vec![0.0; batch * w];
-            let mut offset = 0;
-            for c in &chunks {
-                for (p, &row) in c.order.iter().enumerate() {
-                    let dst = (offset + row) * w;
-                    values[dst..dst + w].copy_from_slice(&c.states[i][p * w..(p + 1) * w]);
-                }
-                offset += c.rows;
-            }
-            Tensor::from_data(TensorData::new(values, [batch, w]), &device)
-        })
-        .collect();
-    let stopped: Vec<Option<usize>> = chunks.iter().flat_map(|c| c.stopped.clone()).collect();
-    let eval: Evaluation = model.evaluate(net, ctx, &states);
-    Ok(Settled::finish(
-        model, ctx, states, eval, stats, curve, &stopped, beta,
-    ))
+    drive(chunks, &shared, config, model, net, ctx, beta)
 }

@@ -3,6 +3,7 @@
 //!
 //! The gradient estimators built on these live in [`crate::estimate`].
 
+mod blocks;
 mod conv;
 mod convergence;
 mod dense;

@@ -1,0 +1,138 @@
+//! The driver both fused host settle loops (`ep::dense`, `ep::conv`) share: blocks of
+//! samples stepped in parallel, the residual check over all of them, per-sample stopping,
+//! and the states gathered back in batch order. Each loop supplies its block of buffers
+//! ([`SampleBlock`]); what a step computes is the block's.
+
+use burn::tensor::TensorData;
+use rayon::prelude::*;
+
+use super::convergence::{ResidualCheck, SettleConfig, SettleError, SettleStats, Settled};
+use super::energy::{BatchContext, EnergyModel, Evaluation};
+use crate::device::Tensor;
+use crate::loss::Loss;
+use crate::model::Network;
+
+/// What every block of a settle reads: its links, the state widths and the nudge loss.
+pub(super) struct Shared<'a, L> {
+    pub links: &'a [L],
+    pub widths: &'a [usize],
+    pub loss: Loss,
+}
+
+/// The buffers of a block of consecutive samples, as a fused loop keeps them.
+pub(super) trait SampleBlock: Send {
+    /// The loop's link type.
+    type Link: Sync;
+    /// The errors at the current states (of the moving samples).
+    fn evaluate(&mut self, shared: &Shared<'_, Self::Link>);
+    /// The state gradients; with `norms`, also the per-sample squared norms.
+    fn gradients(&mut self, shared: &Shared<'_, Self::Link>, beta: f32, norms: bool);
+    /// Stops every moving sample whose gradient norm is at most `threshold`.
+    fn stop_converged(&mut self, shared: &Shared<'_, Self::Link>, threshold: f32, step: usize);
+    /// One heavy-ball step, then [`SampleBlock::evaluate`].
+    fn step(&mut self, shared: &Shared<'_, Self::Link>, momentum: f32, lr: f32);
+    /// Per-sample squared gradient norms, `[rows, depth]` (from the last `gradients` with
+    /// norms).
+    fn sq(&self) -> &[f32];
+    /// `order[p]`: the block row whose sample sits at position `p`.
+    fn order(&self) -> &[usize];
+    /// The step at which each block row stopped.
+    fn stopped(&self) -> &[Option<usize>];
+    /// State `i` of every sample, in position order.
+    fn state(&self, i: usize) -> &[f32];
+}
+
+/// Settles `blocks` (the batch split in order) to the end: the shared loop of the fused
+/// settle loops, with [`super::Settler::settle`]'s contract.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn drive<B: SampleBlock>(
+    mut blocks: Vec<B>,
+    shared: &Shared<'_, B::Link>,
+    config: &SettleConfig,
+    model: &EnergyModel,
+    net: &Network,
+    ctx: &BatchContext,
+    beta: f32,
+) -> Result<Settled, SettleError> {
+    let widths = shared.widths;
+    let depth = widths.len();
+    let each = |blocks: &mut Vec<B>, f: &(dyn Fn(&mut B) + Sync)| {
+        if blocks.len() == 1 {
+            f(&mut blocks[0]);
+        } else {
+            blocks.par_iter_mut().for_each(f);
+        }
+    };
+    each(&mut blocks, &|b| b.evaluate(shared));
+    let mut residuals = ResidualCheck::new(config, beta);
+    let mut stats = SettleStats {
+        step: config.lr,
+        ..SettleStats::default()
+    };
+    let mut curve = Vec::new();
+    loop {
+        let check = stats.steps.is_multiple_of(config.check_every);
+        each(&mut blocks, &|b| b.gradients(shared, beta, check));
+        if check {
+            let rows = || blocks.iter().flat_map(|b| b.sq().chunks_exact(depth));
+            let layer_max: Vec<f32> = (0..depth)
+                .map(|i| {
+                    rows()
+                        .map(|r| r[i])
+                        .fold(f32::NEG_INFINITY, f32::max)
+                        .sqrt()
+                })
+                .collect();
+            let total = rows()
+                .map(|r| r.iter().sum::<f32>())
+                .fold(f32::NEG_INFINITY, f32::max)
+                .sqrt();
+            if residuals.check(
+                &layer_max,
+                total,
+                model.state_names(),
+                &mut stats,
+                &mut curve,
+            )? {
+                stats.converged = true;
+                break;
+            }
+            if config.per_sample {
+                let (threshold, step) = (residuals.threshold(), stats.steps);
+                each(&mut blocks, &|b| b.stop_converged(shared, threshold, step));
+            }
+        }
+        if stats.steps >= config.steps {
+            break;
+        }
+        each(&mut blocks, &|b| b.step(shared, config.momentum, config.lr));
+        stats.steps += 1;
+    }
+    let device = ctx.input().device();
+    let batch = ctx.batch_size();
+    // Samples back in batch order.
+    let states: Vec<Tensor<2>> = (0..depth)
+        .map(|i| {
+            let w = widths[i];
+            let mut values = vec![0.0; batch * w];
+            let mut offset = 0;
+            for b in &blocks {
+                let state = b.state(i);
+                for (p, &row) in b.order().iter().enumerate() {
+                    let dst = (offset + row) * w;
+                    values[dst..dst + w].copy_from_slice(&state[p * w..(p + 1) * w]);
+                }
+                offset += b.order().len();
+            }
+            Tensor::from_data(TensorData::new(values, [batch, w]), &device)
+        })
+        .collect();
+    let stopped: Vec<Option<usize>> = blocks
+        .iter()
+        .flat_map(|b| b.stopped().iter().copied())
+        .collect();
+    let eval: Evaluation = model.evaluate(net, ctx, &states);
+    Ok(Settled::finish(
+        model, ctx, states, eval, stats, curve, &stopped, beta,
+    ))
+}
