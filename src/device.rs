@@ -32,6 +32,12 @@ pub fn into_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     .expect("converted to f32")
 }
 
+/// A `[rows, cols]` tensor on `device` from host values, row-major (`values.len()` must be
+/// `rows * cols`).
+pub fn from_host(values: Vec<f32>, [rows, cols]: [usize; 2], device: &Device) -> Tensor<2> {
+    Tensor::from_data(burn::tensor::TensorData::new(values, [rows, cols]), device)
+}
+
 /// Keeps freed large buffers in the process instead of returning them to the kernel.
 ///
 /// glibc serves every allocation above its mmap threshold (128 KiB to start with) with a

@@ -198,6 +198,7 @@ fn each_recipe_standardises_its_inputs_unless_measured_otherwise() {
         seed: 1,
         epoch: 1,
         history: Vec::new(),
+        input_shape: None,
     };
     dirs.record_epoch(&run.trainer, &legacy).unwrap();
     let read = dirs.read_meta().unwrap();
@@ -516,6 +517,7 @@ fn resume_continues_only_the_stored_run() {
         seed: 7,
         epoch: 2,
         history: Vec::new(),
+        input_shape: None,
     };
     // More epochs, and options equal to the stored ones, are accepted.
     let more = TrainOptions {
@@ -641,6 +643,7 @@ fn a_run_directory_is_never_overwritten_or_mixed_up_with_another_run() {
             seed: 1,
             epoch,
             history: history.clone(),
+            input_shape: None,
         };
         run.record_epoch(&first.trainer, &meta).unwrap();
     }

@@ -92,9 +92,6 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-/// The seed of a run without `--seed`.
-pub const DEFAULT_SEED: u64 = 42;
-
 /// Settings every subcommand shares.
 pub struct Globals {
     /// Worker threads asked for (0: one per core).
@@ -115,7 +112,7 @@ pub fn run() -> Result<()> {
     device::set_threads(cli.threads).context("setting up worker threads")?;
     let globals = Globals {
         threads: cli.threads,
-        seed: cli.seed.unwrap_or(DEFAULT_SEED),
+        seed: cli.seed.unwrap_or(mep::experiment::DEFAULT_SEED),
         seed_given: cli.seed,
         device: cli.device,
         data_dir: cli.data_dir,

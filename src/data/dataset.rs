@@ -199,6 +199,60 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// A data set from in-memory splits (a front-end's arrays), checked: both splits hold
+    /// samples of `input_shape`'s size, at least one each, every label below `classes`
+    /// (at least 2) and every input finite. Inputs are used as given (no normalisation).
+    pub fn from_splits(
+        name: &str,
+        input_shape: [usize; 3],
+        classes: usize,
+        train: Split,
+        test: Split,
+    ) -> Result<Self, DataError> {
+        let invalid = |m: String| Err(DataError::InvalidOption(m));
+        let dim: usize = input_shape.iter().product();
+        if dim == 0 {
+            return invalid(format!("input shape {input_shape:?} holds no feature"));
+        }
+        if classes < 2 {
+            return invalid(format!("{classes} classes: a classifier needs at least 2"));
+        }
+        for (split, which) in [(&train, "train"), (&test, "test")] {
+            if split.is_empty() {
+                return invalid(format!("the {which} split holds no sample"));
+            }
+            if split.dim() != dim {
+                return invalid(format!(
+                    "the {which} split has {} features per sample, the input shape {input_shape:?} {dim}",
+                    split.dim()
+                ));
+            }
+            if let Some((i, &l)) = split
+                .labels()
+                .iter()
+                .enumerate()
+                .find(|&(_, &l)| l as usize >= classes)
+            {
+                return invalid(format!(
+                    "{which} label {l} of sample {i} is not below the {classes} classes"
+                ));
+            }
+            if let Some(i) = split.inputs().iter().position(|v| !v.is_finite()) {
+                return invalid(format!(
+                    "{which} sample {} holds a non-finite input",
+                    i / dim
+                ));
+            }
+        }
+        Ok(Self {
+            name: name.to_string(),
+            input_shape,
+            classes,
+            train,
+            test,
+        })
+    }
+
     /// Features per sample (`channels * height * width`).
     pub fn input_dim(&self) -> usize {
         self.input_shape.iter().product()

@@ -11,6 +11,9 @@
 //!   [`Recipe::build`].
 //! * [`load_or_fetch`] and [`build_network`] turn a data-set name and a model spec into
 //!   data and a checked network; [`Prepared`] does the whole setup of one run.
+//! * [`TrainRun`] is a whole run as a front-end drives it ([`RunRequest`]: options, seed,
+//!   run directory, resume), on a named data set or on arrays ([`DataSource`]), epoch by
+//!   epoch.
 //! * [`RunMeta`] is what a checkpoint records about its run; [`RunMeta::resume`] checks a
 //!   resumed run against it; [`write_atomic`] writes result files.
 //!
@@ -38,6 +41,7 @@ mod preset;
 mod recipe;
 mod run;
 mod run_dir;
+mod session;
 pub mod suites;
 
 pub use error::ExperimentError;
@@ -51,3 +55,4 @@ pub use run::{
     CHECKPOINT, Prepared, RunMeta, build_network, load_or_fetch, read_meta, write_atomic,
 };
 pub use run_dir::{RunDir, RunLock};
+pub use session::{ARRAYS_DATASET, DEFAULT_SEED, DataSource, RunRequest, TrainRun};

@@ -339,6 +339,48 @@ impl TrainOptions {
         })
     }
 
+    /// The run directory of a run of these options with `seed` when none is given:
+    /// `results/train/<data>-<model>-<method>-seed<N>-<digest>`, where the method is the
+    /// preset, the estimator and optimizer, or `default`, and the digest of every option
+    /// tells apart runs that differ in anything else (lr, batch, sample counts, ...).
+    pub fn default_run_dir(&self, seed: u64) -> std::path::PathBuf {
+        let json_name = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        let method = match (&self.preset, self.estimator, self.optimizer) {
+            (Some(p), _, _) => p.clone(),
+            (None, None, None) => self
+                .preset()
+                .ok()
+                .flatten()
+                .map_or_else(|| "default".into(), |p| p.to_string()),
+            (None, e, o) => format!(
+                "{}-{}",
+                json_name(
+                    serde_json::to_value(e.unwrap_or(EstimatorArg::Backprop)).unwrap_or_default()
+                ),
+                json_name(
+                    serde_json::to_value(o.unwrap_or(OptimizerArg::Adam)).unwrap_or_default()
+                )
+            ),
+        };
+        let digest = {
+            use sha2::Digest;
+            let text = serde_json::to_string(self).unwrap_or_default();
+            let hash = sha2::Sha256::digest(text.as_bytes());
+            hash[..4]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        std::path::PathBuf::from("results/train").join(
+            format!(
+                "{}-{}-{method}-seed{seed}-{digest}",
+                self.dataset().replace(':', "_"),
+                self.model.as_deref().unwrap_or(DEFAULT_MODEL),
+            )
+            .to_lowercase(),
+        )
+    }
+
     /// Checks everything that can be checked without data: the model spec, preset, loss,
     /// nudging, precision, epochs, batch size and that numbers are finite.
     pub fn validate(&self) -> Result<(), ExperimentError> {

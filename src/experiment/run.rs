@@ -109,6 +109,18 @@ impl Prepared {
             ..options
         };
         let dataset = options.load_data(locator, seed, fetch, progress)?;
+        Self::with_dataset(options, dataset, seed, device)
+    }
+
+    /// [`Prepared::new`] on data already loaded (`options`' data-set fields are recorded,
+    /// not read).
+    pub fn with_dataset(
+        options: TrainOptions,
+        dataset: Dataset,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self, ExperimentError> {
+        options.validate()?;
         let config = options.train_config(seed)?;
         let spec = options.model()?;
         let model = build_network(&spec, &dataset, seed, &device)?;
@@ -169,6 +181,11 @@ pub struct RunMeta {
     pub epoch: usize,
     /// Every epoch's metrics up to `epoch`.
     pub history: Vec<EpochMetrics>,
+    /// Shape of one input, (channels, height, width): what the model was built for, so
+    /// that the network can be rebuilt from the checkpoint alone (absent in checkpoints
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_shape: Option<[usize; 3]>,
 }
 
 impl RunMeta {

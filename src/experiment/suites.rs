@@ -658,6 +658,30 @@ impl SuiteResults {
 }
 
 impl Suite {
+    /// Every suite, in the CLI's order.
+    pub const ALL: [Suite; 7] = [
+        Suite::Table1,
+        Suite::Table2,
+        Suite::Xor,
+        Suite::Speed,
+        Suite::Sota,
+        Suite::Deep,
+        Suite::Conv,
+    ];
+
+    /// The suite named `name` (as [`Suite::name`] spells it).
+    pub fn from_name(name: &str) -> Result<Self, ExperimentError> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| {
+                ExperimentError::InvalidOption(format!(
+                    "unknown suite `{name}` (expected one of: {})",
+                    Self::ALL.map(Suite::name).join(", ")
+                ))
+            })
+    }
+
     /// The suite's name, as the CLI spells it.
     pub fn name(self) -> String {
         serde_json::to_value(self)

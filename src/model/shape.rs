@@ -47,6 +47,18 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// The shape as `[C, H, W]`, the inverse of [`Shape::from_chw`] (a flat vector is
+    /// `1 x 1 x N`, a sequence `1 x T x D`).
+    pub fn chw(&self) -> [usize; 3] {
+        match *self {
+            Self::Flat(n) => [1, 1, n],
+            Self::Image { c, h, w } => [c, h, w],
+            Self::Seq { t, d } => [1, t, d],
+        }
+    }
+}
+
 impl fmt::Display for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {

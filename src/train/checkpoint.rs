@@ -142,12 +142,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     written
 }
 
-/// Restores `net`'s parameters and running statistics and `optimizer`'s state from
-/// `path`; returns the stored `meta`. Names and shapes must match.
+/// Restores `net`'s parameters and running statistics and, if given, `optimizer`'s state
+/// from `path`; returns the stored `meta`. Names and shapes must match; nothing is
+/// changed unless everything read is valid.
 pub fn load(
     path: &Path,
     net: &mut Network,
-    optimizer: &mut dyn Optimizer,
+    optimizer: Option<&mut dyn Optimizer>,
 ) -> Result<serde_json::Value, CheckpointError> {
     let invalid = |reason: String| CheckpointError::Invalid {
         path: path.to_path_buf(),
@@ -263,12 +264,14 @@ pub fn load(
         Some(m) => serde_json::from_str(m).map_err(|e| invalid(format!("meta: {e}")))?,
         None => serde_json::Value::Null,
     };
-    optimizer
-        .check_state(&state, &params)
-        .map_err(|e| invalid(e.to_string()))?;
-    optimizer
-        .load_state(&state)
-        .map_err(|e| invalid(e.to_string()))?;
+    if let Some(optimizer) = optimizer {
+        optimizer
+            .check_state(&state, &params)
+            .map_err(|e| invalid(e.to_string()))?;
+        optimizer
+            .load_state(&state)
+            .map_err(|e| invalid(e.to_string()))?;
+    }
     net.set_params(params).map_err(|e| invalid(e.to_string()))?;
     net.set_running_stats(running);
     Ok(meta)

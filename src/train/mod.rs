@@ -61,6 +61,14 @@ pub enum TrainError {
     /// A training option is out of range.
     #[error("invalid training option: {0}")]
     InvalidOption(String),
+    /// The observer asked to stop ([`TrainObserver::should_stop`]).
+    #[error("training interrupted at epoch {epoch}, batch {batch}")]
+    Interrupted {
+        /// Epoch (1-based).
+        epoch: usize,
+        /// The last batch taken (1-based).
+        batch: usize,
+    },
 }
 
 /// A differentiable function of the parameters whose gradient the [`Trainer`] adds to every
@@ -94,6 +102,12 @@ pub trait TrainObserver {
     fn batch_end(&mut self, _loss: f32, _correct: usize, _samples: usize) {}
     /// An epoch finished.
     fn epoch_end(&mut self, _metrics: &EpochMetrics) {}
+    /// Asked after every batch: `true` stops the epoch there with
+    /// [`TrainError::Interrupted`] (a front-end's Ctrl-C, a caller's early stop). The model
+    /// keeps the batches already taken; a run directory keeps its last whole epoch.
+    fn should_stop(&mut self) -> bool {
+        false
+    }
 }
 
 /// Observer that ignores everything.

@@ -100,8 +100,13 @@ impl Trainer {
 
     /// Attaches a [`Monitor`] (see [`Trainer::take_monitor_records`]).
     pub fn with_monitor(mut self, monitor: Monitor) -> Self {
-        self.monitor = Some(monitor);
+        self.set_monitor(Some(monitor));
         self
+    }
+
+    /// Attaches (or with `None` removes) a [`Monitor`].
+    pub fn set_monitor(&mut self, monitor: Option<Monitor>) {
+        self.monitor = monitor;
     }
 
     /// Sets (or with `None` removes) the [`Penalty`] whose gradient is added to every
@@ -168,7 +173,8 @@ impl Trainer {
         &mut self,
         path: &std::path::Path,
     ) -> Result<serde_json::Value, super::checkpoint::CheckpointError> {
-        let mut wrapped = super::checkpoint::load(path, &mut self.model, self.optimizer.as_mut())?;
+        let mut wrapped =
+            super::checkpoint::load(path, &mut self.model, Some(self.optimizer.as_mut()))?;
         let state: Vec<(String, f64)> =
             serde_json::from_value(wrapped["estimator"].take()).unwrap_or_default();
         self.estimator.load_state(&state);
@@ -294,6 +300,12 @@ impl Trainer {
             correct += outcome.correct;
             seen += batch.len();
             observer.batch_end(outcome.loss, outcome.correct, batch.len());
+            if observer.should_stop() {
+                return Err(TrainError::Interrupted {
+                    epoch,
+                    batch: index,
+                });
+            }
         }
         let seconds = start.elapsed().as_secs_f64();
         // A step can leave a parameter infinite while the loss still reads finite; such an
