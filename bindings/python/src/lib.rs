@@ -13,7 +13,7 @@ use mep::continual::EwcConfig;
 use mep::data::{DataLocator, Dataset, Split};
 use mep::device::{DeviceChoice, Tensor, Workload};
 use mep::experiment::check::GradientCheck;
-use mep::experiment::continual::{ContinualMethod, load_base, write_outcome};
+use mep::experiment::continual::{ContinualBench, ContinualMethod, load_base, write_outcome};
 use mep::experiment::suites::{Suite, SuiteConfig, SuiteObserver};
 use mep::experiment::{
     ARRAYS_DATASET, DataSource, ExperimentError, RunMeta, RunRequest, TrainOptions, TrainRun,
@@ -823,13 +823,22 @@ impl TrainObserver for SuiteQuiet {
     }
 }
 
+impl mep::continual::ContinualObserver for SuiteQuiet {}
+
+impl mep::experiment::continual::ContinualBenchObserver for SuiteQuiet {
+    fn download(&mut self) -> &mut dyn mep::data::download::DownloadProgress {
+        &mut self.download
+    }
+}
+
 impl SuiteObserver for SuiteQuiet {
     fn download(&mut self) -> &mut dyn mep::data::download::DownloadProgress {
         &mut self.download
     }
 }
 
-/// `mep bench NAME`: runs a suite and returns its `results.json` as JSON; with `out`, also
+/// `mep bench NAME`: runs a suite (or `continual`, the five-method continual-learning
+/// comparison with its defaults) and returns its `results.json` as JSON; with `out`, also
 /// writes results.json, table.md and the charts there.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -846,21 +855,44 @@ fn run_suite(
     fetch: bool,
     data_dir: Option<PathBuf>,
 ) -> PyResult<String> {
-    let suite = Suite::from_name(name).map_err(to_py)?;
     let choice = device_choice(device)?;
+    let device = choice.resolve(Workload::Backprop).map_err(lib_err)?;
     let locator = locator(data_dir);
-    let config = SuiteConfig {
-        quick,
-        seeds,
-        seed: seed.unwrap_or(mep::experiment::DEFAULT_SEED),
-        locator: &locator,
-        fetch,
-        device: choice.resolve(Workload::Backprop).map_err(lib_err)?,
-        device_label: choice.to_string(),
-    };
+    let seed = seed.unwrap_or(mep::experiment::DEFAULT_SEED);
     let mut observer = SuiteQuiet {
         interrupted: None,
         download: mep::data::download::NoProgress,
+    };
+    if name == "continual" {
+        let bench = ContinualBench {
+            quick,
+            ..ContinualBench::default()
+        };
+        let seeds = seeds.unwrap_or_else(|| vec![seed]);
+        let results = without_gil(py, || {
+            bench.run(&seeds, &locator, fetch, &device, &mut observer)
+        });
+        if let Some(e) = observer.interrupted {
+            return Err(e);
+        }
+        let mut results = results.map_err(to_py)?;
+        if let Some(obj) = results.json.as_object_mut() {
+            obj.insert("device".into(), choice.to_string().into());
+        }
+        if let Some(dir) = out {
+            without_gil(py, || results.write(&dir)).map_err(to_py)?;
+        }
+        return to_json(&results.json);
+    }
+    let suite = Suite::from_name(name).map_err(to_py)?;
+    let config = SuiteConfig {
+        quick,
+        seeds,
+        seed,
+        locator: &locator,
+        fetch,
+        device,
+        device_label: choice.to_string(),
     };
     let results = without_gil(py, || suite.run(&config, &mut observer));
     if let Some(e) = observer.interrupted {

@@ -336,3 +336,14 @@ def test_weights_evaluated_in_a_torch_sequential_give_the_reported_accuracy() ->
     with torch.no_grad():
         predicted = to_torch(run.network)(torch.from_numpy(x_test)).argmax(dim=1).numpy()
     assert abs(float(np.mean(predicted == y_test)) - run.history[-1]["test_accuracy"]) <= 1 / 500
+
+
+def test_the_continual_comparison_runs_as_the_cli_runs_it(tmp_path: Path) -> None:
+    ours = mep.run_suite("continual", quick=True, data_dir=data_dir(), fetch=False)
+    theirs = json.loads(cli("bench", "continual", "--quick", "--out", str(tmp_path), "--no-fetch", "--json"))
+
+    def accuracies(results: Dict[str, Any]) -> Dict[str, Any]:
+        return {r["method"]: r["accuracy_matrix"] for r in results["runs"]}
+
+    assert accuracies(ours) == accuracies(theirs)
+    assert len(accuracies(ours)) == 5

@@ -363,7 +363,8 @@ def run_suite(
     data_dir: Optional[PathLike] = None,
 ) -> Dict[str, Any]:
     """``mep bench NAME`` (``table1``, ``table2``, ``xor``, ``speed``, ``sota``, ``deep``,
-    ``conv``): runs the suite and returns its ``results.json``; with ``out`` also writes
+    ``conv``, or ``continual``: the five-method continual-learning comparison with its
+    defaults): runs the suite and returns its ``results.json``; with ``out`` also writes
     ``results.json``, ``table.md`` and the charts there."""
     text = _native.run_suite(
         name,
