@@ -271,3 +271,32 @@ fn suites_are_found_by_their_names() {
         "{e}"
     );
 }
+
+#[test]
+fn a_lock_left_by_a_zombie_is_stale() {
+    // The ranks of a job whose launcher ended first can stay zombies where nothing reaps
+    // orphans; their locks must not hold a run directory forever.
+    let dir = scratch_dir("session-zombie-lock");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let stat = format!("/proc/{}/stat", child.id());
+    let zombie = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::read_to_string(&stat).is_ok_and(|s| s.contains(") Z"))
+    });
+    assert!(zombie, "the unreaped child should be a zombie");
+    std::fs::write(dir.join(".lock"), child.id().to_string()).unwrap();
+    let run = mep::experiment::RunDir::new(&dir);
+    assert!(run.lock().is_ok(), "a zombie's lock is stale");
+    // A live process's lock holds.
+    let mut live = std::process::Command::new("sleep")
+        .arg("5")
+        .spawn()
+        .unwrap();
+    std::fs::write(dir.join(".lock"), live.id().to_string()).unwrap();
+    let e = run.lock().unwrap_err().to_string();
+    assert!(e.contains("in use by another run"), "{e}");
+    live.kill().unwrap();
+    live.wait().unwrap();
+    child.wait().unwrap();
+}

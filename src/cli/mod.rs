@@ -94,6 +94,8 @@ enum Command {
 
 /// Settings every subcommand shares.
 pub struct Globals {
+    /// The ranks of a data-parallel run under `mpirun` (the `mpi` feature), else `None`.
+    pub collective: Option<std::rc::Rc<dyn mep::train::parallel::Collective>>,
     /// Worker threads asked for (0: one per core).
     pub threads: usize,
     /// Seed.
@@ -110,19 +112,44 @@ pub struct Globals {
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     device::set_threads(cli.threads).context("setting up worker threads")?;
+    #[cfg(feature = "mpi")]
+    let mpi = mep::train::mpi::launched_by_mpirun()
+        .then(mep::train::mpi::MpiCollective::init)
+        .flatten()
+        .map(std::rc::Rc::new)
+        .filter(|c| mep::train::parallel::Collective::size(c.as_ref()) > 1);
+    #[cfg(feature = "mpi")]
+    let collective = mpi
+        .clone()
+        .map(|c| c as std::rc::Rc<dyn mep::train::parallel::Collective>);
+    #[cfg(not(feature = "mpi"))]
+    let collective = None;
     let globals = Globals {
+        collective,
         threads: cli.threads,
         seed: cli.seed.unwrap_or(mep::experiment::DEFAULT_SEED),
         seed_given: cli.seed,
         device: cli.device,
         data_dir: cli.data_dir,
     };
-    match cli.command {
+    if globals.collective.is_some() && !matches!(cli.command, Command::Train(_)) {
+        anyhow::bail!("only `mep train` runs data-parallel under mpirun; run other commands alone");
+    }
+    let result = match cli.command {
         Command::Data(cmd) => data::run(cmd, &globals),
         Command::Train(args) => train::run(*args, &globals),
         Command::Eval(args) => train::eval(args, &globals),
         Command::CheckGradient(args) => check::run(args, &globals),
         Command::Continual(args) => continual::run(*args, &globals),
         Command::Bench(cmd) => bench::run(cmd, &globals),
+    };
+    // A rank that fails alone would leave the others waiting in their next collective:
+    // report, then end the whole job.
+    #[cfg(feature = "mpi")]
+    if let (Err(e), Some(mpi)) = (&result, &mpi) {
+        use mep::train::parallel::Collective as _;
+        errln!("error on rank {} of {}: {e:#}", mpi.rank(), mpi.size());
+        mpi.abort(1);
     }
+    result
 }

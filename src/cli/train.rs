@@ -62,7 +62,10 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
         resume: args.resume,
         force: args.force,
         monitor: args.monitor,
+        collective: globals.collective.clone(),
     };
+    // Rank 0 reports; the other ranks of a data-parallel run only train.
+    let rank = globals.collective.as_ref().map_or(0, |c| c.rank());
     let locator = DataLocator::from_env(globals.data_dir.clone());
     let mut bar = DownloadBar::default();
     let data = DataSource::Named {
@@ -73,7 +76,7 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     let mut run = TrainRun::start(request, data)
         .with_context(|| format!("setting up the run in {}", out.display()))?;
     let start = run.next_epoch();
-    {
+    if rank == 0 {
         let Prepared {
             options: opts,
             dataset,
@@ -83,7 +86,7 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
             trainer,
         } = run.prepared();
         errln!(
-            "training {spec} ({} parameters) on {} ({} train / {} test, {}) with {}, {} epochs{}, batch {}, device {}, {} threads",
+            "training {spec} ({} parameters) on {} ({} train / {} test, {}) with {}, {} epochs{}, batch {}, device {}, {} threads{}",
             trainer.model().num_params(),
             dataset.name,
             dataset.train.len(),
@@ -107,17 +110,37 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
             },
             config.batch_size,
             globals.device,
-            mep::device::threads()
+            mep::device::threads(),
+            match &globals.collective {
+                Some(c) => format!(" per rank, {} ranks", c.size()),
+                None => String::new(),
+            }
         );
     }
     let epochs = run.prepared().config.epochs;
     let mut bar = EpochBar::new(epochs, false);
+    let mut silent = mep::train::Silent;
+    let observer: &mut dyn mep::train::TrainObserver =
+        if rank == 0 { &mut bar } else { &mut silent };
     // Each epoch is on disk before it is printed: a reader that closes the pipe ends the
     // run after a complete epoch.
-    while let Some(m) = run.run_epoch(&mut bar)? {
-        if args.json {
+    while let Some(m) = run.run_epoch(observer)? {
+        if args.json && rank == 0 {
             outln!("{}", serde_json::to_string(&m)?)?;
         }
+    }
+    if rank != 0 {
+        return Ok(());
+    }
+    if let Some(c) = &globals.collective {
+        let s = c.stats();
+        errln!(
+            "rank 0 communication: {} collectives, {:.1} MB sent, {:.1} MB received, {:.2} s",
+            s.calls,
+            s.bytes_sent as f64 / 1e6,
+            s.bytes_received as f64 / 1e6,
+            s.seconds
+        );
     }
     let last = (start <= epochs)
         .then(|| run.history().last().cloned())

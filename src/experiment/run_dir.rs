@@ -221,8 +221,22 @@ impl RunDir {
 }
 
 /// Whether process `pid` runs (this one does).
+///
+/// A zombie (a process that ended but was not reaped yet, as the ranks of a job whose
+/// launcher exited first can stay where nothing reaps orphans) does not run: its
+/// `/proc/<pid>/stat` state is `Z` (or `X`, dead).
 fn process_runs(pid: u32) -> bool {
-    pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
+    if pid == std::process::id() {
+        return true;
+    }
+    match fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) {
+        // `pid (command) STATE ...`; the command may hold spaces and parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_none_or(|state| !matches!(state, 'Z' | 'X')),
+        Err(_) => Path::new("/proc").join(pid.to_string()).exists(),
+    }
 }
 
 /// A run directory's lock (see [`RunDir::lock`]); dropping it releases the directory.

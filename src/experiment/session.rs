@@ -4,12 +4,14 @@
 //! both run through [`TrainRun`], so a run started from either gives the same metrics.
 
 use std::path::PathBuf;
+use std::rc::Rc;
 
 use super::{ExperimentError, Prepared, RunDir, RunLock, RunMeta, Standardize, TrainOptions};
 use crate::data::download::DownloadProgress;
 use crate::data::{Augment, DataLocator, Dataset};
 use crate::device::{DeviceChoice, Workload};
 use crate::loss::Loss;
+use crate::train::parallel::{Collective, check_agreement, digest};
 use crate::train::{EpochMetrics, Monitor, MonitorRecord, TrainObserver, Trainer};
 
 /// The seed of a run that names none (a resumed run keeps its own).
@@ -55,6 +57,10 @@ pub struct RunRequest {
     pub force: bool,
     /// Monitor every N steps (records in `out`'s `monitor.jsonl`).
     pub monitor: Option<usize>,
+    /// Train data-parallel over these ranks (see [`Trainer::set_collective`]): every rank
+    /// starts the same request; rank 0 alone writes to `out`, the others read a resumed
+    /// run's checkpoint from it.
+    pub collective: Option<Rc<dyn Collective>>,
 }
 
 /// A training run in progress: the prepared model and data, where it records, and the
@@ -82,7 +88,10 @@ impl TrainRun {
             resume,
             force,
             monitor,
+            collective,
         } = request;
+        let collective = collective.filter(|c| c.size() > 1);
+        let writer = collective.as_ref().is_none_or(|c| c.rank() == 0);
         let run = out.map(RunDir::new);
         let mut seed_used = seed.unwrap_or(DEFAULT_SEED);
         let mut resumed = None;
@@ -107,6 +116,30 @@ impl TrainRun {
                 Prepared::with_dataset(arrays_options(options)?, dataset, seed_used, burn_device)?
             }
         };
+        if let Some(c) = &collective {
+            if prepared.options.persistent == Some(true) {
+                return Err(ExperimentError::InvalidOption(
+                    "persistent EqProp states belong to one process's samples: train without mpirun, or without persistent".into(),
+                ));
+            }
+            // Everything that decides the run: a rank started with other options would
+            // otherwise train another model, or deadlock at a mismatched collective.
+            let identity = serde_json::json!({
+                "options": prepared.options,
+                "seed": seed_used,
+                "dataset": prepared.dataset.name,
+                "train": prepared.dataset.train.len(),
+                "test": prepared.dataset.test.len(),
+                "epochs": resumed.as_ref().map(|m| m.epoch),
+            });
+            check_agreement(
+                c.as_ref(),
+                &[digest(identity.to_string().as_bytes())],
+                "options, seed and data",
+            )
+            .map_err(crate::train::TrainError::from)?;
+            prepared.trainer.set_collective(Some(c.clone()));
+        }
         if let Some(every) = monitor {
             let loss = prepared
                 .trainer
@@ -117,11 +150,11 @@ impl TrainRun {
                 .trainer
                 .set_monitor(Some(Monitor::new(every, loss)?));
         }
-        let dir = match run {
+        if let (Some(run), Some(_)) = (&run, &resumed) {
+            prepared.trainer.load_checkpoint(&run.checkpoint())?;
+        }
+        let dir = match run.filter(|_| writer) {
             Some(run) => {
-                if resumed.is_some() {
-                    prepared.trainer.load_checkpoint(&run.checkpoint())?;
-                }
                 // Held until the run is dropped: a second run into this directory is
                 // refused at once.
                 let lock = run.lock()?;

@@ -6,6 +6,9 @@
 pub mod checkpoint;
 mod metrics;
 mod monitor;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+pub mod parallel;
 mod trainer;
 
 pub use metrics::EpochMetrics;
@@ -61,6 +64,9 @@ pub enum TrainError {
     /// A training option is out of range.
     #[error("invalid training option: {0}")]
     InvalidOption(String),
+    /// A collective operation of a data-parallel run failed, or the ranks disagree.
+    #[error(transparent)]
+    Parallel(#[from] parallel::ParallelError),
     /// The observer asked to stop ([`TrainObserver::should_stop`]).
     #[error("training interrupted at epoch {epoch}, batch {batch}")]
     Interrupted {

@@ -1,10 +1,12 @@
 //! The training loop: any gradient estimator, any optimizer, per-epoch evaluation.
 
+use std::rc::Rc;
 use std::time::Instant;
 
 use burn::tensor::{Int, TensorData};
 
 use super::Monitor;
+use super::parallel::{Collective, StepShare, check_agreement, digest, share};
 use super::{EpochMetrics, Penalty, TrainError, TrainObserver};
 use crate::data::{Augment, Batcher, Dataset, Split};
 use crate::device::{Device, Tensor, to_host};
@@ -59,6 +61,7 @@ pub struct Trainer {
     steps: usize,
     epoch: usize,
     first_loss: Option<f32>,
+    collective: Option<Rc<dyn Collective>>,
 }
 
 /// What one training step did.
@@ -95,7 +98,22 @@ impl Trainer {
             steps: 0,
             epoch: 0,
             first_loss: None,
+            collective: None,
         }
+    }
+
+    /// Trains data-parallel over `collective`'s ranks (or, with `None` or one rank, alone):
+    /// each step estimates this rank's share of the batch ([`super::parallel::share`]),
+    /// and the shares' gradients, losses, settle statistics, factors and batch moments are
+    /// combined in rank order before the (identical) optimizer step; evaluation splits
+    /// the test split the same way. Every rank must run the same trainer on the same data.
+    pub fn set_collective(&mut self, collective: Option<Rc<dyn Collective>>) {
+        self.collective = collective.filter(|c| c.size() > 1);
+    }
+
+    /// The collective of a data-parallel run (`None` when training alone).
+    pub fn collective(&self) -> Option<&dyn Collective> {
+        self.collective.as_deref()
     }
 
     /// Attaches a [`Monitor`] (see [`Trainer::take_monitor_records`]).
@@ -197,7 +215,8 @@ impl Trainer {
             .map(|(_, info)| info.name.clone())
     }
 
-    /// One optimizer step on a host batch.
+    /// One optimizer step on a host batch (with a collective: this rank's share of it, the
+    /// shares combined; see [`Trainer::set_collective`]).
     pub fn train_step(
         &mut self,
         inputs: &[f32],
@@ -205,16 +224,50 @@ impl Trainer {
         indices: Option<&[usize]>,
     ) -> Result<StepOutcome, TrainError> {
         let classes = self.model.output_shape().numel();
+        let dim = inputs.len() / labels.len().max(1);
+        let rows = match &self.collective {
+            Some(c) => share(labels.len(), c.rank(), c.size()),
+            None => 0..labels.len(),
+        };
+        if rows.is_empty() {
+            return Err(TrainError::InvalidOption(format!(
+                "a batch of {} samples leaves rank {} without a sample: every batch needs at least one sample per rank",
+                labels.len(),
+                self.collective.as_ref().map_or(0, |c| c.rank())
+            )));
+        }
+        let (inputs, labels) = (
+            &inputs[rows.start * dim..rows.end * dim],
+            &labels[rows.clone()],
+        );
         let mut batch = TensorBatch::new(inputs, labels, classes, &self.device);
-        batch.indices = indices.map(<[usize]>::to_vec);
-        let estimate = self.estimator.estimate(&self.model, &batch)?;
+        batch.indices = indices.map(|i| i[rows.clone()].to_vec());
+        let mut estimate = self.estimator.estimate(&self.model, &batch)?;
         self.steps += 1;
         if let Some(m) = self.monitor.as_mut()
             && m.due(self.steps)
         {
             m.record(self.steps, self.epoch, &self.model, &batch, &estimate)?;
         }
-        let correct = count_correct(estimate.output.clone(), labels);
+        let mut correct = count_correct(estimate.output.clone(), labels);
+        let mut samples = labels.len();
+        if let Some(c) = &self.collective {
+            let total = StepShare {
+                samples,
+                loss: estimate.loss,
+                correct,
+                settle: &estimate.settle,
+                grads: &estimate.grads,
+                factors: &estimate.factors,
+                moments: &estimate.moments,
+            }
+            .combine(c.as_ref(), &self.device)?;
+            (estimate.loss, correct, samples) = (total.loss, total.correct, total.samples);
+            estimate.settle = total.settle;
+            estimate.grads = total.grads;
+            estimate.factors = total.factors;
+            estimate.moments = total.moments;
+        }
         let params = self.model.params().to_vec();
         let mut grads = estimate.grads;
         let penalty = self.penalty.as_deref();
@@ -233,8 +286,7 @@ impl Trainer {
             updated = p.proximal(updated, lr);
         }
         self.model.set_params(updated)?;
-        self.model
-            .update_running_stats(&estimate.moments, labels.len());
+        self.model.update_running_stats(&estimate.moments, samples);
         Ok(StepOutcome {
             loss: estimate.loss,
             correct,
@@ -266,6 +318,21 @@ impl Trainer {
     ) -> Result<EpochMetrics, TrainError> {
         config.validate()?;
         check_fits(&self.model, dataset)?;
+        if let Some(c) = &self.collective {
+            let (n, b, ranks) = (dataset.train.len(), config.batch_size, c.size());
+            let last = if n % b == 0 { b.min(n) } else { n % b };
+            if b.min(n) < ranks || last < ranks {
+                return Err(TrainError::InvalidOption(format!(
+                    "{ranks} ranks need at least one sample each in every batch: batch {b} over {n} samples leaves a batch of {}",
+                    b.min(n).min(last)
+                )));
+            }
+            if self.monitor.is_some() {
+                return Err(TrainError::InvalidOption(
+                    "the monitor records one process's batches: run it without mpirun".into(),
+                ));
+            }
+        }
         self.epoch = epoch;
         config.augment.check(dataset.input_shape)?;
         let mut batches =
@@ -313,6 +380,15 @@ impl Trainer {
         if let Some(param) = self.non_finite_param() {
             return Err(TrainError::NonFiniteParameter { epoch, param });
         }
+        // Every rank took the same steps; a difference here (a kernel that is not
+        // deterministic, a rank fed other data) would silently train several models.
+        if let Some(c) = &self.collective {
+            let mut bytes = Vec::new();
+            for p in self.model.params() {
+                bytes.extend(to_host(p).iter().flat_map(|v| v.to_le_bytes()));
+            }
+            check_agreement(c.as_ref(), &[digest(&bytes)], "parameters after the epoch")?;
+        }
         let test_accuracy = self.evaluate(&dataset.test, config.batch_size.max(256))?;
         let metrics = EpochMetrics {
             epoch,
@@ -329,8 +405,31 @@ impl Trainer {
         Ok(metrics)
     }
 
-    /// Accuracy of the estimator's prediction on `split`, in [0, 1].
+    /// Accuracy of the estimator's prediction on `split`, in [0, 1] (with a collective,
+    /// each rank predicts its share of the split and the counts are summed).
     pub fn evaluate(&self, split: &Split, batch_size: usize) -> Result<f64, TrainError> {
+        let Some(c) = &self.collective else {
+            return Ok(self.count_split(split, batch_size)? as f64 / split.len() as f64);
+        };
+        let rows = share(split.len(), c.rank(), c.size());
+        let dim = split.dim();
+        let correct = if rows.is_empty() {
+            0
+        } else {
+            let part = Split::new(
+                split.inputs()[rows.start * dim..rows.end * dim].to_vec(),
+                split.labels()[rows].to_vec(),
+                dim,
+            )?;
+            self.count_split(&part, batch_size)?
+        };
+        let all = c.all_gather_u64(&[correct as u64])?;
+        let total: u64 = all.iter().flatten().sum();
+        Ok(total as f64 / split.len() as f64)
+    }
+
+    /// Correct predictions on `split`.
+    fn count_split(&self, split: &Split, batch_size: usize) -> Result<usize, TrainError> {
         let mut batches = Batcher::new(split, batch_size, 0, 0, false)?;
         let mut correct = 0;
         while let Some(batch) = batches.next_batch() {
@@ -340,7 +439,7 @@ impl Trainer {
             );
             correct += count_correct(self.estimator.predict(&self.model, x), &batch.labels);
         }
-        Ok(correct as f64 / split.len() as f64)
+        Ok(correct)
     }
 }
 

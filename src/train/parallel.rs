@@ -1,0 +1,262 @@
+//! Data-parallel training: the collective operations a run spread over several processes
+//! needs, and how a step's results are combined.
+//!
+//! Every rank draws the same global batches (the batch order depends only on the seed and
+//! the epoch), estimates the gradient of its contiguous share of each batch
+//! ([`share`]), and the shares are combined with one gather per step: every rank receives
+//! every rank's packed results ([`StepShare`]) and sums them **in rank order**, so the
+//! combined gradient depends only on the number of ranks, never on timing, and every rank
+//! then takes the same optimizer step. Against one process the sums are reassociated
+//! (per-share means weighted by share size instead of one mean over the batch): equal to
+//! rounding, not to the bit.
+//!
+//! The transport is a [`Collective`]: MPI (`mpi` feature, [`super::mpi`]) or anything
+//! else that can gather.
+
+use std::fmt::Debug;
+use std::ops::Range;
+
+use crate::device::{Device, Tensor, from_host, to_host};
+use crate::ep::SettleStats;
+use crate::model::{BatchMoments, GradFactors};
+
+/// Errors of a collective operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ParallelError {
+    /// The transport failed.
+    #[error("collective operation failed: {0}")]
+    Transport(String),
+    /// Ranks disagree (options, data, parameters).
+    #[error("ranks disagree: {0}")]
+    Mismatch(String),
+}
+
+/// Collective operations over the processes (ranks) of one run. Every rank must call the
+/// same operations in the same order.
+pub trait Collective: Debug {
+    /// This process's rank, `0..size`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn size(&self) -> usize;
+    /// Every rank's `local` (lengths may differ), in rank order.
+    fn all_gather_f32(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, ParallelError>;
+    /// Every rank's `local` (lengths may differ), in rank order.
+    fn all_gather_u64(&self, local: &[u64]) -> Result<Vec<Vec<u64>>, ParallelError>;
+    /// Traffic and time so far.
+    fn stats(&self) -> CommStats;
+}
+
+/// What the collectives of a run have cost so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct CommStats {
+    /// Collective calls.
+    pub calls: u64,
+    /// Bytes this rank sent (its contribution to each gather).
+    pub bytes_sent: u64,
+    /// Bytes this rank received from the others.
+    pub bytes_received: u64,
+    /// Seconds spent inside collectives (waiting for other ranks included).
+    pub seconds: f64,
+}
+
+/// The contiguous share of `n` items that `rank` of `size` takes: items
+/// `n * rank / size .. n * (rank + 1) / size`, so shares differ by at most one item.
+pub fn share(n: usize, rank: usize, size: usize) -> Range<usize> {
+    (n * rank / size)..(n * (rank + 1) / size)
+}
+
+/// Checks that every rank holds the same `digest` (of its options, data and seed); the
+/// error names the first rank that differs from rank 0.
+pub fn check_agreement(
+    collective: &dyn Collective,
+    digest: &[u64],
+    what: &str,
+) -> Result<(), ParallelError> {
+    let all = collective.all_gather_u64(digest)?;
+    match all.iter().position(|d| d != &all[0]) {
+        Some(rank) => Err(ParallelError::Mismatch(format!(
+            "rank {rank}'s {what} differ from rank 0's: every rank must be started with the same options, seed and data"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A 64-bit FNV-1a digest of `bytes` (rank agreement checks, not security).
+pub fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// One rank's results for its share of a batch, packed for one gather.
+pub struct StepShare<'a> {
+    /// Samples in the share.
+    pub samples: usize,
+    /// Mean loss over the share.
+    pub loss: f32,
+    /// Correct predictions in the share.
+    pub correct: usize,
+    /// The share's settle statistics, per phase.
+    pub settle: &'a [SettleStats],
+    /// The share's mean gradient per parameter.
+    pub grads: &'a [Tensor<2>],
+    /// Per-sample gradient factors (rows of this share), per parameter.
+    pub factors: &'a [Option<GradFactors>],
+    /// Batch-norm moments of the share.
+    pub moments: &'a BatchMoments,
+}
+
+/// The whole batch's results, combined from every rank's share.
+pub struct StepTotal {
+    /// Samples in the batch.
+    pub samples: usize,
+    /// Mean loss over the batch.
+    pub loss: f32,
+    /// Correct predictions in the batch.
+    pub correct: usize,
+    /// Settle statistics per phase: steps and residual the largest of any share,
+    /// converged only where every share converged, per-sample steps averaged.
+    pub settle: Vec<SettleStats>,
+    /// The batch's mean gradient per parameter.
+    pub grads: Vec<Tensor<2>>,
+    /// Per-sample factors of the whole batch (rows in rank order, so in batch order).
+    pub factors: Vec<Option<GradFactors>>,
+    /// Batch-norm moments of the whole batch.
+    pub moments: BatchMoments,
+}
+
+const HEADER: usize = 4;
+const PER_PHASE: usize = 4;
+
+impl StepShare<'_> {
+    /// Packs the share (sums weighted by its sample count, so that the combination is a
+    /// plain ordered sum), gathers every rank's and combines them.
+    pub fn combine(
+        &self,
+        collective: &dyn Collective,
+        device: &Device,
+    ) -> Result<StepTotal, ParallelError> {
+        let n = self.samples as f32;
+        let mut packed = vec![
+            n,
+            self.loss * n,
+            self.correct as f32,
+            self.settle.len() as f32,
+        ];
+        for s in self.settle {
+            packed.extend([
+                s.sample_steps * n,
+                s.residual,
+                f32::from(u8::from(s.converged)),
+                s.steps as f32,
+            ]);
+        }
+        for g in self.grads {
+            packed.extend(to_host(g).into_iter().map(|v| v * n));
+        }
+        for (mean, var) in self.moments {
+            packed.extend(mean.iter().map(|m| m * n));
+            packed.extend(mean.iter().zip(var).map(|(m, v)| (v + m * m) * n));
+        }
+        for f in self.factors.iter().flatten() {
+            packed.extend(to_host(&f.inputs));
+            packed.extend(to_host(&f.output_grads));
+        }
+        let all = collective.all_gather_f32(&packed)?;
+        self.unpack(&all, device)
+    }
+
+    fn unpack(&self, all: &[Vec<f32>], device: &Device) -> Result<StepTotal, ParallelError> {
+        let bad = |rank: usize, what: &str| {
+            ParallelError::Mismatch(format!("rank {rank} sent a malformed step ({what})"))
+        };
+        let mut readers = Vec::with_capacity(all.len());
+        let mut samples = 0usize;
+        for (rank, p) in all.iter().enumerate() {
+            if p.len() < HEADER || p[3] as usize != self.settle.len() {
+                return Err(bad(rank, "header or settle phases"));
+            }
+            samples += p[0] as usize;
+            readers.push(HEADER);
+        }
+        if samples == 0 {
+            return Err(ParallelError::Mismatch("a batch without samples".into()));
+        }
+        let total = samples as f32;
+        let loss = all.iter().map(|p| p[1]).sum::<f32>() / total;
+        let correct = all.iter().map(|p| p[2] as usize).sum();
+        let mut settle = self.settle.to_vec();
+        for (phase, s) in settle.iter_mut().enumerate() {
+            let at = |p: &Vec<f32>, k: usize| p[HEADER + phase * PER_PHASE + k];
+            s.sample_steps = all.iter().map(|p| at(p, 0)).sum::<f32>() / total;
+            s.residual = all.iter().map(|p| at(p, 1)).fold(0.0, f32::max);
+            s.converged = all.iter().all(|p| at(p, 2) > 0.5);
+            s.steps = all.iter().map(|p| at(p, 3) as usize).max().unwrap_or(0);
+        }
+        for r in &mut readers {
+            *r += self.settle.len() * PER_PHASE;
+        }
+        // Takes the next `len` values of every rank, summed in rank order.
+        let mut summed = |len: usize| -> Result<Vec<f32>, ParallelError> {
+            let mut out = vec![0f32; len];
+            for (rank, (p, at)) in all.iter().zip(readers.iter_mut()).enumerate() {
+                let part = p
+                    .get(*at..*at + len)
+                    .ok_or_else(|| bad(rank, "too short"))?;
+                for (o, v) in out.iter_mut().zip(part) {
+                    *o += v;
+                }
+                *at += len;
+            }
+            Ok(out.into_iter().map(|v| v / total).collect())
+        };
+        let mut grads = Vec::with_capacity(self.grads.len());
+        for g in self.grads {
+            let dims = g.dims();
+            grads.push(from_host(summed(dims[0] * dims[1])?, dims, device));
+        }
+        let mut moments = Vec::with_capacity(self.moments.len());
+        for (mean, _) in self.moments {
+            let m = summed(mean.len())?;
+            let second = summed(mean.len())?;
+            let var = second
+                .iter()
+                .zip(&m)
+                .map(|(s, m)| (s - m * m).max(0.0))
+                .collect();
+            moments.push((m, var));
+        }
+        // Factor rows are concatenated, not summed: rank r's rows follow rank r-1's.
+        let mut factors = Vec::with_capacity(self.factors.len());
+        for f in self.factors {
+            let Some(f) = f else {
+                factors.push(None);
+                continue;
+            };
+            let (inputs, outputs) = (f.inputs.dims()[1], f.output_grads.dims()[1]);
+            let (mut a, mut g) = (Vec::new(), Vec::new());
+            for (rank, (p, at)) in all.iter().zip(readers.iter_mut()).enumerate() {
+                let rows = p[0] as usize;
+                let part = p
+                    .get(*at..*at + rows * (inputs + outputs))
+                    .ok_or_else(|| bad(rank, "factors"))?;
+                a.extend_from_slice(&part[..rows * inputs]);
+                g.extend_from_slice(&part[rows * inputs..]);
+                *at += rows * (inputs + outputs);
+            }
+            factors.push(Some(GradFactors {
+                inputs: from_host(a, [samples, inputs], device),
+                output_grads: from_host(g, [samples, outputs], device),
+            }));
+        }
+        Ok(StepTotal {
+            samples,
+            loss,
+            correct,
+            settle,
+            grads,
+            factors,
+            moments,
+        })
+    }
+}
