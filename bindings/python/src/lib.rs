@@ -491,6 +491,7 @@ impl Run {
             resume,
             force,
             monitor,
+            collective: None,
         };
         let arrays = match (x, y, x_test, y_test) {
             (None, None, None, None) => None,
