@@ -884,3 +884,97 @@ fn orthonormalisation_of_a_non_finite_matrix_returns_nan_at_once() {
     let q = h(&mep::optim::linalg::orthonormalize_columns(p));
     assert!(q.iter().all(|v| v.is_finite()));
 }
+
+/// Rank `rank` of a two-rank split whose other rank's share is given (or recorded).
+#[derive(Debug)]
+struct TwoRanks {
+    rank: usize,
+    other: std::cell::RefCell<Vec<f32>>,
+    sent: std::cell::RefCell<Vec<f32>>,
+}
+
+impl mep::optim::WorkSplit for TwoRanks {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        2
+    }
+    fn exchange(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, OptimError> {
+        *self.sent.borrow_mut() = local.to_vec();
+        let other = self.other.borrow().clone();
+        Ok(if self.rank == 0 {
+            vec![local.to_vec(), other]
+        } else {
+            vec![other, local.to_vec()]
+        })
+    }
+}
+
+#[test]
+fn muon_shared_between_two_ranks_takes_exactly_the_single_optimizers_step() {
+    // smep's optimizer (Muon with the cubic iteration, spectral bound) on three matrices
+    // of unequal cost and a vector; two steps so that momentum carries over.
+    // Fan-out above fan-in, so that Muon's shape scale is not 1.
+    let info = [matrix(24, 40), vector("b"), matrix(12, 24), matrix(6, 12)];
+    let config = Preset::smep().optimizer;
+    let shapes = [[24, 40], [1, 40], [12, 24], [6, 12]];
+    let tensors = |seed: u64| -> Vec<Tensor<2>> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &[m, n])| {
+                let v: Vec<f32> = gaussianish(m, n, seed + i as u64)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect();
+                Tensor::from_data(TensorData::new(v, [m, n]), &dev())
+            })
+            .collect()
+    };
+    let mut single = CompositeOptimizer::new(config, &info).unwrap();
+    let mut rank0 = CompositeOptimizer::new(config, &info).unwrap();
+    let mut rank1 = CompositeOptimizer::new(config, &info).unwrap();
+    let split0 = std::rc::Rc::new(TwoRanks {
+        rank: 0,
+        other: Default::default(),
+        sent: Default::default(),
+    });
+    let split1 = std::rc::Rc::new(TwoRanks {
+        rank: 1,
+        other: Default::default(),
+        sent: Default::default(),
+    });
+    rank0.set_work_split(Some(split0.clone()));
+    rank1.set_work_split(Some(split1.clone()));
+    let (mut p_single, mut p0, p1) = (tensors(1), tensors(1), tensors(1));
+    for step in 0..2 {
+        let grads = tensors(10 + step);
+        p_single = single.step(p_single, grads.clone()).unwrap();
+        // Rank 1 runs first against an empty share from rank 0 (its own result is then
+        // wrong, but what it sent is its share); rank 0 then receives it.
+        *split1.other.borrow_mut() = Vec::new();
+        let _ = rank1.step(p1.clone(), grads.clone());
+        *split0.other.borrow_mut() = split1.sent.borrow().clone();
+        p0 = rank0.step(p0, grads.clone()).unwrap();
+        assert!(
+            !split0.sent.borrow().is_empty() && !split1.sent.borrow().is_empty(),
+            "both ranks own work"
+        );
+        for (a, b) in p_single.iter().zip(&p0) {
+            assert_eq!(
+                a.to_data().to_vec::<f32>().unwrap(),
+                b.to_data().to_vec::<f32>().unwrap()
+            );
+        }
+    }
+    // The largest matrix went to one rank, the two smaller ones to the other.
+    assert_eq!(
+        mep::optim::assign_owners(&[5.0, 0.0, 3.0, 1.0], 2),
+        vec![0, 1, 1, 1]
+    );
+    assert_eq!(
+        mep::optim::assign_owners(&[1.0, 1.0, 1.0], 3),
+        vec![0, 1, 2]
+    );
+}

@@ -552,6 +552,7 @@ pub struct CompositeOptimizer {
     state: Vec<ParamState>,
     step: usize,
     rng: Xoshiro256PlusPlus,
+    split: Option<std::rc::Rc<dyn super::WorkSplit>>,
 }
 
 fn rank(frac: f64, dims: [usize; 2]) -> usize {
@@ -579,7 +580,65 @@ impl CompositeOptimizer {
             state: vec![ParamState::default(); info.len()],
             step: 0,
             rng: Xoshiro256PlusPlus::seed_from_u64(config.seed),
+            split: None,
         })
+    }
+
+    /// Muon's Newton–Schulz directions for the matrices `xs` (their momenta; `None` for
+    /// vectors), shared between the ranks of `split`: each rank orthogonalises the matrices
+    /// it owns ([`super::assign_owners`] by Newton–Schulz cost), then every rank receives
+    /// every owner's results, so all ranks hold all directions.
+    fn shared_newton_schulz(
+        &self,
+        split: &dyn super::WorkSplit,
+        xs: Vec<Option<Tensor<2>>>,
+        steps: usize,
+        iteration: NsIteration,
+    ) -> Result<Vec<Option<Tensor<2>>>, OptimError> {
+        let costs: Vec<f64> = xs
+            .iter()
+            .map(|x| match x {
+                Some(x) => {
+                    let [m, n] = x.dims();
+                    (m * n * m.min(n)) as f64
+                }
+                None => 0.0,
+            })
+            .collect();
+        let owners = super::assign_owners(&costs, split.size());
+        let me = split.rank();
+        let mut local = Vec::new();
+        for (k, x) in xs.iter().enumerate() {
+            if let (Some(x), true) = (x, owners[k] == me) {
+                let d = newton_schulz(x.clone(), steps, iteration)
+                    .mul_scalar(shape_scale(self.info[k].kind));
+                local.extend(to_host(&d));
+            }
+        }
+        let all = split.exchange(&local)?;
+        let mut at = vec![0usize; all.len()];
+        let mut out = Vec::with_capacity(xs.len());
+        for (k, x) in xs.into_iter().enumerate() {
+            let Some(x) = x else {
+                out.push(None);
+                continue;
+            };
+            let dims = x.dims();
+            let (r, len) = (owners[k], dims[0] * dims[1]);
+            let part = all
+                .get(r)
+                .and_then(|p| p.get(at[r]..at[r] + len))
+                .ok_or_else(|| {
+                    OptimError::Exchange(format!("rank {r} sent too few Newton–Schulz values"))
+                })?;
+            at[r] += len;
+            out.push(Some(crate::device::from_host(
+                part.to_vec(),
+                dims,
+                &x.device(),
+            )));
+        }
+        Ok(out)
     }
 
     /// Its options.
@@ -867,12 +926,45 @@ impl Optimizer for CompositeOptimizer {
         let lr = (self.config.lr * factor) as f32;
         let vector_lr = (self.config.vector_lr.unwrap_or(self.config.lr) * factor) as f32;
         let decay = 1.0 - lr * self.config.weight_decay as f32;
+        // With ranks to share it, Muon's Newton–Schulz (most of a Muon step) is split
+        // between them. Only without error feedback: its compression draws from the
+        // random stream, whose order across parameters must not change.
+        let shared = match (&self.split, self.config.update, self.config.feedback) {
+            (
+                Some(split),
+                UpdateRule::Muon {
+                    ns_steps,
+                    iteration,
+                },
+                Feedback::None,
+            ) => Some((split.clone(), ns_steps, iteration)),
+            _ => None,
+        };
+        let directions: Vec<Option<Tensor<2>>> = match &shared {
+            Some((split, steps, iteration)) => {
+                let momenta = grads
+                    .iter()
+                    .enumerate()
+                    .map(|(k, g)| match self.info[k].kind {
+                        ParamKind::Matrix { .. } => Some(self.momentum(k, g.clone())),
+                        ParamKind::Vector => None,
+                    })
+                    .collect();
+                self.shared_newton_schulz(split.as_ref(), momenta, *steps, *iteration)?
+            }
+            None => vec![None; grads.len()],
+        };
         let mut out = Vec::with_capacity(params.len());
-        for (k, (p, g)) in params.into_iter().zip(grads).enumerate() {
+        for (k, ((p, g), shared_d)) in params.into_iter().zip(grads).zip(directions).enumerate() {
             let updated = match self.info[k].kind {
                 ParamKind::Matrix { .. } => {
-                    let f = factors.get(k).and_then(Option::as_ref);
-                    let d = self.matrix_direction(k, g, f);
+                    let d = match shared_d {
+                        Some(d) => d,
+                        None => {
+                            let f = factors.get(k).and_then(Option::as_ref);
+                            self.matrix_direction(k, g, f)
+                        }
+                    };
                     let p = if decay != 1.0 { p.mul_scalar(decay) } else { p };
                     let w = p - d.mul_scalar(lr);
                     self.constrain(k, w, None)
@@ -889,6 +981,10 @@ impl Optimizer for CompositeOptimizer {
         }
         self.step += 1;
         Ok(out)
+    }
+
+    fn set_work_split(&mut self, split: Option<std::rc::Rc<dyn super::WorkSplit>>) {
+        self.split = split.filter(|s| s.size() > 1);
     }
 
     /// Applies the constraint to the initial matrices (30 power-iteration rounds), so it

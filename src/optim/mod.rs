@@ -68,6 +68,9 @@ pub enum OptimError {
         names = UpdateRule::NAMES.join(", ")
     )]
     UnknownUpdateRule(String),
+    /// Sharing a step's work between the ranks of a data-parallel run failed.
+    #[error("sharing the optimizer step between ranks: {0}")]
+    Exchange(String),
     /// Saved state does not match the optimizer.
     #[error("optimizer state does not fit: {0}")]
     State(String),
@@ -81,8 +84,43 @@ pub enum OptimError {
     },
 }
 
+/// Shares the heaviest work of an optimizer step between the processes of a
+/// data-parallel run, which all take the same step: each rank computes its share of the
+/// results, then every rank receives every rank's (the training loop's collective).
+pub trait WorkSplit: std::fmt::Debug {
+    /// This process's rank, `0..size`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn size(&self) -> usize;
+    /// Every rank's `local` values (lengths may differ), in rank order.
+    fn exchange(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, OptimError>;
+}
+
+/// The owner rank of each of `costs`' items: largest first, each to the least-loaded rank
+/// (ties to the lower rank), the same on every rank.
+pub fn assign_owners(costs: &[f64], size: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by(|&a, &b| costs[b].total_cmp(&costs[a]).then(a.cmp(&b)));
+    let mut load = vec![0f64; size.max(1)];
+    let mut owner = vec![0; costs.len()];
+    for i in order {
+        let r = (0..load.len())
+            .min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)))
+            .unwrap_or(0);
+        load[r] += costs[i];
+        owner[i] = r;
+    }
+    owner
+}
+
 /// A stateful rule that turns gradients into new parameters.
 pub trait Optimizer {
+    /// Shares the step's heaviest work with the other ranks of a data-parallel run (by
+    /// default none is shared: every rank computes the whole step, with the same result).
+    fn set_work_split(&mut self, split: Option<std::rc::Rc<dyn WorkSplit>>) {
+        let _ = split;
+    }
+
     /// Returns the updated parameters. `grads[i]` is the gradient of `params[i]` (same shape).
     fn step(
         &mut self,

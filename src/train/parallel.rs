@@ -81,6 +81,27 @@ pub fn check_agreement(
     }
 }
 
+/// The optimizer's view of a collective ([`crate::optim::WorkSplit`]): the ranks share
+/// its step's heaviest work (Muon's Newton–Schulz) through the same gathers.
+#[derive(Debug)]
+pub struct SplitOver(pub std::rc::Rc<dyn Collective>);
+
+impl crate::optim::WorkSplit for SplitOver {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+
+    fn exchange(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, crate::optim::OptimError> {
+        self.0
+            .all_gather_f32(local)
+            .map_err(|e| crate::optim::OptimError::Exchange(e.to_string()))
+    }
+}
+
 /// A 64-bit FNV-1a digest of `bytes` (rank agreement checks, not security).
 pub fn digest(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {

@@ -109,6 +109,11 @@ impl Trainer {
     /// the test split the same way. Every rank must run the same trainer on the same data.
     pub fn set_collective(&mut self, collective: Option<Rc<dyn Collective>>) {
         self.collective = collective.filter(|c| c.size() > 1);
+        let split = self
+            .collective
+            .clone()
+            .map(|c| Rc::new(super::parallel::SplitOver(c)) as Rc<dyn crate::optim::WorkSplit>);
+        self.optimizer.set_work_split(split);
     }
 
     /// The collective of a data-parallel run (`None` when training alone).
