@@ -8,39 +8,43 @@ use mep::estimate::Nudging;
 use mep::experiment::check::{FIXED_POINT_RESIDUAL, GradientCheck};
 use mep::experiment::{EstimatorArg, Standardize};
 use mep::loss::Loss;
-use mep::model::ModelSpec;
 
 use super::Globals;
 use super::progress::DownloadBar;
 
+/// The library's defaults of a gradient check: the one home of every default below.
+fn defaults() -> GradientCheck {
+    GradientCheck::default()
+}
+
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Model spec (for eqprop a Linear-hsig-Linear chain such as 784-500-hsig-10).
-    #[arg(long, default_value = "784-256-128-10")]
-    model: ModelSpec,
+    #[arg(long, default_value_t = defaults().model)]
+    model: String,
     /// Data set whose first training samples form the batch.
-    #[arg(long, default_value = "mnist")]
+    #[arg(long, default_value_t = defaults().dataset)]
     dataset: String,
     /// Samples in the batch.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = defaults().batch)]
     batch: usize,
     /// Nudge strength.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = defaults().beta)]
     beta: f32,
     /// Nudging: centered, one-sided or random.
-    #[arg(long, default_value = "centered", value_parser = parse_nudging)]
+    #[arg(long, default_value_t = defaults().nudging, value_parser = parse_nudging)]
     nudging: Nudging,
     /// Settle steps per phase (EqProp: free and nudged steps).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = defaults().steps)]
     steps: usize,
     /// Settle step size (EqProp: its state step).
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = defaults().settle_lr)]
     settle_lr: f32,
     /// Settle tolerance, in units of beta.
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(long, default_value_t = defaults().tol)]
     tol: f32,
     /// Heavy-ball momentum of settling.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = defaults().settle_momentum)]
     settle_momentum: f32,
     /// Settle step following the energy's curvature (at most --settle-lr), as `mep train
     /// --settle-curvature`.
@@ -48,16 +52,16 @@ pub struct CheckArgs {
     settle_curvature: bool,
     /// Precision of EP's free phase, settling and contrast (f32, bf16 or f16); the backprop
     /// reference stays in f32, so the comparison shows what the precision costs.
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value_t = defaults().precision)]
     precision: Precision,
     /// Estimator to check: ep, local-ep or eqprop (backprop is the reference).
-    #[arg(long, value_enum, default_value = "ep")]
+    #[arg(long, value_enum, default_value_t = defaults().estimator)]
     estimator: EstimatorArg,
     /// Loss of both EP's nudge and the backprop reference.
-    #[arg(long, default_value = "mse")]
+    #[arg(long, default_value_t = defaults().loss)]
     loss: Loss,
     /// Input normalisation, as `mep train --standardize` (default: the data set's own).
-    #[arg(long, value_name = "MEAN,STD|dataset|none", default_value = "dataset")]
+    #[arg(long, value_name = "MEAN,STD|dataset|none", default_value_t = defaults().standardize)]
     standardize: Standardize,
     /// Do not download a missing data set.
     #[arg(long)]
@@ -69,7 +73,7 @@ pub struct CheckArgs {
 
 pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
     let check = GradientCheck {
-        model: args.model.to_string(),
+        model: args.model,
         dataset: args.dataset,
         batch: args.batch,
         beta: args.beta,

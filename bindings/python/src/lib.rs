@@ -61,8 +61,15 @@ fn to_py(e: ExperimentError) -> PyErr {
         | ExperimentError::ResumeMismatch { .. }
         | ExperimentError::Config { .. }
         | ExperimentError::Model(_)
-        | ExperimentError::Optim(_)
-        | ExperimentError::Estimate(_) => PyValueError::new_err(text),
+        | ExperimentError::Optim(
+            mep::optim::OptimError::InvalidOption { .. }
+            | mep::optim::OptimError::UnknownUpdateRule(_),
+        )
+        | ExperimentError::Estimate(
+            mep::estimate::EstimateError::InvalidOption(_)
+            | mep::estimate::EstimateError::Loss(_)
+            | mep::estimate::EstimateError::Network(_),
+        ) => PyValueError::new_err(text),
         ExperimentError::Device(mep::device::DeviceError::Unknown(_))
         | ExperimentError::Device(mep::device::DeviceError::Threads { .. }) => {
             PyValueError::new_err(text)
