@@ -12,6 +12,35 @@ use crate::device::Tensor;
 use crate::loss::Loss;
 use crate::model::Network;
 
+/// Swaps rows `a` and `b` (of `w` values each) of a per-sample buffer.
+pub(super) fn swap_rows<T>(buf: &mut [T], w: usize, a: usize, b: usize) {
+    if a == b || w == 0 || buf.is_empty() {
+        return;
+    }
+    let (lo, hi) = (a.min(b), a.max(b));
+    let (head, tail) = buf.split_at_mut(hi * w);
+    head[lo * w..(lo + 1) * w].swap_with_slice(&mut tail[..w]);
+}
+
+/// The heavy-ball state update of a block's first `active` samples, one pass per state:
+/// `m <- mu m + g; s <- s - lr m` (states of `widths[i]` values per sample).
+pub(super) fn heavy_ball(
+    states: &mut [Vec<f32>],
+    momentum: &mut [Vec<f32>],
+    grads: &[Vec<f32>],
+    widths: &[usize],
+    active: usize,
+    mu: f32,
+    lr: f32,
+) {
+    for (((s, m), g), &w) in states.iter_mut().zip(momentum).zip(grads).zip(widths) {
+        for ((si, mi), &gi) in s[..active * w].iter_mut().zip(m.iter_mut()).zip(g) {
+            *mi = *mi * mu + gi;
+            *si -= lr * *mi;
+        }
+    }
+}
+
 /// What every block of a settle reads: its links, the state widths and the nudge loss.
 pub(super) struct Shared<'a, L> {
     pub links: &'a [L],

@@ -13,7 +13,7 @@
 //! ones of its block and leaves every product. The adaptive step stays with the generic
 //! loop, which `tests/settle.rs` compares this one with.
 
-use super::blocks::{SampleBlock, Shared, drive};
+use super::blocks::{SampleBlock, Shared, drive, heavy_ball, swap_rows};
 use super::convergence::{SettleConfig, SettleError, Settled};
 use super::dense::{apply, feedback, loss_gradient};
 use super::energy::{BatchContext, ConvPlan, EnergyModel};
@@ -103,16 +103,6 @@ struct Chunk {
     nudge: Vec<f32>,
     /// Per-sample squared gradient norm of each state, `[rows, depth]`.
     sq: Vec<f32>,
-}
-
-/// Swaps rows `a` and `b` (of `w` values each) of `buf`.
-fn swap_rows<T>(buf: &mut [T], w: usize, a: usize, b: usize) {
-    if w == 0 || buf.is_empty() {
-        return;
-    }
-    let (lo, hi) = (a.min(b), a.max(b));
-    let (head, tail) = buf.split_at_mut(hi * w);
-    head[lo * w..(lo + 1) * w].swap_with_slice(&mut tail[..w]);
 }
 
 impl Chunk {
@@ -279,19 +269,15 @@ impl Chunk {
     /// `m <- mu m + g; s <- s - lr m` in one pass per state for the moving samples, then
     /// the new errors.
     fn step(&mut self, links: &[Link], widths: &[usize], momentum: f32, lr: f32) {
-        let r = self.active;
-        for (((s, m), g), &w) in self
-            .states
-            .iter_mut()
-            .zip(&mut self.momentum)
-            .zip(&self.grads)
-            .zip(widths)
-        {
-            for ((si, mi), &gi) in s[..r * w].iter_mut().zip(m.iter_mut()).zip(g) {
-                *mi = *mi * momentum + gi;
-                *si -= lr * *mi;
-            }
-        }
+        heavy_ball(
+            &mut self.states,
+            &mut self.momentum,
+            &self.grads,
+            widths,
+            self.active,
+            momentum,
+            lr,
+        );
         self.evaluate(links, widths);
     }
 }

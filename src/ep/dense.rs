@@ -12,7 +12,7 @@
 //! stopped sample is swapped behind the moving ones of its block and leaves every product.
 //! `tests/settle.rs` checks it against the generic loop.
 
-use super::blocks::{SampleBlock, Shared, drive};
+use super::blocks::{SampleBlock, Shared, drive, heavy_ball, swap_rows};
 use super::convergence::{SettleConfig, SettleError, Settled};
 use super::energy::{BatchContext, DensePlan, EnergyModel};
 use crate::device::{Tensor, to_host};
@@ -225,26 +225,21 @@ impl Chunk {
 
     /// Swaps the samples at positions `a` and `b` in every per-sample buffer.
     fn swap(&mut self, a: usize, b: usize, widths: &[usize]) {
-        fn rows(buf: &mut [f32], w: usize, a: usize, b: usize) {
-            let (lo, hi) = (a.min(b), a.max(b));
-            let (head, tail) = buf.split_at_mut(hi * w);
-            head[lo * w..(lo + 1) * w].swap_with_slice(&mut tail[..w]);
-        }
         if a == b {
             return;
         }
         let depth = widths.len();
-        rows(&mut self.first, widths[0], a, b);
-        rows(&mut self.targets, widths[depth - 1], a, b);
-        rows(&mut self.nudge, widths[depth - 1], a, b);
-        rows(&mut self.sq, depth, a, b);
+        swap_rows(&mut self.first, widths[0], a, b);
+        swap_rows(&mut self.targets, widths[depth - 1], a, b);
+        swap_rows(&mut self.nudge, widths[depth - 1], a, b);
+        swap_rows(&mut self.sq, depth, a, b);
         for (i, &w) in widths.iter().enumerate() {
-            rows(&mut self.states[i], w, a, b);
-            rows(&mut self.momentum[i], w, a, b);
-            rows(&mut self.errors[i], w, a, b);
-            rows(&mut self.grads[i], w, a, b);
+            swap_rows(&mut self.states[i], w, a, b);
+            swap_rows(&mut self.momentum[i], w, a, b);
+            swap_rows(&mut self.errors[i], w, a, b);
+            swap_rows(&mut self.grads[i], w, a, b);
             if i + 1 < depth {
-                rows(&mut self.acts[i], w, a, b);
+                swap_rows(&mut self.acts[i], w, a, b);
             }
         }
         self.order.swap(a, b);
@@ -309,19 +304,15 @@ impl Chunk {
 
     /// `m <- mu m + g; s <- s - lr m` in one pass per state, then the new errors.
     fn step(&mut self, links: &[Link], widths: &[usize], momentum: f32, lr: f32) {
-        let r = self.active;
-        for (((s, m), g), &w) in self
-            .states
-            .iter_mut()
-            .zip(&mut self.momentum)
-            .zip(&self.grads)
-            .zip(widths)
-        {
-            for ((si, mi), &gi) in s[..r * w].iter_mut().zip(m.iter_mut()).zip(g) {
-                *mi = *mi * momentum + gi;
-                *si -= lr * *mi;
-            }
-        }
+        heavy_ball(
+            &mut self.states,
+            &mut self.momentum,
+            &self.grads,
+            widths,
+            self.active,
+            momentum,
+            lr,
+        );
         self.evaluate(links, widths);
     }
 }
