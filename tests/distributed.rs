@@ -45,9 +45,10 @@ fn run<S: AsRef<std::ffi::OsStr>>(ranks: usize, args: &[S]) -> Output {
     mpirun(ranks, args).output().expect("run mpirun")
 }
 
-/// A small smep run: 600 samples in batches of 60 (divisible by 1, 2 and 3 ranks), 2
-/// epochs, its metrics as JSON lines.
-fn small(out: &Path) -> Vec<String> {
+/// `mep train` arguments of a small smep run: `train` samples in batches of 60 (600 divide
+/// among 1, 2 and 3 ranks), 300 test samples, recorded in `out`, then `extra`.
+fn smep_args(train: &str, out: &Path, extra: &[&str]) -> Vec<String> {
+    let out = out.display().to_string();
     [
         "train",
         "--preset",
@@ -55,21 +56,24 @@ fn small(out: &Path) -> Vec<String> {
         "--model",
         "784-64-10",
         "--train-samples",
-        "600",
+        train,
         "--test-samples",
         "300",
         "--batch",
         "60",
-        "--epochs",
-        "2",
         "--no-fetch",
-        "--json",
         "--out",
+        &out,
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
-    .chain([out.display().to_string()])
     .collect()
+}
+
+/// Two epochs on 600 samples, metrics as JSON lines.
+fn small(out: &Path) -> Vec<String> {
+    smep_args("600", out, &["--epochs", "2", "--json"])
 }
 
 fn metrics(o: &Output) -> Vec<serde_json::Value> {
@@ -188,30 +192,7 @@ fn a_killed_rank_ends_the_job_without_a_hang_and_the_run_resumes_with_other_rank
     let dir = scratch_dir("distributed-kill");
     let out: PathBuf = dir.join("run");
     let out_s = out.display().to_string();
-    let train = |epochs: &str| -> Vec<String> {
-        [
-            "train",
-            "--preset",
-            "smep",
-            "--model",
-            "784-64-10",
-            "--train-samples",
-            "6000",
-            "--test-samples",
-            "300",
-            "--batch",
-            "60",
-            "--no-fetch",
-            "--json",
-            "--epochs",
-            epochs,
-            "--out",
-            &out_s,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let train = |epochs: &str| smep_args("6000", &out, &["--json", "--epochs", epochs]);
     // 200 epochs would take a minute; rank 1 is killed once the first epoch is on disk.
     let mut job: Child = mpirun(2, &train("200"))
         .stdout(Stdio::null())
@@ -261,33 +242,14 @@ fn a_killed_rank_ends_the_job_without_a_hang_and_the_run_resumes_with_other_rank
 #[test]
 fn ranks_started_with_different_options_are_refused() {
     let dir = scratch_dir("distributed-mismatch");
-    let out = dir.join("run").display().to_string();
+    let out = dir.join("run");
     let data = data_dir();
     let rank = |lr: &str| -> Vec<String> {
-        [
-            "-n",
-            "1",
-            env!("CARGO_BIN_EXE_mep"),
-            "--threads",
-            "1",
-            "train",
-            "--preset",
-            "smep",
-            "--model",
-            "784-64-10",
-            "--train-samples",
-            "600",
-            "--test-samples",
-            "300",
-            "--no-fetch",
-            "--out",
-            &out,
-            "--lr",
-            lr,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut args: Vec<String> = ["-n", "1", env!("CARGO_BIN_EXE_mep"), "--threads", "1"]
+            .map(String::from)
+            .to_vec();
+        args.extend(smep_args("600", &out, &["--lr", lr]));
+        args
     };
     let o = Command::new("timeout")
         .args(["120", "mpirun"])

@@ -305,16 +305,7 @@ const MIN_PRESET_ACCURACY: f64 = 0.3;
 
 #[test]
 fn every_suite_plan_resolves_into_a_recipe_and_a_network() {
-    let suites = [
-        Suite::Table1,
-        Suite::Table2,
-        Suite::Xor,
-        Suite::Speed,
-        Suite::Sota,
-        Suite::Deep,
-        Suite::Conv,
-    ];
-    for suite in suites {
+    for suite in Suite::ALL {
         for quick in [true, false] {
             let plan = suite.plan(quick);
             assert!(!plan.is_empty(), "{suite:?}");

@@ -24,19 +24,34 @@ fn small(preset: &str) -> TrainOptions {
     }
 }
 
-fn named(options: TrainOptions, out: Option<std::path::PathBuf>) -> TrainRun {
+/// Starts `request` on the shared MNIST copy (never downloading).
+fn start(request: RunRequest) -> Result<TrainRun, ExperimentError> {
     let locator = locator();
-    let request = RunRequest {
-        options,
-        out,
-        ..RunRequest::default()
-    };
     let data = DataSource::Named {
         locator: &locator,
         fetch: false,
         progress: &mut NoProgress,
     };
-    TrainRun::start(request, data).unwrap()
+    TrainRun::start(request, data)
+}
+
+fn named(options: TrainOptions, out: Option<std::path::PathBuf>) -> TrainRun {
+    start(RunRequest {
+        options,
+        out,
+        ..RunRequest::default()
+    })
+    .unwrap()
+}
+
+/// The request that resumes the run in `dir` with `options`.
+fn resume(options: TrainOptions, dir: &std::path::Path) -> RunRequest {
+    RunRequest {
+        options,
+        out: Some(dir.to_path_buf()),
+        resume: true,
+        ..RunRequest::default()
+    }
 }
 
 fn all_epochs(run: &mut TrainRun) -> Vec<EpochMetrics> {
@@ -113,38 +128,12 @@ fn a_recording_run_writes_what_mep_train_writes_and_resumes_exactly() {
     );
     all_epochs(&mut first);
     // The directory is locked while the run is alive.
-    let locator = locator();
-    let second = TrainRun::start(
-        RunRequest {
-            options: small("adam"),
-            out: Some(dir.clone()),
-            resume: true,
-            ..RunRequest::default()
-        },
-        DataSource::Named {
-            locator: &locator,
-            fetch: false,
-            progress: &mut NoProgress,
-        },
-    );
+    let second = start(resume(small("adam"), &dir));
     assert!(second.is_err(), "a second run into a held directory");
     drop(first);
     let meta = mep::experiment::read_meta(&dir.join("checkpoint.safetensors")).unwrap();
     assert_eq!((meta.epoch, meta.input_shape), (1, Some([1, 28, 28])));
-    let mut resumed = TrainRun::start(
-        RunRequest {
-            options: small("adam"),
-            out: Some(dir.clone()),
-            resume: true,
-            ..RunRequest::default()
-        },
-        DataSource::Named {
-            locator: &locator,
-            fetch: false,
-            progress: &mut NoProgress,
-        },
-    )
-    .unwrap();
+    let mut resumed = start(resume(small("adam"), &dir)).unwrap();
     assert_eq!(resumed.next_epoch(), 2);
     let history = all_epochs(&mut resumed);
     assert_eq!(without_timing(&history), without_timing(&straight));
@@ -265,6 +254,9 @@ fn suites_are_found_by_their_names() {
     for suite in Suite::ALL {
         assert_eq!(Suite::from_name(&suite.name()).unwrap(), suite);
     }
+    // `ALL` lists every variant the CLI offers.
+    use clap::ValueEnum;
+    assert_eq!(Suite::ALL.as_slice(), Suite::value_variants());
     let e = Suite::from_name("tabel1").unwrap_err().to_string();
     assert!(
         e.contains("unknown suite `tabel1`") && e.contains("table1, table2, xor"),
