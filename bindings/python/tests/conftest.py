@@ -29,7 +29,12 @@ def data_dir() -> Path:
     value = os.environ.get("MEP_DATA_DIR")
     if not value:
         pytest.fail("set MEP_DATA_DIR to the shared data (../shared/data)")
-    return Path(value)
+    # A relative path is read from the repository root, as the README's test command gives
+    # it, whatever folder pytest runs in.
+    path = REPO / value
+    if not path.is_dir():
+        pytest.fail(f"MEP_DATA_DIR={value}: no directory at {path}")
+    return path
 
 
 def mep_binary() -> Path:
