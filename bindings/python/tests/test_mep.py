@@ -237,10 +237,15 @@ def test_an_exception_in_on_batch_stops_between_batches_and_the_epoch_is_not_rec
 def test_ctrl_c_stops_training_between_batches() -> None:
     run = mep.Run("smep", epochs=1, data_dir=data_dir(), dataset="mnist", fetch=False)
     timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.daemon = True
     start = time.monotonic()
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        run.step()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.step()
+    finally:
+        # Whatever failed, no interrupt may land in a later test.
+        timer.cancel()
     # A full epoch of 60k samples takes about 10 s here; the interrupt lands within a batch.
     assert time.monotonic() - start < 3.0
     assert run.history == []
@@ -254,16 +259,20 @@ def test_training_releases_the_gil() -> None:
         while not stop.is_set():
             ticks[0] += 1
 
-    thread = threading.Thread(target=count)
+    # A daemon, stopped in `finally`: a failure before `stop.set()` must not leave a thread
+    # spinning that keeps the interpreter, and so the whole test run, alive.
+    thread = threading.Thread(target=count, daemon=True)
     thread.start()
-    time.sleep(0.2)
-    rate = ticks[0] / 0.2
-    run = mep.Run("smep", epochs=1, **run_kwargs())
-    before, start = ticks[0], time.monotonic()
-    run.step()
-    during, seconds = ticks[0] - before, time.monotonic() - start
-    stop.set()
-    thread.join()
+    try:
+        time.sleep(0.2)
+        rate = ticks[0] / 0.2
+        run = mep.Run("smep", epochs=1, **run_kwargs())
+        before, start = ticks[0], time.monotonic()
+        run.step()
+        during, seconds = ticks[0] - before, time.monotonic() - start
+    finally:
+        stop.set()
+        thread.join()
     # Holding the GIL, the counter could run for one switch interval (5 ms) at most; here
     # it keeps a good part of its idle rate through the whole epoch.
     assert seconds > 0.1 and during > 0.2 * rate * seconds, (during, rate, seconds)
