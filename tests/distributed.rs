@@ -153,6 +153,103 @@ fn two_and_three_ranks_train_what_one_process_trains_and_repeat_to_the_bit() {
     assert_eq!(lines.lines().count(), 2);
 }
 
+/// Megabytes rank 0 sent, from its communication line.
+fn megabytes_sent(o: &Output) -> f64 {
+    let err = stderr(o);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("rank 0 communication:"))
+        .unwrap_or_else(|| panic!("no communication line: {err}"));
+    let mb = line
+        .split(", ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(" MB sent");
+    mb.parse().unwrap()
+}
+
+#[test]
+fn dion_exchanges_its_low_rank_factors_and_resumes_with_another_number_of_ranks() {
+    // fc1 (784 x 160, 125,440 entries) is above Dion's threshold: its gradient stays with
+    // each rank, which exchange only Dion's rank-32 factors (32 x (784 + 160) values per
+    // step instead of 125,440); fc2 falls back to Muon.
+    let dir = scratch_dir("distributed-dion");
+    let args = |out: &Path, epochs: &str, update: &str| -> Vec<String> {
+        let out = out.display().to_string();
+        [
+            "train",
+            "--estimator",
+            "ep",
+            "--optimizer",
+            "sgd",
+            "--update",
+            update,
+            "--lr",
+            "0.02",
+            "--model",
+            "784-160-10",
+            "--train-samples",
+            "600",
+            "--test-samples",
+            "300",
+            "--batch",
+            "60",
+            "--no-fetch",
+            "--json",
+            "--epochs",
+            epochs,
+            "--out",
+            &out,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let one = run(1, &args(&dir.join("n1"), "2", "dion"));
+    let two = run(2, &args(&dir.join("n2"), "2", "dion"));
+    let (one, two_m) = (metrics(&one), metrics(&two));
+    for (a, b) in field(&one, "train_loss")
+        .iter()
+        .zip(field(&two_m, "train_loss"))
+    {
+        assert!(
+            (a - b).abs() <= 1e-3 * a.abs(),
+            "train loss {a} against {b}"
+        );
+    }
+    for (a, b) in field(&one, "test_accuracy")
+        .iter()
+        .zip(field(&two_m, "test_accuracy"))
+    {
+        assert!(
+            (a - b).abs() <= 2.0 / 300.0 + 1e-12,
+            "test accuracy {a} against {b}"
+        );
+    }
+    // Against Muon on the same run, whose fc1 gradient travels whole.
+    let muon = run(2, &args(&dir.join("muon"), "2", "muon"));
+    metrics(&muon);
+    let (dion_mb, muon_mb) = (megabytes_sent(&two), megabytes_sent(&muon));
+    assert!(
+        dion_mb < 0.5 * muon_mb,
+        "dion sent {dion_mb} MB, muon {muon_mb} MB"
+    );
+    // The checkpoint holds the whole momentum (the ranks' shares summed): one epoch on two
+    // ranks, resumed on three, trains the epoch the uninterrupted two-rank run trained.
+    let split = dir.join("split");
+    metrics(&run(2, &args(&split, "1", "dion")));
+    let mut resume = args(&split, "2", "dion");
+    resume.push("--resume".into());
+    let resumed = metrics(&run(3, &resume));
+    let (a, b) = (
+        field(&two_m, "train_loss")[1],
+        field(&resumed, "train_loss")[0],
+    );
+    assert!(
+        (a - b).abs() <= 1e-3 * a.abs(),
+        "resumed train loss {b} against {a}"
+    );
+}
+
 /// The pid of rank `rank` of a running job whose command line names `marker`.
 fn rank_pid(marker: &str, rank: usize) -> Option<u32> {
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {

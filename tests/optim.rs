@@ -978,3 +978,175 @@ fn muon_shared_between_two_ranks_takes_exactly_the_single_optimizers_step() {
         vec![0, 1, 2]
     );
 }
+
+/// Rank `rank` of `size` ranks that run in threads of one process: each exchange puts
+/// every rank's values in a shared table between two barriers.
+#[derive(Debug)]
+struct ThreadRanks {
+    rank: usize,
+    size: usize,
+    table: std::sync::Arc<(std::sync::Mutex<Vec<Vec<f32>>>, std::sync::Barrier)>,
+    sent: std::cell::Cell<usize>,
+}
+
+impl mep::optim::WorkSplit for ThreadRanks {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn exchange(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, OptimError> {
+        let (table, barrier) = &*self.table;
+        table.lock().unwrap()[self.rank] = local.to_vec();
+        barrier.wait();
+        let all = table.lock().unwrap().clone();
+        // Nobody writes the next exchange before everyone has read this one.
+        barrier.wait();
+        self.sent.set(self.sent.get() + local.len());
+        Ok(all)
+    }
+}
+
+#[test]
+fn dion_across_ranks_exchanges_low_rank_factors_and_takes_the_single_optimizers_step() {
+    // Dion (rank 0.25) on a 40x64 and a 30x48 matrix; a 12x24 one falls back to Muon (below
+    // the threshold) and a vector to momentum SGD: those gradients are summed before the
+    // step, the Dion ones stay with their rank. Three ranks, each with a third of each
+    // gradient (unequal parts), against one optimizer given the sum.
+    let info = [matrix(40, 64), vector("b"), matrix(30, 48), matrix(12, 24)];
+    let shapes = [[40, 64], [1, 64], [30, 48], [12, 24]];
+    let config = CompositeConfig {
+        lr: 0.02,
+        momentum: 0.9,
+        weight_decay: 0.01,
+        update: UpdateRule::Dion {
+            rank_frac: 0.25,
+            threshold: 1000,
+            ns_steps: 5,
+        },
+        seed: 7,
+        ..CompositeConfig::default()
+    };
+    let ranks = 3;
+    let steps = 4;
+    let part = |step: usize, rank: usize| -> Vec<Vec<f32>> {
+        // Gradients that change from step to step, split unevenly between ranks.
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &[m, n])| {
+                gaussianish(m, n, 100 * step as u64 + 10 * rank as u64 + i as u64)
+                    .iter()
+                    .map(|&x| x as f32 * (rank + 1) as f32)
+                    .collect()
+            })
+            .collect()
+    };
+    let to_tensors = |vs: &[Vec<f32>]| -> Vec<Tensor<2>> {
+        vs.iter()
+            .zip(&shapes)
+            .map(|(v, &s)| Tensor::from_data(TensorData::new(v.clone(), s), &dev()))
+            .collect()
+    };
+    let start: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &[m, n])| {
+            gaussianish(m, n, 900 + i as u64)
+                .iter()
+                .map(|&x| x as f32)
+                .collect()
+        })
+        .collect();
+    // One process: the summed gradient.
+    let mut single = CompositeOptimizer::new(config, &info).unwrap();
+    let mut params = to_tensors(&start);
+    for step in 0..steps {
+        let mut sum = part(step, 0);
+        for r in 1..ranks {
+            for (s, p) in sum.iter_mut().zip(part(step, r)) {
+                s.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+            }
+        }
+        params = single.step(params, to_tensors(&sum)).unwrap();
+    }
+    let single_state = single.state();
+    let expected: Vec<Vec<f64>> = params.iter().map(h).collect();
+    // Three ranks in threads.
+    let table = std::sync::Arc::new((
+        std::sync::Mutex::new(vec![Vec::new(); ranks]),
+        std::sync::Barrier::new(ranks),
+    ));
+    let (part, to_tensors, start, info) = (&part, &to_tensors, &start, &info);
+    type RankResult = (Vec<Vec<f64>>, Vec<(String, Vec<f64>)>, usize, Vec<bool>);
+    let results: Vec<RankResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..ranks)
+            .map(|rank| {
+                let table = table.clone();
+                scope.spawn(move || {
+                    let split = std::rc::Rc::new(ThreadRanks {
+                        rank,
+                        size: ranks,
+                        table,
+                        sent: Default::default(),
+                    });
+                    let mut opt = CompositeOptimizer::new(config, info).unwrap();
+                    opt.set_work_split(Some(split.clone()));
+                    let local = opt.reduces_across_ranks();
+                    let mut params = to_tensors(start);
+                    for step in 0..steps {
+                        // Summed gradients for the parameters the optimizer does not reduce.
+                        let mut grads = part(step, rank);
+                        for (k, g) in grads.iter_mut().enumerate() {
+                            if !local[k] {
+                                *g = vec![0.0; g.len()];
+                                for r in 0..ranks {
+                                    g.iter_mut()
+                                        .zip(&part(step, r)[k])
+                                        .for_each(|(a, b)| *a += b);
+                                }
+                            }
+                        }
+                        params = opt.step(params, to_tensors(&grads)).unwrap();
+                    }
+                    let sent = split.sent.get();
+                    opt.consolidate().unwrap();
+                    let state = opt
+                        .state()
+                        .tensors
+                        .iter()
+                        .map(|(n, t)| (n.clone(), h(t)))
+                        .collect();
+                    (params.iter().map(h).collect(), state, sent, local)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for (rank, (params, state, sent, local)) in results.iter().enumerate() {
+        assert_eq!(local, &vec![true, false, true, false], "rank {rank}");
+        // Equal up to the sums' reassociation.
+        for (k, (a, b)) in params.iter().zip(&expected).enumerate() {
+            let rel = frob_diff(a, b) / b.iter().map(|v| v * v).sum::<f64>().sqrt();
+            assert!(
+                rel < 1e-5,
+                "rank {rank}, parameter {k}: relative difference {rel}"
+            );
+        }
+        // After consolidation every rank holds the single optimizer's whole state.
+        assert_eq!(state.len(), single_state.tensors.len());
+        for ((name, v), (single_name, t)) in state.iter().zip(&single_state.tensors) {
+            assert_eq!(name, single_name);
+            let w = h(t);
+            let rel = frob_diff(v, &w) / w.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+            assert!(rel < 1e-4, "rank {rank}, {name}: relative difference {rel}");
+        }
+        // Per step, the factors `P` (m x r) and `R` (n x r) of the two Dion matrices:
+        // (40 + 64) * 10 + (30 + 48) * 7 values, not the 40 * 64 + 30 * 48 of their
+        // gradients; the consolidation adds the momenta once.
+        let factors = (40 + 64) * 10 + (30 + 48) * 7;
+        assert_eq!(*sent, steps * factors, "rank {rank}");
+        assert!(factors * 2 < 40 * 64 + 30 * 48);
+    }
+}

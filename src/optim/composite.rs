@@ -553,11 +553,44 @@ pub struct CompositeOptimizer {
     step: usize,
     rng: Xoshiro256PlusPlus,
     split: Option<std::rc::Rc<dyn super::WorkSplit>>,
+    /// Whether each rank's Dion momenta are the whole run's (fresh, loaded or
+    /// consolidated) rather than this rank's share of them (see
+    /// [`CompositeOptimizer::shared_dion`]).
+    replicated: bool,
 }
 
 fn rank(frac: f64, dims: [usize; 2]) -> usize {
     let small = dims[0].min(dims[1]);
     ((small as f64 * frac).floor() as usize).clamp(1, small)
+}
+
+/// Exchanges `local` (one matrix per item of `items`, shaped `shape(item)`, packed in
+/// order) with every rank and returns each matrix summed over the ranks in rank order.
+fn summed_exchange(
+    split: &dyn super::WorkSplit,
+    local: &[f32],
+    items: &[Tensor<2>],
+    shape: impl Fn(&Tensor<2>) -> [usize; 2],
+) -> Result<Vec<Tensor<2>>, OptimError> {
+    let all = split.exchange(local)?;
+    let mut at = 0;
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let dims = shape(item);
+        let len = dims[0] * dims[1];
+        let mut sum = vec![0f32; len];
+        for (r, part) in all.iter().enumerate() {
+            let part = part.get(at..at + len).ok_or_else(|| {
+                OptimError::Exchange(format!("rank {r} sent too few Dion factor values"))
+            })?;
+            for (s, v) in sum.iter_mut().zip(part) {
+                *s += v;
+            }
+        }
+        at += len;
+        out.push(crate::device::from_host(sum, dims, &item.device()));
+    }
+    Ok(out)
 }
 
 fn shape_scale(kind: ParamKind) -> f32 {
@@ -581,6 +614,7 @@ impl CompositeOptimizer {
             step: 0,
             rng: Xoshiro256PlusPlus::seed_from_u64(config.seed),
             split: None,
+            replicated: true,
         })
     }
 
@@ -637,6 +671,96 @@ impl CompositeOptimizer {
                 dims,
                 &x.device(),
             )));
+        }
+        Ok(out)
+    }
+
+    /// The matrices whose gradients stay with their rank under Dion's data-parallel form
+    /// (the Dion update, ranks to share with, no gradient clipping, which needs the whole
+    /// gradient's norm): those at or above Dion's size threshold.
+    fn dion_local(&self) -> Vec<bool> {
+        let threshold = match (&self.split, self.config.update, self.config.clip_norm) {
+            (Some(_), UpdateRule::Dion { threshold, .. }, None) => threshold,
+            _ => return Vec::new(),
+        };
+        self.info
+            .iter()
+            .map(|i| match i.kind {
+                ParamKind::Matrix {
+                    fan_in, fan_out, ..
+                } => fan_in * fan_out >= threshold,
+                ParamKind::Vector => false,
+            })
+            .collect()
+    }
+
+    /// Dion's data-parallel form (as microsoft/dion's): rank `i` keeps a share `M_i` of
+    /// each momentum (the shares sum to the single-process momentum) and receives only its
+    /// share `G_i` of the gradient. With `B_i = M_i + G_i`, the ranks exchange the rank-`r`
+    /// products `B_i Q` and sum them to `P = B Q`, orthonormalise `P`, exchange `R_i =
+    /// B_i^T P` and sum them to `R = B^T P`; each keeps `M_i <- B_i - (1 - mu) P R_i^T`,
+    /// so the shares still sum to the single-process `B - (1 - mu) P R^T`. Traffic per
+    /// matrix: `r (m + n)` values instead of `m n`. Returns the directions of the `local`
+    /// matrices (`None` elsewhere); equal to the single process's up to the sums'
+    /// reassociation.
+    fn shared_dion(
+        &mut self,
+        split: &dyn super::WorkSplit,
+        grads: &[Tensor<2>],
+        local: &[bool],
+        rank_frac: f64,
+    ) -> Result<Vec<Option<Tensor<2>>>, OptimError> {
+        let ks: Vec<usize> = (0..grads.len()).filter(|&k| local[k]).collect();
+        if self.replicated {
+            // Rank 0 keeps the whole momentum, the others start their shares at zero.
+            if split.rank() != 0 {
+                for &k in &ks {
+                    self.state[k].momentum = None;
+                }
+            }
+            self.replicated = false;
+        }
+        let mut bs = Vec::with_capacity(ks.len());
+        let mut packed = Vec::new();
+        for &k in &ks {
+            let g = grads[k].clone();
+            let b = match self.state[k].momentum.take() {
+                Some(m) => m + g,
+                None => g,
+            };
+            let dims = b.dims();
+            let q = match self.state[k].right.take() {
+                Some(q) => q,
+                None => normalize_columns(self.random([dims[1], rank(rank_frac, dims)], &b)),
+            };
+            packed.extend(to_host(&b.clone().matmul(q)));
+            bs.push(b);
+        }
+        let ps = summed_exchange(split, &packed, &bs, |b| {
+            [b.dims()[0], rank(rank_frac, b.dims())]
+        })?;
+        let ps: Vec<Tensor<2>> = ps.into_iter().map(orthonormalize_columns).collect();
+        let mut packed = Vec::new();
+        let mut rs_local = Vec::with_capacity(ks.len());
+        for (b, p) in bs.iter().zip(&ps) {
+            let r = b.clone().transpose().matmul(p.clone());
+            packed.extend(to_host(&r));
+            rs_local.push(r);
+        }
+        let rs = summed_exchange(split, &packed, &bs, |b| {
+            [b.dims()[1], rank(rank_frac, b.dims())]
+        })?;
+        let keep = (1.0 - self.config.momentum) as f32;
+        let mut out = vec![None; grads.len()];
+        for ((((&k, b), p), r_local), r) in ks.iter().zip(bs).zip(ps).zip(rs_local).zip(rs) {
+            self.state[k].momentum =
+                Some(b - p.clone().matmul(r_local.transpose()).mul_scalar(keep));
+            let q = normalize_columns(r);
+            self.state[k].right = Some(q.clone());
+            out[k] = Some(
+                p.matmul(q.transpose())
+                    .mul_scalar(shape_scale(self.info[k].kind)),
+            );
         }
         Ok(out)
     }
@@ -940,8 +1064,13 @@ impl Optimizer for CompositeOptimizer {
             ) => Some((split.clone(), ns_steps, iteration)),
             _ => None,
         };
-        let directions: Vec<Option<Tensor<2>>> = match &shared {
-            Some((split, steps, iteration)) => {
+        let dion_local = self.dion_local();
+        let directions: Vec<Option<Tensor<2>>> = match (&shared, &self.split, self.config.update) {
+            (_, Some(split), UpdateRule::Dion { rank_frac, .. }) if !dion_local.is_empty() => {
+                let split = split.clone();
+                self.shared_dion(split.as_ref(), &grads, &dion_local, rank_frac)?
+            }
+            (Some((split, steps, iteration)), _, _) => {
                 let momenta = grads
                     .iter()
                     .enumerate()
@@ -952,7 +1081,7 @@ impl Optimizer for CompositeOptimizer {
                     .collect();
                 self.shared_newton_schulz(split.as_ref(), momenta, *steps, *iteration)?
             }
-            None => vec![None; grads.len()],
+            _ => vec![None; grads.len()],
         };
         let mut out = Vec::with_capacity(params.len());
         for (k, ((p, g), shared_d)) in params.into_iter().zip(grads).zip(directions).enumerate() {
@@ -985,6 +1114,43 @@ impl Optimizer for CompositeOptimizer {
 
     fn set_work_split(&mut self, split: Option<std::rc::Rc<dyn super::WorkSplit>>) {
         self.split = split.filter(|s| s.size() > 1);
+    }
+
+    fn reduces_across_ranks(&self) -> Vec<bool> {
+        self.dion_local()
+    }
+
+    /// Sums the ranks' shares of each Dion momentum (rank order), so that every rank holds
+    /// the whole run's: what a checkpoint saves and a resumed run, with any number of
+    /// ranks, starts from.
+    fn consolidate(&mut self) -> Result<(), OptimError> {
+        let local = self.dion_local();
+        let Some(split) = self.split.clone() else {
+            return Ok(());
+        };
+        if local.is_empty() || self.replicated {
+            return Ok(());
+        }
+        let ks: Vec<usize> = (0..local.len()).filter(|&k| local[k]).collect();
+        let mut packed = Vec::new();
+        let mut momenta = Vec::with_capacity(ks.len());
+        for &k in &ks {
+            // Every share was set by the step that made the momenta shares.
+            let m = self.state[k].momentum.take().ok_or_else(|| {
+                OptimError::State(format!(
+                    "{}: no momentum share to consolidate",
+                    self.info[k].name
+                ))
+            })?;
+            packed.extend(to_host(&m));
+            momenta.push(m);
+        }
+        let sums = summed_exchange(split.as_ref(), &packed, &momenta, |m| m.dims())?;
+        for (&k, m) in ks.iter().zip(sums) {
+            self.state[k].momentum = Some(m);
+        }
+        self.replicated = true;
+        Ok(())
     }
 
     /// Applies the constraint to the initial matrices (30 power-iteration rounds), so it
@@ -1089,6 +1255,7 @@ impl Optimizer for CompositeOptimizer {
             }
         }
         self.state = fresh;
+        self.replicated = true;
         // Reseed so that random initialisations after a resume do not repeat earlier ones.
         self.rng = Xoshiro256PlusPlus::seed_from_u64(
             self.config.seed ^ (self.step as u64).wrapping_mul(0x9E37_79B9),

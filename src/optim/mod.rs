@@ -121,6 +121,21 @@ pub trait Optimizer {
         let _ = split;
     }
 
+    /// Which parameters' gradients this optimizer combines across the ranks of its work
+    /// split by itself, in a compressed form (Dion's low-rank factors): for those the
+    /// training loop passes each rank's own share of the batch gradient (summing to the
+    /// batch's over the ranks) instead of the batch gradient. Empty (the default): none.
+    fn reduces_across_ranks(&self) -> Vec<bool> {
+        Vec::new()
+    }
+
+    /// Makes every rank's optimizer state the whole run's, where ranks keep shares of it
+    /// (see [`Optimizer::reduces_across_ranks`]); every rank calls it at the same point
+    /// (an epoch's end, before a checkpoint is written). A no-op by default.
+    fn consolidate(&mut self) -> Result<(), OptimError> {
+        Ok(())
+    }
+
     /// Returns the updated parameters. `grads[i]` is the gradient of `params[i]` (same shape).
     fn step(
         &mut self,

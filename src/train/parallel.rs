@@ -121,6 +121,9 @@ pub struct StepShare<'a> {
     pub settle: &'a [SettleStats],
     /// The share's mean gradient per parameter.
     pub grads: &'a [Tensor<2>],
+    /// Parameters whose gradients are not gathered: the optimizer combines them across
+    /// the ranks itself ([`crate::optim::Optimizer::reduces_across_ranks`]; empty: none).
+    pub local: &'a [bool],
     /// Per-sample gradient factors (rows of this share), per parameter.
     pub factors: &'a [Option<GradFactors>],
     /// Batch-norm moments of the share.
@@ -138,7 +141,9 @@ pub struct StepTotal {
     /// Settle statistics per phase: steps and residual the largest of any share,
     /// converged only where every share converged, per-sample steps averaged.
     pub settle: Vec<SettleStats>,
-    /// The batch's mean gradient per parameter.
+    /// The batch's mean gradient per parameter; for the parameters marked `local`, this
+    /// rank's share of it (its samples' gradient sum over the batch's size), which sums to
+    /// the batch's mean over the ranks.
     pub grads: Vec<Tensor<2>>,
     /// Per-sample factors of the whole batch (rows in rank order, so in batch order).
     pub factors: Vec<Option<GradFactors>>,
@@ -172,8 +177,10 @@ impl StepShare<'_> {
                 s.steps as f32,
             ]);
         }
-        for g in self.grads {
-            packed.extend(to_host(g).into_iter().map(|v| v * n));
+        for (k, g) in self.grads.iter().enumerate() {
+            if !self.is_local(k) {
+                packed.extend(to_host(g).into_iter().map(|v| v * n));
+            }
         }
         for (mean, var) in self.moments {
             packed.extend(mean.iter().map(|m| m * n));
@@ -185,6 +192,10 @@ impl StepShare<'_> {
         }
         let all = collective.all_gather_f32(&packed)?;
         self.unpack(&all, device)
+    }
+
+    fn is_local(&self, k: usize) -> bool {
+        self.local.get(k).copied().unwrap_or(false)
     }
 
     fn unpack(&self, all: &[Vec<f32>], device: &Device) -> Result<StepTotal, ParallelError> {
@@ -232,7 +243,11 @@ impl StepShare<'_> {
             Ok(out.into_iter().map(|v| v / total).collect())
         };
         let mut grads = Vec::with_capacity(self.grads.len());
-        for g in self.grads {
+        for (k, g) in self.grads.iter().enumerate() {
+            if self.is_local(k) {
+                grads.push(g.clone().mul_scalar(self.samples as f32 / total));
+                continue;
+            }
             let dims = g.dims();
             grads.push(from_host(summed(dims[0] * dims[1])?, dims, device));
         }

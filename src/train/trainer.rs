@@ -256,6 +256,10 @@ impl Trainer {
         }
         let mut correct = count_correct(estimate.output.clone(), labels);
         let mut samples = labels.len();
+        let local = match &self.collective {
+            Some(_) => self.optimizer.reduces_across_ranks(),
+            None => Vec::new(),
+        };
         if let Some(c) = &self.collective {
             let total = StepShare {
                 samples,
@@ -263,6 +267,7 @@ impl Trainer {
                 correct,
                 settle: &estimate.settle,
                 grads: &estimate.grads,
+                local: &local,
                 factors: &estimate.factors,
                 moments: &estimate.moments,
             }
@@ -277,8 +282,11 @@ impl Trainer {
         let mut grads = estimate.grads;
         let penalty = self.penalty.as_deref();
         if let Some(p) = penalty.filter(|p| !p.decoupled()) {
-            for (g, extra) in grads.iter_mut().zip(p.gradient(&params)) {
-                if let Some(extra) = extra {
+            let rank = self.collective.as_ref().map_or(0, |c| c.rank());
+            for (k, (g, extra)) in grads.iter_mut().zip(p.gradient(&params)).enumerate() {
+                // A gradient kept as rank shares takes the penalty once, on rank 0.
+                let share = local.get(k).copied().unwrap_or(false);
+                if let Some(extra) = extra.filter(|_| !share || rank == 0) {
                     *g = g.clone() + extra;
                 }
             }
@@ -388,6 +396,9 @@ impl Trainer {
         // Every rank took the same steps; a difference here (a kernel that is not
         // deterministic, a rank fed other data) would silently train several models.
         if let Some(c) = &self.collective {
+            // Optimizer state kept as rank shares is summed, so that a checkpoint holds
+            // the whole run's.
+            self.optimizer.consolidate()?;
             let mut bytes = Vec::new();
             for p in self.model.params() {
                 bytes.extend(to_host(p).iter().flat_map(|v| v.to_le_bytes()));
