@@ -809,3 +809,82 @@ fn conv_ep_standardises_and_augments_natural_images_only() {
     };
     assert!(off.train_config(1).unwrap().augment.is_off());
 }
+
+#[test]
+fn a_settle_just_long_enough_to_reach_a_layer_gives_it_backprops_direction() {
+    // Settling from the free state (the forward pass) with a small step, the nudge at the
+    // output moves one more layer down per step; a layer's gradient is led by the lowest
+    // order of the settle's expansion in the step size, which is backprop's direction
+    // (the product of the layers' transposed Jacobians). `cnn` has three state layers:
+    // after one step only fc1 has an error, after two conv2 and fc1, after three all.
+    // Measured with one-sided beta 0.02 and steps of 0.2 (cosine with backprop):
+    //   1 step:  conv1 0, conv2 0, fc1 1.0000
+    //   2 steps: conv1 0, conv2 1.0000, fc1 0.99997
+    //   3 steps: conv1 1.0000, conv2 0.9734, fc1 0.9996
+    let weights = |steps: usize| -> Vec<f64> {
+        let check = GradientCheck {
+            model: "cnn".into(),
+            batch: 8,
+            steps,
+            beta: 0.02,
+            nudging: mep::estimate::Nudging::OneSided,
+            settle_lr: 0.2,
+            settle_momentum: 0.0,
+            tol: 0.0,
+            loss: mep::loss::Loss::CrossEntropy { smoothing: 0.0 },
+            ..GradientCheck::default()
+        };
+        let report = check
+            .run(1, &dev(), &locator(), false, &mut NoProgress)
+            .unwrap();
+        ["conv1.weight", "conv2.weight", "fc1.weight"]
+            .iter()
+            .map(|name| {
+                report
+                    .params
+                    .iter()
+                    .find(|p| p.name == *name)
+                    .unwrap()
+                    .cosine
+            })
+            .collect()
+    };
+    for steps in 1..=3 {
+        let cosines = weights(steps);
+        let reached = 3 - steps;
+        for (layer, &c) in cosines.iter().enumerate() {
+            if layer < reached {
+                assert_eq!(c, 0.0, "{steps} steps: layer {layer} has no error yet");
+            } else if layer == reached {
+                assert!(
+                    c > 0.9999,
+                    "{steps} steps: layer {layer} first reached, cosine {c}"
+                );
+            } else {
+                assert!(c > 0.95, "{steps} steps: layer {layer}, cosine {c}");
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_ep_fast_settles_as_many_steps_as_the_model_has_state_layers() {
+    for (model, steps) in [("cnn", 3), ("vgg5-small", 5)] {
+        let options = TrainOptions {
+            preset: Some("conv_ep_fast".into()),
+            model: Some(model.into()),
+            ..TrainOptions::default()
+        };
+        let recipe = options.recipe(1000).unwrap();
+        let ep = recipe.estimator.ep_config().unwrap();
+        assert_eq!(ep.settle.steps, steps, "{model}");
+        assert_eq!(ep.nudging, mep::estimate::Nudging::RandomSign);
+        // An explicit --settle-steps still wins.
+        let options = TrainOptions {
+            settle_steps: Some(7),
+            ..options
+        };
+        let recipe = options.recipe(1000).unwrap();
+        assert_eq!(recipe.estimator.ep_config().unwrap().settle.steps, 7);
+    }
+}

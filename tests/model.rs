@@ -256,3 +256,21 @@ fn vgg5_is_the_literature_shape_and_vgg5_small_fits_mnist() {
         + 10;
     assert_eq!(on_cifar.num_params(), expected);
 }
+
+#[test]
+fn state_layers_count_the_layers_that_settle() {
+    for (spec, layers) in [
+        ("784-256-128-10", 3),
+        ("cnn", 3),
+        ("vgg5-small", 5),
+        ("vgg5", 5),
+        ("784-64-res[64]-10", 3),
+        (
+            "1x28x28-conv8k3p1-res[conv8k3p1-conv8k3p1]-pool2-flatten-fc10",
+            4,
+        ),
+    ] {
+        let spec: ModelSpec = spec.parse().unwrap();
+        assert_eq!(spec.state_layers().unwrap(), layers, "{}", spec.as_str());
+    }
+}

@@ -47,7 +47,7 @@ pub struct TrainOptions {
     #[cfg_attr(feature = "cli", arg(long))]
     pub model: Option<String>,
     /// Preset: smep, smep_plus, smep_fast, sdmep, local_ep, natural_ep, muon_backprop,
-    /// eqprop, sgd, adam, conv_ep. Without a preset, --estimator or --optimizer a run uses the
+    /// eqprop, sgd, adam, conv_ep, conv_ep_fast. Without a preset, --estimator or --optimizer a run uses the
     /// best EP recipe measured for the model (smep_plus); `--estimator backprop` trains
     /// with backprop and Adam.
     #[cfg_attr(feature = "cli", arg(long, conflicts_with_all = ["estimator", "optimizer"]))]
@@ -492,7 +492,7 @@ impl TrainOptions {
     fn unscheduled_recipe(&self) -> Result<Recipe, ExperimentError> {
         self.finite()?;
         let base = match self.preset()? {
-            Some(preset) => preset.config(),
+            Some(preset) => preset.config_for(&self.model()?)?,
             None => {
                 let kind = self.estimator.unwrap_or(EstimatorArg::Backprop);
                 let optimizer = match self.optimizer.unwrap_or(OptimizerArg::Adam) {

@@ -114,7 +114,7 @@ impl Recipe {
             EstimatorChoice::Ep(_) | EstimatorChoice::LocalEp(_) | EstimatorChoice::NaturalEp(_)
         );
         // The convolutional recipe standardises as every published one does.
-        if (ep && orthogonalised && bounded) || self.preset == Some(Preset::ConvEp) {
+        if (ep && orthogonalised && bounded) || self.convolutional() {
             super::DEFAULT_STANDARDIZE
         } else {
             Standardize::None
@@ -122,11 +122,11 @@ impl Recipe {
     }
 
     /// The training-batch augmentation the recipe uses on `dataset` when none is asked
-    /// for: random crops of 4 pixels and left-right flips for [`Preset::conv_ep`] on
+    /// for: random crops of 4 pixels and left-right flips for the convolutional recipes on
     /// natural (three-channel) images such as CIFAR-10, as the published convolutional EP
     /// recipes train; nothing otherwise (digits and clothes, and every other recipe).
     pub fn augment(&self, dataset: &DatasetSpec) -> Augment {
-        if self.preset == Some(Preset::ConvEp) && dataset.input_shape[0] == 3 {
+        if self.convolutional() && dataset.input_shape[0] == 3 {
             Augment {
                 crop_pad: 4,
                 flip: true,
@@ -134,6 +134,12 @@ impl Recipe {
         } else {
             Augment::NONE
         }
+    }
+
+    /// Whether this is one of the convolutional EP recipes ([`Preset::conv_ep`],
+    /// [`Preset::conv_ep_fast`]).
+    fn convolutional(&self) -> bool {
+        matches!(self.preset, Some(Preset::ConvEp | Preset::ConvEpFast))
     }
 
     /// Fixes a run-length schedule (a cosine with `total: 0`) to a run of `steps` optimizer

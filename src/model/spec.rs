@@ -353,6 +353,38 @@ impl ModelSpec {
             })
     }
 
+    /// How many layers hold a state of the EP energy (linear layers, convolutions and
+    /// attention, those inside residual blocks included): the settle steps a nudge at the
+    /// output needs to reach every layer. Read with the spec's declared input, else an
+    /// image input.
+    pub fn state_layers(&self) -> Result<usize, ModelError> {
+        let (form, rest) = match self.declared_input() {
+            Some(Shape::Flat(_)) => (Form::Flat, &self.tokens[1..]),
+            Some(_) => (Form::Spatial, &self.tokens[1..]),
+            None => (Form::Spatial, &self.tokens[..]),
+        };
+        let mut expander = Expander {
+            spec: &self.text,
+            pending_activation: false,
+            form,
+        };
+        let mut layers = Vec::new();
+        expander.expand(rest, &mut layers)?;
+        fn count(layers: &[LayerKind]) -> usize {
+            layers
+                .iter()
+                .map(|l| match l {
+                    LayerKind::Linear { .. }
+                    | LayerKind::Conv2d { .. }
+                    | LayerKind::Attention { .. } => 1,
+                    LayerKind::Residual(block) => count(block),
+                    _ => 0,
+                })
+                .sum()
+        }
+        Ok(count(&layers))
+    }
+
     /// The layer chain with the spec's own declared input (an error if it declares none).
     pub fn standalone(&self) -> Result<NetworkBuilder, ModelError> {
         let input = self.declared_input().ok_or_else(|| {
