@@ -353,3 +353,59 @@ fn lean_memory_ep_equals_the_fused_loop() {
         }
     }
 }
+
+#[test]
+fn a_curvature_estimated_every_few_calls_is_kept_between_and_across_a_resume() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let net = build(
+        "1x8x8-conv4k3p1-pool2-fc5",
+        Shape::Image { c: 1, h: 8, w: 8 },
+        &dev,
+    );
+    let batches: Vec<TensorBatch> = (0..4)
+        .map(|s| random_batch(6, 64, 5, 30 + s, &dev))
+        .collect();
+    let config = |every: usize| EpConfig {
+        beta: 0.05,
+        settle: SettleConfig {
+            steps: 4,
+            lr: 0.5,
+            momentum: 0.0,
+            tol: 0.0,
+            curvature: true,
+            curvature_every: every,
+            ..SettleConfig::default()
+        },
+        ..EpConfig::default()
+    };
+    // Every 3 calls: calls 1 and 4 estimate, calls 2 and 3 keep call 1's step.
+    let mut spread = EpEstimator::new(&net, config(3)).unwrap();
+    let mut each = EpEstimator::new(&net, config(1)).unwrap();
+    let mut steps = Vec::new();
+    for (call, batch) in batches.iter().enumerate() {
+        let a = spread.estimate(&net, batch).unwrap();
+        let b = each.estimate(&net, batch).unwrap();
+        let (sa, sb) = (a.settle[0].step, b.settle[0].step);
+        assert!(sa > 0.0 && sa < 0.5, "the curvature limits the step: {sa}");
+        if call == 0 || call == 3 {
+            // Estimated afresh: the same step and gradient as estimating at every settle.
+            assert_eq!(sa, sb, "call {}", call + 1);
+            assert!(max_rel_diff(&a.grads, &b.grads) < 1e-6);
+        } else {
+            assert_eq!(sa, steps[0], "call {} keeps call 1's step", call + 1);
+            // Another batch has another largest eigenvalue, so the steps differ.
+            assert_ne!(sa, sb, "call {}", call + 1);
+        }
+        steps.push(sa);
+    }
+    // A resumed estimator keeps the estimate: after call 1, one restored from its state
+    // takes call 2 exactly as the uninterrupted one does.
+    let mut first = EpEstimator::new(&net, config(3)).unwrap();
+    let _ = first.estimate(&net, &batches[0]).unwrap();
+    let mut resumed = EpEstimator::new(&net, config(3)).unwrap();
+    resumed.load_state(&first.state());
+    let a = first.estimate(&net, &batches[1]).unwrap();
+    let b = resumed.estimate(&net, &batches[1]).unwrap();
+    assert_eq!(a.settle[0].step, b.settle[0].step);
+    assert_eq!(max_rel_diff(&a.grads, &b.grads), 0.0);
+}

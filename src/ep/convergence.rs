@@ -54,6 +54,17 @@ pub struct SettleConfig {
     /// so the EP gradient at convergence, is unchanged.
     #[serde(default)]
     pub curvature: bool,
+    /// With [`SettleConfig::curvature`], estimate the curvature at every this many
+    /// estimates of the EP gradient and keep the step in between (1: at every settle).
+    /// The largest eigenvalue follows the weights, which move little in a few optimizer
+    /// steps, so the estimate's cost (about [`CURVATURE_ITERATIONS`] settle steps) can be
+    /// spread over many settles when each is only a few steps long.
+    #[serde(default = "every_settle")]
+    pub curvature_every: usize,
+}
+
+fn every_settle() -> usize {
+    1
 }
 
 impl Default for SettleConfig {
@@ -68,14 +79,25 @@ impl Default for SettleConfig {
             adaptive: false,
             per_sample: false,
             curvature: false,
+            curvature_every: 1,
         }
     }
 }
 
 impl SettleConfig {
+    /// The curvature-following step for a largest eigenvalue `lambda`: `min(lr,
+    /// CURVATURE_SAFETY * 2 (1 + momentum) / lambda)` ([`SettleConfig::curvature`]).
+    pub fn curvature_step(&self, lambda: f32) -> f32 {
+        self.lr
+            .min(CURVATURE_SAFETY * 2.0 * (1.0 + self.momentum) / lambda)
+    }
+
     /// Checks every option's range.
     pub fn validate(&self) -> Result<(), SettleError> {
         let bad = |what: String| Err(SettleError::InvalidOption(what));
+        if self.curvature_every == 0 {
+            return bad("the curvature must be estimated every 1 or more settles, got 0".into());
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("settle_lr must be positive, got {}", self.lr));
         }

@@ -3,8 +3,8 @@
 use burn::tensor::TensorData;
 
 use super::convergence::{
-    ADAPTIVE_GROWTH, ADAPTIVE_MAX_FACTOR, ADAPTIVE_SHRINK, CURVATURE_ITERATIONS, CURVATURE_SAFETY,
-    ResidualCheck, SettleConfig, SettleError, SettleStats, Settled,
+    ADAPTIVE_GROWTH, ADAPTIVE_MAX_FACTOR, ADAPTIVE_SHRINK, CURVATURE_ITERATIONS, ResidualCheck,
+    SettleConfig, SettleError, SettleStats, Settled,
 };
 use super::energy::{BatchContext, EnergyModel, Evaluation};
 use crate::device::{Tensor, to_host};
@@ -81,7 +81,7 @@ impl Settler {
         let mut config = self.config;
         if config.curvature {
             let lambda = largest_curvature(model, net, ctx, start, start_eval, beta);
-            config.lr = curvature_step(&config, lambda);
+            config.lr = config.curvature_step(lambda);
             config.curvature = false;
         }
         match (dense, conv) {
@@ -107,7 +107,7 @@ impl Settler {
         let mut momentum: Vec<Tensor<2>> = states.iter().map(Tensor::zeros_like).collect();
         let mut residuals = ResidualCheck::new(c, beta);
         let base_lr = if c.curvature {
-            curvature_step(c, largest_curvature(model, net, ctx, &states, &eval, beta))
+            c.curvature_step(largest_curvature(model, net, ctx, &states, &eval, beta))
         } else {
             c.lr
         };
@@ -214,14 +214,6 @@ impl Settler {
             model, ctx, states, eval, stats, curve, &stopped, beta,
         ))
     }
-}
-
-/// The curvature-following step for a largest eigenvalue `lambda`: `min(lr, CURVATURE_SAFETY
-/// * 2 (1 + momentum) / lambda)` ([`SettleConfig::curvature`]).
-fn curvature_step(config: &SettleConfig, lambda: f32) -> f32 {
-    config
-        .lr
-        .min(CURVATURE_SAFETY * 2.0 * (1.0 + config.momentum) / lambda)
 }
 
 /// The state Hessian's largest eigenvalue at `states` (whose evaluation is `eval`), over

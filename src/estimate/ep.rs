@@ -87,6 +87,9 @@ pub struct EpEstimator {
     energy: EnergyModel,
     settler: Settler,
     calls: u64,
+    /// The last curvature estimate, kept between estimates when the settle config asks
+    /// for one every few ([`crate::ep::SettleConfig::curvature_every`]).
+    lambda: Option<f32>,
     local: bool,
     factors: bool,
     lean: bool,
@@ -106,6 +109,7 @@ impl EpEstimator {
             energy: EnergyModel::new(net, config.loss),
             settler: Settler::new(config.settle)?,
             calls: 0,
+            lambda: None,
             config,
             local: false,
             factors: false,
@@ -162,6 +166,7 @@ impl EpEstimator {
             || self.factors
             || settle.adaptive
             || settle.per_sample
+            || (settle.curvature && settle.curvature_every > 1)
             || self.config.precision != Precision::F32
         {
             return None;
@@ -249,11 +254,20 @@ impl GradientEstimator for EpEstimator {
     }
 
     fn state(&self) -> Vec<(String, f64)> {
-        vec![("calls".into(), self.calls as f64)]
+        let mut state = vec![("calls".into(), self.calls as f64)];
+        if let Some(lambda) = self.lambda {
+            state.push(("curvature".into(), f64::from(lambda)));
+        }
+        state
     }
 
     fn load_state(&mut self, state: &[(String, f64)]) {
         self.calls = scalar_of(state, "calls") as u64;
+        self.lambda = state
+            .iter()
+            .find(|(k, _)| k == "curvature")
+            .map(|(_, v)| *v as f32)
+            .filter(|v| v.is_finite() && *v > 0.0);
     }
 
     fn estimate(&mut self, net: &Network, batch: &TensorBatch) -> Result<Estimate, EstimateError> {
@@ -283,6 +297,41 @@ impl GradientEstimator for EpEstimator {
 }
 
 impl EpEstimator {
+    /// With a curvature-following step estimated every few calls
+    /// ([`crate::ep::SettleConfig::curvature_every`] > 1), a settler at the kept step
+    /// (re-estimated at the free states on the calls due); `None` settles with the
+    /// configured settler.
+    fn spread_curvature(
+        &mut self,
+        net: &Network,
+        ctx: &crate::ep::BatchContext,
+        free: &[Tensor<2>],
+        free_eval: &crate::ep::Evaluation,
+        beta: f32,
+    ) -> Result<Option<Settler>, EstimateError> {
+        let settle = self.config.settle;
+        if !settle.curvature || settle.curvature_every <= 1 {
+            return Ok(None);
+        }
+        // `calls` counts this call already: calls 1, 1 + every, ... estimate afresh.
+        let due = (self.calls - 1).is_multiple_of(settle.curvature_every as u64);
+        let lambda = match self.lambda {
+            Some(lambda) if !due => lambda,
+            _ => {
+                let lambda =
+                    crate::ep::largest_curvature(&self.energy, net, ctx, free, free_eval, beta);
+                self.lambda = Some(lambda);
+                lambda
+            }
+        };
+        let fixed = crate::ep::SettleConfig {
+            lr: settle.curvature_step(lambda),
+            curvature: false,
+            ..settle
+        };
+        Ok(Some(Settler::new(fixed)?))
+    }
+
     /// The estimate in the precision of `net`'s parameters and `batch`'s tensors.
     fn estimate_at(
         &mut self,
@@ -306,16 +355,16 @@ impl EpEstimator {
         let mut curves = Vec::new();
         let mut factors = Vec::new();
         let sign = self.next_sign();
+        let settler = self.spread_curvature(net, &ctx, &free, &free_eval, sign * beta)?;
         let this = &*self;
+        let settler = settler.as_ref().unwrap_or(&this.settler);
         // Local EP's free-phase term (exactly zero at the forward states, computed as the
         // definition says); it cancels in the centered difference, so it is skipped there.
         let free_term = (this.local && this.config.nudging != Nudging::Centered)
             .then(|| this.energy.local_param_gradients(net, &ctx, &free, 0.0));
         let phase = |sign: f32| -> Result<Vec<Tensor<2>>, EstimateError> {
             let b = sign * beta;
-            let settled = this
-                .settler
-                .settle(&this.energy, net, &ctx, &free, &free_eval, b)?;
+            let settled = settler.settle(&this.energy, net, &ctx, &free, &free_eval, b)?;
             settle.push(settled.stats);
             curves.push(settled.residual_curve.clone());
             if this.factors && factors.is_empty() {

@@ -134,6 +134,10 @@ pub struct TrainOptions {
     /// weights grow (the conv_ep preset's choice).
     #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
     pub settle_curvature: Option<bool>,
+    /// With --settle-curvature, estimate the curvature at every N-th gradient estimate and
+    /// keep the step in between (default 1: at every settle)
+    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
+    pub settle_curvature_every: Option<usize>,
     /// Per-sample stopping: a sample stops settling once its own state-gradient norm is
     /// under --settle-tol * beta (at a check); the dense fast path then drops it from its
     /// products.
@@ -229,6 +233,7 @@ impl TrainOptions {
             settle_check,
             adaptive,
             settle_curvature,
+            settle_curvature_every,
             settle_per_sample,
             update,
             gamma,
@@ -441,6 +446,7 @@ impl TrainOptions {
             adaptive: self.adaptive.unwrap_or(base.adaptive),
             per_sample: self.settle_per_sample.unwrap_or(base.per_sample),
             curvature: self.settle_curvature.unwrap_or(base.curvature),
+            curvature_every: self.settle_curvature_every.unwrap_or(base.curvature_every),
         }
     }
 
