@@ -868,8 +868,8 @@ fn a_settle_just_long_enough_to_reach_a_layer_gives_it_backprops_direction() {
 }
 
 #[test]
-fn conv_ep_fast_settles_as_many_steps_as_the_model_has_state_layers() {
-    for (model, steps) in [("cnn", 3), ("vgg5-small", 5)] {
+fn conv_ep_fast_settles_as_many_steps_as_the_model_has_state_layers_with_a_step_for_its_depth() {
+    for (model, steps, lr) in [("cnn", 3, 0.1), ("vgg5-small", 5, 0.2)] {
         let options = TrainOptions {
             preset: Some("conv_ep_fast".into()),
             model: Some(model.into()),
@@ -878,6 +878,7 @@ fn conv_ep_fast_settles_as_many_steps_as_the_model_has_state_layers() {
         let recipe = options.recipe(1000).unwrap();
         let ep = recipe.estimator.ep_config().unwrap();
         assert_eq!(ep.settle.steps, steps, "{model}");
+        assert_eq!(ep.settle.lr, lr, "{model}");
         assert_eq!(ep.nudging, mep::estimate::Nudging::RandomSign);
         // An explicit --settle-steps still wins.
         let options = TrainOptions {
