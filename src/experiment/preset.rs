@@ -334,10 +334,11 @@ impl Preset {
     /// shorter settle does not reach); the gradients' sizes are far from backprop's, which
     /// Muon's orthogonalised update ignores. The optimizer is [`Preset::conv_ep`]'s with
     /// weight decay 0.05 (backprop on `vgg5-small`, Fashion-MNIST, 10 epochs: 92.67%
-    /// against 91.38% at 0.3). It tracks backprop on MNIST (`cnn`, 10 epochs: 99.33%
-    /// against 99.43%) and falls behind on harder data and deeper nets (Fashion-MNIST
-    /// 89.67% against 92.11%; `vgg5-small` on the CIFAR-10 subset 58.51% against 65.39%),
-    /// where [`Preset::conv_ep`]'s settled gradient does not (RESULTS.md).
+    /// against 91.38% at 0.3). It tracks backprop on MNIST (`cnn`, 10 epochs: 99.40%
+    /// against 99.43%, at 3.1x backprop's epoch time) and falls behind on harder data and
+    /// deeper nets (Fashion-MNIST 90.84% against 92.11%; `vgg5-small` on the CIFAR-10
+    /// subset 58.51% against 65.39%), where [`Preset::conv_ep`]'s settled gradient does not
+    /// (RESULTS.md).
     pub fn conv_ep_fast() -> Recipe {
         let mut ep = ep(0.02, 3, CE);
         ep.nudging = Nudging::RandomSign;
