@@ -321,6 +321,14 @@ impl ModelSpec {
         if rest.is_empty() {
             return Err(err(&self.text, "no layers after the input"));
         }
+        Ok(self
+            .expand(rest, input)?
+            .into_iter()
+            .fold(NetworkBuilder::new(input), NetworkBuilder::layer))
+    }
+
+    /// The layers of `tokens` (the spec after its input) for inputs of shape `input`.
+    fn expand(&self, tokens: &[String], input: Shape) -> Result<Vec<LayerKind>, ModelError> {
         let mut expander = Expander {
             spec: &self.text,
             pending_activation: false,
@@ -331,10 +339,8 @@ impl ModelSpec {
             },
         };
         let mut layers = Vec::new();
-        expander.expand(rest, &mut layers)?;
-        Ok(layers
-            .into_iter()
-            .fold(NetworkBuilder::new(input), NetworkBuilder::layer))
+        expander.expand(tokens, &mut layers)?;
+        Ok(layers)
     }
 
     /// Builds the network for inputs of shape `data` (see [`ModelSpec::builder`]); shape
@@ -358,18 +364,12 @@ impl ModelSpec {
     /// output needs to reach every layer. Read with the spec's declared input, else an
     /// image input.
     pub fn state_layers(&self) -> Result<usize, ModelError> {
-        let (form, rest) = match self.declared_input() {
-            Some(Shape::Flat(_)) => (Form::Flat, &self.tokens[1..]),
-            Some(_) => (Form::Spatial, &self.tokens[1..]),
-            None => (Form::Spatial, &self.tokens[..]),
+        // Any image shape reads the layers as an image input does.
+        let image = Shape::Image { c: 1, h: 1, w: 1 };
+        let layers = match self.declared_input() {
+            Some(input) => self.expand(&self.tokens[1..], input)?,
+            None => self.expand(&self.tokens, image)?,
         };
-        let mut expander = Expander {
-            spec: &self.text,
-            pending_activation: false,
-            form,
-        };
-        let mut layers = Vec::new();
-        expander.expand(rest, &mut layers)?;
         fn count(layers: &[LayerKind]) -> usize {
             layers
                 .iter()
