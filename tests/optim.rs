@@ -885,32 +885,6 @@ fn orthonormalisation_of_a_non_finite_matrix_returns_nan_at_once() {
     assert!(q.iter().all(|v| v.is_finite()));
 }
 
-/// Rank `rank` of a two-rank split whose other rank's share is given (or recorded).
-#[derive(Debug)]
-struct TwoRanks {
-    rank: usize,
-    other: std::cell::RefCell<Vec<f32>>,
-    sent: std::cell::RefCell<Vec<f32>>,
-}
-
-impl mep::optim::WorkSplit for TwoRanks {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn size(&self) -> usize {
-        2
-    }
-    fn exchange(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, OptimError> {
-        *self.sent.borrow_mut() = local.to_vec();
-        let other = self.other.borrow().clone();
-        Ok(if self.rank == 0 {
-            vec![local.to_vec(), other]
-        } else {
-            vec![other, local.to_vec()]
-        })
-    }
-}
-
 #[test]
 fn muon_shared_between_two_ranks_takes_exactly_the_single_optimizers_step() {
     // smep's optimizer (Muon with the cubic iteration, spectral bound) on three matrices
@@ -933,40 +907,47 @@ fn muon_shared_between_two_ranks_takes_exactly_the_single_optimizers_step() {
             .collect()
     };
     let mut single = CompositeOptimizer::new(config, &info).unwrap();
-    let mut rank0 = CompositeOptimizer::new(config, &info).unwrap();
-    let mut rank1 = CompositeOptimizer::new(config, &info).unwrap();
-    let split0 = std::rc::Rc::new(TwoRanks {
-        rank: 0,
-        other: Default::default(),
-        sent: Default::default(),
-    });
-    let split1 = std::rc::Rc::new(TwoRanks {
-        rank: 1,
-        other: Default::default(),
-        sent: Default::default(),
-    });
-    rank0.set_work_split(Some(split0.clone()));
-    rank1.set_work_split(Some(split1.clone()));
-    let (mut p_single, mut p0, p1) = (tensors(1), tensors(1), tensors(1));
+    let mut p_single = tensors(1);
+    let mut expected = Vec::new();
     for step in 0..2 {
-        let grads = tensors(10 + step);
-        p_single = single.step(p_single, grads.clone()).unwrap();
-        // Rank 1 runs first against an empty share from rank 0 (its own result is then
-        // wrong, but what it sent is its share); rank 0 then receives it.
-        *split1.other.borrow_mut() = Vec::new();
-        let _ = rank1.step(p1.clone(), grads.clone());
-        *split0.other.borrow_mut() = split1.sent.borrow().clone();
-        p0 = rank0.step(p0, grads.clone()).unwrap();
-        assert!(
-            !split0.sent.borrow().is_empty() && !split1.sent.borrow().is_empty(),
-            "both ranks own work"
-        );
-        for (a, b) in p_single.iter().zip(&p0) {
-            assert_eq!(
-                a.to_data().to_vec::<f32>().unwrap(),
-                b.to_data().to_vec::<f32>().unwrap()
-            );
-        }
+        p_single = single.step(p_single, tensors(10 + step)).unwrap();
+        expected.push(p_single.iter().map(h).collect::<Vec<_>>());
+    }
+    // Two ranks in threads, each with the whole gradient (Muon's split shares only the
+    // Newton–Schulz work).
+    let table = std::sync::Arc::new((
+        std::sync::Mutex::new(vec![Vec::new(); 2]),
+        std::sync::Barrier::new(2),
+    ));
+    let (info, tensors) = (&info, &tensors);
+    let ranks: Vec<(Vec<Vec<Vec<f64>>>, usize)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let table = table.clone();
+                scope.spawn(move || {
+                    let split = std::rc::Rc::new(ThreadRanks {
+                        rank,
+                        size: 2,
+                        table,
+                        sent: Default::default(),
+                    });
+                    let mut opt = CompositeOptimizer::new(config, info).unwrap();
+                    opt.set_work_split(Some(split.clone()));
+                    let mut params = tensors(1);
+                    let mut steps = Vec::new();
+                    for step in 0..2 {
+                        params = opt.step(params, tensors(10 + step)).unwrap();
+                        steps.push(params.iter().map(h).collect());
+                    }
+                    (steps, split.sent.get())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for (rank, (steps, sent)) in ranks.iter().enumerate() {
+        assert!(*sent > 0, "rank {rank} owns work");
+        assert_eq!(steps, &expected, "rank {rank}");
     }
     // The largest matrix went to one rank, the two smaller ones to the other.
     assert_eq!(
