@@ -636,3 +636,89 @@ fn the_fused_conv_loop_computes_the_generic_iteration() {
         }
     }
 }
+
+/// From the free phase's forward pass every error is exactly zero, and the nudge reaches
+/// one more layer per step; the fused loops skip the products that would only move zeros
+/// (`ep::blocks::Front`). After `k` steps without momentum exactly the top `k` states have
+/// moved and every state below is still the forward pass's, bit for bit: a front that
+/// skips a layer it should move fails this. From any other start every layer is live, and
+/// the fused loops still compute the generic iteration (the other tests here start from
+/// rest).
+#[test]
+fn from_rest_the_nudge_moves_one_layer_per_step_and_from_elsewhere_the_loops_match() {
+    let dev = cpu_device(CpuBackend::Flex);
+    let cases = [
+        (
+            "conv4k3-pool2-conv6k3p1-conv5k3-pool2-fc10",
+            Shape::Image { c: 2, h: 14, w: 13 },
+        ),
+        ("30-24-tanh-20-relu-16-10", Shape::Flat(30)),
+    ];
+    for (k, (spec, input)) in cases.into_iter().enumerate() {
+        let net = common::network(spec, input, k as u64 + 7, &dev);
+        let batch = 37;
+        let n = input.numel();
+        let x: Vec<f32> = (0..batch * n)
+            .map(|i| ((i * 29 + k) % 97) as f32 / 97.0 - 0.4)
+            .collect();
+        let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 3) % 10).collect();
+        let data = TensorBatch::new(&x, &labels, 10, &dev);
+        let energy = EnergyModel::new(&net, Loss::CrossEntropy { smoothing: 0.0 });
+        assert!(energy.fused_loop(&net).is_some(), "{spec}");
+        let (ctx, free, eval) = energy.free_phase(&net, data.x.clone(), data.targets.clone());
+        assert!(eval.at_rest());
+        let depth = free.len();
+        assert_eq!(depth, 4, "{spec}");
+        for steps in 1..=depth {
+            let config = SettleConfig {
+                lr: 0.1,
+                steps,
+                tol: 0.0,
+                momentum: 0.0,
+                ..SettleConfig::default()
+            };
+            let settled = Settler::new(config)
+                .unwrap()
+                .settle(&energy, &net, &ctx, &free, &eval, 0.5)
+                .unwrap();
+            for (i, (s, f)) in settled.states.iter().zip(&free).enumerate() {
+                let moved = to_vec(s) != to_vec(f);
+                assert_eq!(
+                    moved,
+                    i + steps >= depth,
+                    "{spec}: state {i} after {steps} steps (moved: {moved})"
+                );
+            }
+        }
+        // A start that is not the forward pass: every layer is off its prediction.
+        let start: Vec<Tensor<2>> = free
+            .iter()
+            .map(|s| s.clone().mul_scalar(0.9).add_scalar(0.01))
+            .collect();
+        let start_eval = energy.evaluate(&net, &ctx, &start);
+        assert!(!start_eval.at_rest());
+        let settler = Settler::new(SettleConfig {
+            lr: 0.1,
+            steps: 6,
+            tol: 0.0,
+            momentum: 0.5,
+            ..SettleConfig::default()
+        })
+        .unwrap();
+        let fused = settler
+            .settle(&energy, &net, &ctx, &start, &start_eval, 0.5)
+            .unwrap();
+        let generic = settler
+            .settle_generic(&energy, &net, &ctx, &start, &start_eval, 0.5)
+            .unwrap();
+        for (i, (a, b)) in fused.states.iter().zip(&generic.states).enumerate() {
+            let (a, b) = (to_vec(a), to_vec(b));
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff <= 1e-5 * scale, "{spec}: state {i} differs by {diff}");
+        }
+    }
+}

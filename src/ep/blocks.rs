@@ -22,22 +22,98 @@ pub(super) fn swap_rows<T>(buf: &mut [T], w: usize, a: usize, b: usize) {
     head[lo * w..(lo + 1) * w].swap_with_slice(&mut tail[..w]);
 }
 
-/// The heavy-ball state update of a block's first `active` samples, one pass per state:
-/// `m <- mu m + g; s <- s - lr m` (states of `widths[i]` values per sample).
+/// The heavy-ball state update of a block's first `active` samples, one pass per state
+/// that `moves`: `m <- mu m + g; s <- s - lr m` (states of `widths[i]` values per sample).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn heavy_ball(
     states: &mut [Vec<f32>],
     momentum: &mut [Vec<f32>],
     grads: &[Vec<f32>],
     widths: &[usize],
+    moves: &[bool],
     active: usize,
     mu: f32,
     lr: f32,
 ) {
-    for (((s, m), g), &w) in states.iter_mut().zip(momentum).zip(grads).zip(widths) {
+    let layers = states.iter_mut().zip(momentum).zip(grads).zip(widths);
+    for ((((s, m), g), &w), _) in layers.zip(moves).filter(|(_, m)| **m) {
         for ((si, mi), &gi) in s[..active * w].iter_mut().zip(m.iter_mut()).zip(g) {
             *mi = *mi * mu + gi;
             *si -= lr * *mi;
         }
+    }
+}
+
+/// Which layers of a block a settle step has to touch.
+///
+/// A settle that starts at the free phase's forward pass ([`Evaluation::at_rest`]) starts
+/// with every error exactly zero; the nudge moves the output first and reaches one more
+/// layer per step. Until it arrives, a layer's state gradient is exactly zero, its state
+/// does not move, and the products that would compute its prediction or feed its error
+/// back only move zeros. The loops skip them: a truncated settle of as many steps as the
+/// net has state layers runs each link's prediction and feedback about once instead of
+/// once per step. The result is the same iteration; it is not an approximation (the
+/// errors the skipped products would give are zero, where a recomputation gives rounding
+/// noise instead). A settle from any other point starts with every layer live.
+#[derive(Debug, Clone)]
+pub(super) struct Front {
+    /// `live[i]`: error `e_i` may be nonzero.
+    live: Vec<bool>,
+    /// `moved[i]`: state `i` has moved (its momentum may be nonzero).
+    moved: Vec<bool>,
+    /// `changed[i]`: state `i` moved in the step being evaluated.
+    changed: Vec<bool>,
+    /// Whether the output is nudged (`beta != 0`).
+    nudged: bool,
+}
+
+impl Front {
+    /// The front of a settle of `depth` states: at rest, or live everywhere.
+    pub fn new(depth: usize, at_rest: bool, beta: f32) -> Self {
+        let all = vec![!at_rest; depth];
+        Self {
+            live: all.clone(),
+            moved: all.clone(),
+            changed: all,
+            nudged: beta != 0.0,
+        }
+    }
+
+    /// Whether the feedback into state `i` (the input VJP of the link out of it) may be
+    /// nonzero: the error above it is live.
+    pub fn feeds_back(&self, i: usize) -> bool {
+        self.live.get(i + 1).copied().unwrap_or(false)
+    }
+
+    /// Whether the link out of state `i` has to predict afresh: state `i` moved.
+    pub fn predicts(&self, i: usize) -> bool {
+        self.changed[i]
+    }
+
+    /// Whether error `i` is stale: its state or the state below moved.
+    pub fn stale(&self, i: usize) -> bool {
+        self.changed[i] || (i > 0 && self.changed[i - 1])
+    }
+
+    /// Marks the states the next step moves: those with momentum, a live error of their
+    /// own or above them, and the nudged output. Returns them, per state.
+    pub fn step(&mut self) -> &[bool] {
+        let depth = self.live.len();
+        for i in 0..depth {
+            let top = i + 1 == depth;
+            self.changed[i] =
+                self.moved[i] || self.live[i] || self.feeds_back(i) || (top && self.nudged);
+            self.moved[i] |= self.changed[i];
+        }
+        &self.changed
+    }
+
+    /// After the evaluation of a step: the recomputed errors are live, nothing is stale.
+    pub fn evaluated(&mut self) {
+        for i in 0..self.live.len() {
+            self.live[i] |= self.stale(i);
+        }
+        self.changed.fill(false);
     }
 }
 

@@ -13,7 +13,7 @@
 //! ones of its block and leaves every product. The adaptive step stays with the generic
 //! loop, which `tests/settle.rs` compares this one with.
 
-use super::blocks::{SampleBlock, Shared, drive, heavy_ball, swap_rows};
+use super::blocks::{Front, SampleBlock, Shared, drive, heavy_ball, swap_rows};
 use super::convergence::{SettleConfig, SettleError, Settled};
 use super::dense::{apply, feedback, loss_gradient};
 use super::energy::{BatchContext, ConvPlan, EnergyModel};
@@ -100,12 +100,19 @@ struct Chunk {
     argmax: Vec<Vec<u32>>,
     /// `back[i]`: the feedback into the link's input (before the pooling's adjoint).
     back: Vec<Vec<f32>>,
+    /// `preds[i]`: link `i`'s prediction of state `i + 1`, kept while state `i` rests.
+    preds: Vec<Vec<f32>>,
     nudge: Vec<f32>,
     /// Per-sample squared gradient norm of each state, `[rows, depth]`.
     sq: Vec<f32>,
+    /// The layers a step has to touch.
+    front: Front,
 }
 
 impl Chunk {
+    /// The block of samples `rows`; `at_rest`: `states` are the forward pass (each state
+    /// its own prediction), so no first evaluation is needed (see [`Front`]).
+    #[allow(clippy::too_many_arguments)]
     fn new(
         rows: std::ops::Range<usize>,
         widths: &[usize],
@@ -113,13 +120,15 @@ impl Chunk {
         first: &[f32],
         targets: &[f32],
         states: &[Vec<f32>],
+        at_rest: bool,
+        beta: f32,
     ) -> Self {
         let n = rows.len();
         let slice = |v: &[f32], w: usize| v[rows.start * w..rows.end * w].to_vec();
         let zeros = || widths.iter().map(|w| vec![0.0; n * w]).collect::<Vec<_>>();
         let depth = widths.len();
         let pooled_len = |l: &Link| if l.pool.is_some() { n * l.input } else { 0 };
-        Self {
+        let mut chunk = Self {
             active: n,
             order: (0..n).collect(),
             stopped: vec![None; n],
@@ -140,47 +149,79 @@ impl Chunk {
             pooled: links.iter().map(|l| vec![0.0; pooled_len(l)]).collect(),
             argmax: links.iter().map(|l| vec![0; pooled_len(l)]).collect(),
             back: links.iter().map(|l| vec![0.0; n * l.input]).collect(),
+            preds: if at_rest {
+                states[1..]
+                    .iter()
+                    .zip(&widths[1..])
+                    .map(|(s, &w)| slice(s, w))
+                    .collect()
+            } else {
+                widths[1..].iter().map(|w| vec![0.0; n * w]).collect()
+            },
             nudge: vec![0.0; n * widths[depth - 1]],
             sq: vec![0.0; n * depth],
+            front: Front::new(depth, at_rest, beta),
+        };
+        if at_rest {
+            // The feedback through a pooling needs its window maxima before the link's
+            // first prediction.
+            for (i, link) in links.iter().enumerate() {
+                chunk.inputs(link, i, widths[i]);
+            }
+        }
+        chunk
+    }
+
+    /// `acts[i]` and, with a pooling, `pooled[i]` and `argmax[i]` for the moving samples:
+    /// the input of link `i` (`width` values per sample of state `i`).
+    fn inputs(&mut self, link: &Link, i: usize, width: usize) {
+        let r = self.active;
+        apply(
+            link.activation,
+            &self.states[i][..r * width],
+            &mut self.acts[i][..r * width],
+        );
+        if let Some(pool) = &link.pool {
+            pool.max_forward(
+                &self.acts[i][..r * width],
+                &mut self.pooled[i][..r * link.input],
+                &mut self.argmax[i][..r * link.input],
+            );
         }
     }
 
-    /// `acts`, the poolings and the prediction errors `e_i = h_i - s_i` of the moving
-    /// samples at the current states.
+    /// The prediction errors `e_i = h_i - s_i` of the moving samples at the current states,
+    /// recomputing only what the last step changed (the link inputs and predictions out of
+    /// moved states, the errors of moved states and of those above them).
     fn evaluate(&mut self, links: &[Link], widths: &[usize]) {
         let r = self.active;
-        let w0 = widths[0];
-        for (e, (&h, &s)) in self.errors[0][..r * w0]
-            .iter_mut()
-            .zip(self.first.iter().zip(&self.states[0]))
-        {
-            *e = h - s;
+        if self.front.stale(0) {
+            let w0 = widths[0];
+            for (e, (&h, &s)) in self.errors[0][..r * w0]
+                .iter_mut()
+                .zip(self.first.iter().zip(&self.states[0]))
+            {
+                *e = h - s;
+            }
         }
         for (i, link) in links.iter().enumerate() {
             let (w, w_next) = (widths[i], widths[i + 1]);
-            apply(
-                link.activation,
-                &self.states[i][..r * w],
-                &mut self.acts[i][..r * w],
-            );
-            let input: &[f32] = match &link.pool {
-                Some(pool) => {
-                    let pooled = &mut self.pooled[i][..r * link.input];
-                    pool.max_forward(
-                        &self.acts[i][..r * w],
-                        pooled,
-                        &mut self.argmax[i][..r * link.input],
-                    );
-                    pooled
+            if self.front.predicts(i) {
+                self.inputs(link, i, w);
+                let input: &[f32] = match &link.pool {
+                    Some(_) => &self.pooled[i][..r * link.input],
+                    None => &self.acts[i][..r * w],
+                };
+                link.predict(input, &mut self.preds[i][..r * w_next]);
+            }
+            if self.front.stale(i + 1) {
+                let e = &mut self.errors[i + 1][..r * w_next];
+                for ((ei, &hi), &si) in e.iter_mut().zip(&self.preds[i]).zip(&self.states[i + 1]) {
+                    *ei = hi - si;
                 }
-                None => &self.acts[i][..r * w],
-            };
-            let e = &mut self.errors[i + 1][..r * w_next];
-            link.predict(input, e);
-            for (ei, &si) in e.iter_mut().zip(&self.states[i + 1]) {
-                *ei -= si;
             }
         }
+        self.front.evaluated();
     }
 
     /// `g_i = -e_i + f'(s_i) pool^T(op^T(e_{i+1}))` and `g_L = -e_L + beta dL/ds_L` for the
@@ -191,11 +232,16 @@ impl Chunk {
         for (i, &width) in widths.iter().enumerate() {
             let g = &mut self.grads[i][..r * width];
             if let Some(link) = links.get(i) {
-                let back = &mut self.back[i][..r * link.input];
-                link.feedback(&self.errors[i + 1][..r * widths[i + 1]], back);
-                match &link.pool {
-                    Some(pool) => pool.max_backward(&self.argmax[i][..r * link.input], back, g),
-                    None => g.copy_from_slice(back),
+                if self.front.feeds_back(i) {
+                    let back = &mut self.back[i][..r * link.input];
+                    link.feedback(&self.errors[i + 1][..r * widths[i + 1]], back);
+                    match &link.pool {
+                        Some(pool) => pool.max_backward(&self.argmax[i][..r * link.input], back, g),
+                        None => g.copy_from_slice(back),
+                    }
+                } else {
+                    // Nothing above it moved yet: the feedback is exactly zero.
+                    g.fill(0.0);
                 }
                 feedback(link.activation, g, &self.states[i], &self.errors[i]);
             } else {
@@ -238,6 +284,7 @@ impl Chunk {
         for (i, link) in links.iter().enumerate() {
             swap_rows(&mut self.acts[i], widths[i], a, b);
             swap_rows(&mut self.back[i], link.input, a, b);
+            swap_rows(&mut self.preds[i], widths[i + 1], a, b);
             if link.pool.is_some() {
                 swap_rows(&mut self.pooled[i], link.input, a, b);
                 swap_rows(&mut self.argmax[i], link.input, a, b);
@@ -266,14 +313,15 @@ impl Chunk {
         }
     }
 
-    /// `m <- mu m + g; s <- s - lr m` in one pass per state for the moving samples, then
-    /// the new errors.
+    /// `m <- mu m + g; s <- s - lr m` in one pass per state for the moving samples (of
+    /// the states that can move), then the new errors.
     fn step(&mut self, links: &[Link], widths: &[usize], momentum: f32, lr: f32) {
         heavy_ball(
             &mut self.states,
             &mut self.momentum,
             &self.grads,
             widths,
+            self.front.step(),
             self.active,
             momentum,
             lr,
@@ -351,6 +399,7 @@ fn links(plan: &ConvPlan, net: &Network) -> Vec<Link> {
 }
 
 /// Settles on the host; see the module docs. Same contract as [`super::Settler::settle`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn settle(
     plan: &ConvPlan,
     config: &SettleConfig,
@@ -358,6 +407,7 @@ pub(crate) fn settle(
     net: &Network,
     ctx: &BatchContext,
     start: &[Tensor<2>],
+    at_rest: bool,
     beta: f32,
 ) -> Result<Settled, SettleError> {
     let batch = ctx.batch_size();
@@ -370,7 +420,9 @@ pub(crate) fn settle(
     let chunks: Vec<Chunk> = (0..blocks)
         .map(|b| {
             let rows = batch * b / blocks..batch * (b + 1) / blocks;
-            Chunk::new(rows, widths, &links, &first, &targets, &states)
+            Chunk::new(
+                rows, widths, &links, &first, &targets, &states, at_rest, beta,
+            )
         })
         .collect();
     let shared = Shared {

@@ -12,7 +12,7 @@
 //! stopped sample is swapped behind the moving ones of its block and leaves every product.
 //! `tests/settle.rs` checks it against the generic loop.
 
-use super::blocks::{SampleBlock, Shared, drive, heavy_ball, swap_rows};
+use super::blocks::{Front, SampleBlock, Shared, drive, heavy_ball, swap_rows};
 use super::convergence::{SettleConfig, SettleError, Settled};
 use super::energy::{BatchContext, DensePlan, EnergyModel};
 use crate::device::{Tensor, to_host};
@@ -138,18 +138,27 @@ struct Chunk {
     grads: Vec<Vec<f32>>,
     /// `acts[i]` is f(s_i) for the link into state i + 1 (the state itself without one).
     acts: Vec<Vec<f32>>,
+    /// `preds[i]`: the prediction of state `i + 1` (with its skip on a residual link),
+    /// kept while state `i` rests.
+    preds: Vec<Vec<f32>>,
     nudge: Vec<f32>,
     /// Per-sample squared gradient norm of each state, `[rows, depth]`.
     sq: Vec<f32>,
+    /// The layers a step has to touch.
+    front: Front,
 }
 
 impl Chunk {
+    /// The block of samples `rows`; `at_rest`: `states` are the forward pass (each state
+    /// its own prediction), so no first evaluation is needed (see [`Front`]).
     fn new(
         rows: std::ops::Range<usize>,
         widths: &[usize],
         first: &[f32],
         targets: &[f32],
         states: &[Vec<f32>],
+        at_rest: bool,
+        beta: f32,
     ) -> Self {
         let n = rows.len();
         let slice = |v: &[f32], w: usize| v[rows.start * w..rows.end * w].to_vec();
@@ -173,54 +182,66 @@ impl Chunk {
                 .iter()
                 .map(|w| vec![0.0; n * w])
                 .collect(),
+            preds: if at_rest {
+                states[1..]
+                    .iter()
+                    .zip(&widths[1..])
+                    .map(|(s, &w)| slice(s, w))
+                    .collect()
+            } else {
+                widths[1..].iter().map(|w| vec![0.0; n * w]).collect()
+            },
             nudge: vec![0.0; n * widths[depth - 1]],
             sq: vec![0.0; n * depth],
+            front: Front::new(depth, at_rest, beta),
         }
     }
 
-    /// `acts` and the prediction errors `e_i = h_i - s_i` at the current states.
+    /// The prediction errors `e_i = h_i - s_i` at the current states, recomputing only
+    /// what the last step changed (the activations and predictions out of moved states,
+    /// the errors of moved states and of those above them).
     fn evaluate(&mut self, links: &[Link], widths: &[usize]) {
         let r = self.active;
-        for (i, a) in self.acts.iter_mut().enumerate() {
-            let w = widths[i];
-            apply(
-                links[i].activation,
-                &self.states[i][..r * w],
-                &mut a[..r * w],
-            );
-        }
-        let w0 = widths[0];
-        for ((e, &h), &s) in self.errors[0][..r * w0]
-            .iter_mut()
-            .zip(&self.first)
-            .zip(&self.states[0])
-        {
-            *e = h - s;
+        if self.front.stale(0) {
+            let w0 = widths[0];
+            for ((e, &h), &s) in self.errors[0][..r * w0]
+                .iter_mut()
+                .zip(&self.first)
+                .zip(&self.states[0])
+            {
+                *e = h - s;
+            }
         }
         for i in 1..widths.len() {
             let (n_in, n_out) = (widths[i - 1], widths[i]);
-            let e = &mut self.errors[i][..r * n_out];
-            for row in e.chunks_exact_mut(n_out) {
-                row.copy_from_slice(&links[i - 1].bias);
-            }
-            matmul(
-                e,
-                MatRef::new(&self.acts[i - 1][..r * n_in], r, n_in),
-                MatRef::new(&links[i - 1].weight, n_in, n_out),
-                true,
-            );
-            if links[i - 1].residual {
-                for ((ei, &si), &below) in
-                    e.iter_mut().zip(&self.states[i]).zip(&self.states[i - 1])
-                {
-                    *ei += below - si;
+            let link = &links[i - 1];
+            if self.front.predicts(i - 1) {
+                let (below, act) = (&self.states[i - 1][..r * n_in], &mut self.acts[i - 1]);
+                apply(link.activation, below, &mut act[..r * n_in]);
+                let h = &mut self.preds[i - 1][..r * n_out];
+                for row in h.chunks_exact_mut(n_out) {
+                    row.copy_from_slice(&link.bias);
                 }
-            } else {
-                for (ei, &si) in e.iter_mut().zip(&self.states[i]) {
-                    *ei -= si;
+                matmul(
+                    h,
+                    MatRef::new(&act[..r * n_in], r, n_in),
+                    MatRef::new(&link.weight, n_in, n_out),
+                    true,
+                );
+                if link.residual {
+                    for (hi, &b) in h.iter_mut().zip(below) {
+                        *hi += b;
+                    }
+                }
+            }
+            if self.front.stale(i) {
+                let e = &mut self.errors[i][..r * n_out];
+                for ((ei, &hi), &si) in e.iter_mut().zip(&self.preds[i - 1]).zip(&self.states[i]) {
+                    *ei = hi - si;
                 }
             }
         }
+        self.front.evaluated();
     }
 
     /// Swaps the samples at positions `a` and `b` in every per-sample buffer.
@@ -240,6 +261,7 @@ impl Chunk {
             swap_rows(&mut self.grads[i], w, a, b);
             if i + 1 < depth {
                 swap_rows(&mut self.acts[i], w, a, b);
+                swap_rows(&mut self.preds[i], widths[i + 1], a, b);
             }
         }
         self.order.swap(a, b);
@@ -274,14 +296,19 @@ impl Chunk {
             let g = &mut self.grads[i][..r * widths[i]];
             if i + 1 < depth {
                 let (n, n_next) = (widths[i], widths[i + 1]);
-                matmul(
-                    g,
-                    MatRef::new(&self.errors[i + 1][..r * n_next], r, n_next),
-                    MatRef::new(&links[i].weight, n, n_next).t(),
-                    false,
-                );
+                if self.front.feeds_back(i) {
+                    matmul(
+                        g,
+                        MatRef::new(&self.errors[i + 1][..r * n_next], r, n_next),
+                        MatRef::new(&links[i].weight, n, n_next).t(),
+                        false,
+                    );
+                } else {
+                    // Nothing above it moved yet: the feedback is exactly zero.
+                    g.fill(0.0);
+                }
                 feedback(links[i].activation, g, &self.states[i], &self.errors[i]);
-                if links[i].residual {
+                if links[i].residual && self.front.feeds_back(i) {
                     for (gi, &ei) in g.iter_mut().zip(&self.errors[i + 1][..r * n_next]) {
                         *gi += ei;
                     }
@@ -302,13 +329,15 @@ impl Chunk {
         }
     }
 
-    /// `m <- mu m + g; s <- s - lr m` in one pass per state, then the new errors.
+    /// `m <- mu m + g; s <- s - lr m` in one pass per state that can move, then the new
+    /// errors.
     fn step(&mut self, links: &[Link], widths: &[usize], momentum: f32, lr: f32) {
         heavy_ball(
             &mut self.states,
             &mut self.momentum,
             &self.grads,
             widths,
+            self.front.step(),
             self.active,
             momentum,
             lr,
@@ -356,6 +385,7 @@ impl SampleBlock for Chunk {
 /// Settles on the host; see the module docs. Same contract as [`super::Settler::settle`].
 /// The batch is split into one block of samples per worker thread (at least 16 samples
 /// each); the blocks step in parallel between residual checks.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn settle(
     plan: &DensePlan,
     config: &SettleConfig,
@@ -363,6 +393,7 @@ pub(crate) fn settle(
     net: &Network,
     ctx: &BatchContext,
     start: &[Tensor<2>],
+    at_rest: bool,
     beta: f32,
 ) -> Result<Settled, SettleError> {
     let batch = ctx.batch_size();
@@ -388,7 +419,7 @@ pub(crate) fn settle(
     let chunks: Vec<Chunk> = (0..blocks)
         .map(|b| {
             let rows = batch * b / blocks..batch * (b + 1) / blocks;
-            Chunk::new(rows, widths, &first, &targets, &states)
+            Chunk::new(rows, widths, &first, &targets, &states, at_rest, beta)
         })
         .collect();
     let shared = Shared {

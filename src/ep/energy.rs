@@ -73,9 +73,20 @@ pub struct Evaluation {
     errors: Vec<Tensor<2>>,
     suffix: Tape,
     output: Tensor<2>,
+    /// Whether every error is exactly zero by construction (the free phase's forward pass,
+    /// where each state is its own prediction).
+    at_rest: bool,
 }
 
 impl Evaluation {
+    /// Whether this is the free phase's forward pass, where every state equals its
+    /// prediction and every error is exactly zero (not merely rounded to it). The host
+    /// settle loops start from it without a first evaluation and skip the products that
+    /// only move zeros ([`crate::ep::Settler::settle`]).
+    pub fn at_rest(&self) -> bool {
+        self.at_rest
+    }
+
     /// Prediction errors `h_i - s_i`, one per state.
     pub fn errors(&self) -> &[Tensor<2>] {
         &self.errors
@@ -433,6 +444,7 @@ impl EnergyModel {
             errors: zeros,
             suffix,
             output,
+            at_rest: true,
         };
         (ctx, states, eval)
     }
@@ -491,6 +503,7 @@ impl EnergyModel {
             errors,
             suffix,
             output,
+            at_rest: false,
         }
     }
 
@@ -678,6 +691,7 @@ impl EnergyModel {
         eval: &Evaluation,
     ) -> Evaluation {
         let mut e = eval.clone();
+        e.at_rest = false;
         let n = self.segments.len();
         e.errors[n - 1] = self.nudge_backward(net, ctx, eval, 1.0, None);
         for i in (0..n - 1).rev() {

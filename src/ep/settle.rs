@@ -78,6 +78,7 @@ impl Settler {
         }
         // The fused loops take a fixed step: the curvature's, fixed here, as the generic
         // loop fixes it at its start.
+        let at_rest = start_eval.at_rest();
         let mut config = self.config;
         if config.curvature {
             let lambda = largest_curvature(model, net, ctx, start, start_eval, beta);
@@ -85,8 +86,12 @@ impl Settler {
             config.curvature = false;
         }
         match (dense, conv) {
-            (Some(plan), _) => super::dense::settle(&plan, &config, model, net, ctx, start, beta),
-            (_, Some(plan)) => super::conv::settle(&plan, &config, model, net, ctx, start, beta),
+            (Some(plan), _) => {
+                super::dense::settle(&plan, &config, model, net, ctx, start, at_rest, beta)
+            }
+            (_, Some(plan)) => {
+                super::conv::settle(&plan, &config, model, net, ctx, start, at_rest, beta)
+            }
             _ => unreachable!("one of the plans exists"),
         }
     }
