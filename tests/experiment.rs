@@ -217,6 +217,7 @@ fn overrides_reach_the_recipe_and_bad_ones_are_typed_errors() {
         settle_steps: Some(7),
         beta: Some(0.25),
         update: Some("dion".into()),
+        vector_update: Some("adam".into()),
         gamma: Some(0.9),
         schedule: Some("cosine".into()),
         warmup: Some(3),
@@ -227,6 +228,16 @@ fn overrides_reach_the_recipe_and_bad_ones_are_typed_errors() {
     assert_eq!((ep.settle.steps, ep.beta), (7, 0.25));
     assert_eq!(r.optimizer.lr, 0.05);
     assert_eq!(r.optimizer.update, UpdateRule::dion());
+    assert_eq!(r.optimizer.vector_update, mep::optim::VectorRule::Adam);
+    // smep_plus's own vectors take momentum SGD.
+    let plain = TrainOptions {
+        preset: Some("smep_plus".into()),
+        ..TrainOptions::default()
+    };
+    assert_eq!(
+        plain.recipe(1000).unwrap().optimizer.vector_update,
+        mep::optim::VectorRule::Plain
+    );
     // The cosine spans the run: 2 epochs of 10 batches.
     assert_eq!(
         r.optimizer.schedule,
@@ -251,6 +262,14 @@ fn overrides_reach_the_recipe_and_bad_ones_are_typed_errors() {
         }),
         ExperimentError::Optim(_)
     ));
+    let e = bad(TrainOptions {
+        vector_update: Some("turbo".into()),
+        ..TrainOptions::default()
+    });
+    assert!(
+        e.to_string().contains("unknown vector update `turbo`"),
+        "{e}"
+    );
     assert!(matches!(
         bad(TrainOptions {
             preset: Some("turbo".into()),

@@ -153,6 +153,10 @@ pub struct TrainOptions {
     /// Learning rate of vectors (biases, gains); default the matrix rate.
     #[cfg_attr(feature = "cli", arg(long))]
     pub vector_lr: Option<f64>,
+    /// Update rule of vectors (biases, gains): plain (momentum SGD) or adam (scale-free:
+    /// a step of about the learning rate whatever the gradient's size).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub vector_update: Option<String>,
     /// Nesterov momentum.
     #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
     pub nesterov: Option<bool>,
@@ -238,6 +242,7 @@ impl TrainOptions {
             update,
             gamma,
             vector_lr,
+            vector_update,
             nesterov,
             clip_norm,
             schedule,
@@ -540,6 +545,9 @@ impl TrainOptions {
         o.momentum = self.momentum.unwrap_or(o.momentum);
         o.weight_decay = self.weight_decay.unwrap_or(o.weight_decay);
         o.vector_lr = self.vector_lr.or(o.vector_lr);
+        if let Some(v) = &self.vector_update {
+            o.vector_update = v.parse()?;
+        }
         o.nesterov = self.nesterov.unwrap_or(o.nesterov);
         o.clip_norm = self.clip_norm.or(o.clip_norm);
         if let Some(u) = &self.update {

@@ -7,7 +7,35 @@
 //! parallel over the blocks with rayon. [`super::Layer`] calls them on the CPU devices and keeps burn's ops for
 //! autodiff and GPU tensors; `tests/model.rs` checks both paths agree.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
+
+thread_local! {
+    /// Each thread's two buffers for the block products (the im2col columns and the
+    /// product), kept between calls: a settle or backprop step runs several convolutions,
+    /// each of which allocated and zeroed megabytes before (a tenth of a `cnn` backprop
+    /// step, with the page faults).
+    static SCRATCH: RefCell<[Vec<f32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// Runs `f` on this thread's scratch buffers, grown to `a` and `b` values. Their contents
+/// are whatever an earlier call left: `f` writes every value it reads.
+fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bufs) => {
+            let [x, y] = &mut *bufs;
+            for (buf, len) in [(&mut *x, a), (&mut *y, b)] {
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
+            }
+            f(&mut x[..a], &mut y[..b])
+        }
+        // Not reached (the kernels do not nest), but a nested call must not panic.
+        Err(_) => f(&mut vec![0.0; a], &mut vec![0.0; b]),
+    })
+}
 
 /// A row-major matrix view: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
@@ -349,9 +377,8 @@ impl ConvGeometry {
         let block = self.block_samples(batch);
         y.par_chunks_mut(block * self.out_len())
             .zip(x.par_chunks(block * self.in_len()))
-            .for_each_init(
-                || (vec![0.0; patch * block * pix], vec![0.0; out * block * pix]),
-                |(cols, product), (ys, xs)| {
+            .for_each(|(ys, xs)| {
+                with_scratch(patch * block * pix, out * block * pix, |cols, product| {
                     let width = self.block_columns(xs, cols);
                     let product = &mut product[..out * width];
                     matmul(
@@ -366,8 +393,8 @@ impl ConvGeometry {
                             row.iter_mut().zip(src).for_each(|(d, &v)| *d = v + bias);
                         }
                     }
-                },
-            );
+                })
+            });
     }
 
     /// The input's vector-Jacobian product: `gx = conv^T(gy)` for every sample, one
@@ -380,9 +407,8 @@ impl ConvGeometry {
         let block = self.block_samples(batch);
         gx.par_chunks_mut(block * self.in_len())
             .zip(gy.par_chunks(block * self.out_len()))
-            .for_each_init(
-                || (vec![0.0; patch * block * pix], vec![0.0; out * block * pix]),
-                |(cols, grads), (gxs, gys)| {
+            .for_each(|(gxs, gys)| {
+                with_scratch(patch * block * pix, out * block * pix, |cols, grads| {
                     let width = self.gather_outputs(gys, grads);
                     matmul(
                         &mut cols[..patch * width],
@@ -393,8 +419,8 @@ impl ConvGeometry {
                     for (b, gx) in gxs.chunks_mut(self.in_len()).enumerate() {
                         self.col2im(&cols[b * pix..], width, gx);
                     }
-                },
-            );
+                })
+            });
     }
 
     /// The parameters' vector-Jacobian products summed over the batch: `gw` `[out,
@@ -418,21 +444,21 @@ impl ConvGeometry {
             .zip(gy.par_chunks(group * self.out_len()))
             .map(|(xs, gys)| {
                 let (mut w_acc, mut b_acc) = (vec![0.0; patch * out], vec![0.0; out]);
-                let mut cols = vec![0.0; patch * block * pix];
-                let mut grads = vec![0.0; out * block * pix];
-                for (xs, gys) in xs
-                    .chunks(block * self.in_len())
-                    .zip(gys.chunks(block * self.out_len()))
-                {
-                    let width = self.block_columns(xs, &mut cols);
-                    self.gather_outputs(gys, &mut grads);
-                    let cols = MatRef::new(&cols[..patch * width], patch, width);
-                    let grads = MatRef::new(&grads[..out * width], out, width);
-                    matmul(&mut w_acc, cols, grads.t(), true);
-                    for (b, row) in b_acc.iter_mut().zip(grads.data.chunks(width)) {
-                        *b += row.iter().sum::<f32>();
+                with_scratch(patch * block * pix, out * block * pix, |cols, grads| {
+                    for (xs, gys) in xs
+                        .chunks(block * self.in_len())
+                        .zip(gys.chunks(block * self.out_len()))
+                    {
+                        let width = self.block_columns(xs, cols);
+                        self.gather_outputs(gys, grads);
+                        let cols = MatRef::new(&cols[..patch * width], patch, width);
+                        let grads = MatRef::new(&grads[..out * width], out, width);
+                        matmul(&mut w_acc, cols, grads.t(), true);
+                        for (b, row) in b_acc.iter_mut().zip(grads.data.chunks(width)) {
+                            *b += row.iter().sum::<f32>();
+                        }
                     }
-                }
+                });
                 (w_acc, b_acc)
             })
             .collect();

@@ -294,6 +294,19 @@ pub enum VectorRule {
     Adam,
 }
 
+impl std::str::FromStr for VectorRule {
+    type Err = OptimError;
+
+    /// `plain` or `adam`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "plain" => Ok(Self::Plain),
+            "adam" => Ok(Self::Adam),
+            other => Err(OptimError::UnknownVectorRule(other.to_string())),
+        }
+    }
+}
+
 /// A constraint applied to matrices after their update.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]

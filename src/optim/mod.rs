@@ -68,6 +68,9 @@ pub enum OptimError {
         names = UpdateRule::NAMES.join(", ")
     )]
     UnknownUpdateRule(String),
+    /// No vector rule has this name.
+    #[error("unknown vector update `{0}` (expected plain or adam)")]
+    UnknownVectorRule(String),
     /// Sharing a step's work between the ranks of a data-parallel run failed.
     #[error("sharing the optimizer step between ranks: {0}")]
     Exchange(String),
