@@ -11,7 +11,9 @@ per optimizer and repeat: the seconds of the training loop (as mep's `seconds`: 
 drawn, forward, backward, step; evaluation not included) and the test accuracy after the
 epoch. `--newton-schulz` instead times the textbook Newton-Schulz iteration (5 quintic
 steps, as Keller Jordan's Muon, and 5 cubic steps, as the paper's reference) on the weight
-matrices of 784-256-128-10, the work of one Muon update.
+matrices of 784-256-128-10, the work of one Muon update. `--gemm [MxKxN,...]` times
+`torch.matmul` on the shapes of `mep bench gemm` (its default list without a value) and
+prints one JSON object per shape with its GFLOP/s (the median of `--repeats` x 10 runs).
 
 Needs `torch` and `numpy` (`pip install torch numpy`); reads the gzipped IDX files from
 `$MEP_DATA_DIR/mnist` (default `../shared/data`). Usage:
@@ -19,6 +21,7 @@ Needs `torch` and `numpy` (`pip install torch numpy`); reads the gzipped IDX fil
     python3 scripts/pytorch_baseline.py --threads 1
     python3 scripts/pytorch_baseline.py --threads 1 --model cnn --train-samples 10000
     python3 scripts/pytorch_baseline.py --threads 1 --newton-schulz
+    python3 scripts/pytorch_baseline.py --threads 1 --gemm
 """
 
 import argparse
@@ -146,6 +149,35 @@ def epoch(name, arch, train, test, batch, seed):
     }
 
 
+# `mep bench gemm`'s default shapes: the settle products of 784-256-128-10 at batch 64,
+# Newton-Schulz's 256 x 784 Gram products and a 1024^3 product.
+GEMM_SHAPES = "64x784x256,64x256x128,64x128x256,256x784x256,256x256x256,256x256x784,1024x1024x1024"
+
+
+def gemm_timing(shapes, repeats):
+    torch.manual_seed(0)
+    for shape in shapes.split(","):
+        m, k, n = (int(v) for v in shape.lower().split("x"))
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        out = torch.empty(m, n)
+        for _ in range(3):
+            torch.matmul(a, b, out=out)
+        times = []
+        for _ in range(max(repeats, 1) * 10):
+            start = time.perf_counter()
+            torch.matmul(a, b, out=out)
+            times.append(time.perf_counter() - start)
+        times.sort()
+        seconds = times[len(times) // 2]
+        print(json.dumps({
+            "framework": "pytorch",
+            "version": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "shape": f"{m}x{k}x{n}",
+            "gflops": 2.0 * m * k * n / seconds / 1e9,
+        }), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
@@ -155,8 +187,13 @@ def main():
     p.add_argument("--model", default="mlp", help="mlp, cnn or vgg5-small")
     p.add_argument("--train-samples", type=int, default=None, help="the first N training images")
     p.add_argument("--newton-schulz", action="store_true", help="time one Muon update instead")
+    p.add_argument("--gemm", nargs="?", const=GEMM_SHAPES, default=None, metavar="MxKxN,...",
+                   help="time torch.matmul on these shapes instead (default: mep bench gemm's)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gemm is not None:
+        gemm_timing(args.gemm, args.repeats)
+        return
     if args.newton_schulz:
         muon_timing(args.repeats)
         return

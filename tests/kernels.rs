@@ -44,8 +44,13 @@ fn convolution_kernels_match_burn_for_strides_and_padding() {
     let ad = autodiff(&dev);
     // (batch, in, h, w, out, kernel, stride, padding). Samples are multiplied in blocks of
     // ceil(512 / output pixels): the first cases fit one block; 9 samples of 10 x 10
-    // outputs make blocks of 6 and 3, and 30 x 30 outputs a block per sample.
+    // outputs make blocks of 6 and 3, and 30 x 30 outputs a block per sample. Stride 1
+    // with 2 * padding + 1 == kernel is a "same" convolution, which has its own im2col
+    // (one flat move per tap): 3 x 3 with padding 1 and 5 x 5 with padding 2, on square
+    // and non-square images.
     let cases = [
+        (5, 3, 7, 9, 4, 3, 1, 1),
+        (3, 2, 6, 5, 3, 5, 1, 2),
         (3, 3, 9, 7, 4, 3, 1, 0),
         (2, 2, 8, 8, 3, 3, 2, 1),
         (2, 1, 6, 6, 2, 5, 1, 2),
