@@ -618,6 +618,86 @@ fn the_gradient_check_runs_through_the_library() {
 }
 
 #[test]
+fn the_gradient_check_reads_the_weights_of_a_trained_run() {
+    use mep::experiment::RunDir;
+    let check = GradientCheck {
+        model: "784-32-10".into(),
+        batch: 16,
+        steps: 100,
+        ..GradientCheck::default()
+    };
+    // One epoch of backprop on 256 samples (another seed), recorded as `mep train` does.
+    let dir = scratch_dir("experiment-check-checkpoint");
+    let options = TrainOptions {
+        dataset: Some("mnist".into()),
+        model: Some("784-32-10".into()),
+        estimator: Some(EstimatorArg::Backprop),
+        epochs: Some(1),
+        train_samples: Some(256),
+        test_samples: Some(64),
+        ..TrainOptions::default()
+    };
+    let mut run = prepared(options.clone(), 2);
+    let metrics = run
+        .trainer
+        .run_epoch(&run.dataset, &run.config, 1, &mut Silent)
+        .unwrap();
+    let run_dir = RunDir::new(&dir);
+    run_dir.start(&run.config_json("cpu"), None, false).unwrap();
+    let meta = RunMeta {
+        options,
+        seed: 2,
+        epoch: 1,
+        history: vec![metrics],
+        input_shape: None,
+    };
+    run_dir.record_epoch(&run.trainer, &meta).unwrap();
+    let with = |path: std::path::PathBuf| {
+        GradientCheck {
+            checkpoint: Some(path),
+            ..check.clone()
+        }
+        .run(1, &dev(), &locator(), false, &mut NoProgress)
+    };
+    let init = check
+        .run(1, &dev(), &locator(), false, &mut NoProgress)
+        .unwrap();
+    let trained = with(dir.clone()).unwrap();
+    let file = with(dir.join("checkpoint.safetensors")).unwrap();
+    // The directory and its file are the same weights; they are not the initialisation's,
+    // so every parameter's backprop gradient differs from it.
+    for ((t, f), i) in trained.params.iter().zip(&file.params).zip(&init.params) {
+        assert_eq!((t.reference_norm, t.cosine), (f.reference_norm, f.cosine));
+        assert_ne!(t.reference_norm, i.reference_norm, "{}", t.name);
+    }
+    // A checkpoint of another model, or none at the path: typed errors naming the file.
+    let other = GradientCheck {
+        model: "784-16-10".into(),
+        checkpoint: Some(dir.clone()),
+        ..check.clone()
+    }
+    .run(1, &dev(), &locator(), false, &mut NoProgress)
+    .unwrap_err();
+    assert!(
+        matches!(other, ExperimentError::CheckpointFile(_)),
+        "{other}"
+    );
+    assert!(
+        other.to_string().contains("checkpoint.safetensors"),
+        "{other}"
+    );
+    let missing = with(dir.join("nothing.safetensors")).unwrap_err();
+    assert!(
+        matches!(missing, ExperimentError::CheckpointFile(_)),
+        "{missing}"
+    );
+    assert!(
+        missing.to_string().contains("nothing.safetensors"),
+        "{missing}"
+    );
+}
+
+#[test]
 fn the_readme_example_trains_an_mlp_with_ep() {
     let accuracy = example::train(&locator(), Some(2000), Some(500), 1, &mut Silent).unwrap();
     // smep_plus, one epoch of 2000 samples: measured 0.758 (chance 0.10).

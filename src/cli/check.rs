@@ -63,6 +63,10 @@ pub struct CheckArgs {
     /// Input normalisation, as `mep train --standardize` (default: the data set's own).
     #[arg(long, value_name = "MEAN,STD|dataset|none", default_value_t = defaults().standardize)]
     standardize: Standardize,
+    /// Weights from a training checkpoint (a run directory or its checkpoint.safetensors)
+    /// instead of the initialisation; --model must be the run's.
+    #[arg(long, value_name = "PATH")]
+    checkpoint: Option<std::path::PathBuf>,
     /// Do not download a missing data set.
     #[arg(long)]
     no_fetch: bool,
@@ -87,6 +91,7 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         estimator: args.estimator,
         loss: args.loss,
         standardize: args.standardize,
+        checkpoint: args.checkpoint,
     };
     let locator = DataLocator::from_env(globals.data_dir.clone());
     let device = globals.device.resolve(Workload::Settle)?;

@@ -51,6 +51,11 @@ pub struct GradientCheck {
     pub loss: Loss,
     /// Input normalisation, as in training.
     pub standardize: Standardize,
+    /// Weights from a training checkpoint (a run directory or its
+    /// `checkpoint.safetensors`) instead of the initialisation: how faithful the estimate
+    /// is on a trained network. The model spec must be the run's.
+    #[serde(default)]
+    pub checkpoint: Option<std::path::PathBuf>,
 }
 
 impl Default for GradientCheck {
@@ -75,6 +80,7 @@ impl Default for GradientCheck {
                 scale: MseScale::Half,
             },
             standardize: super::DEFAULT_STANDARDIZE,
+            checkpoint: None,
         }
     }
 }
@@ -146,7 +152,15 @@ impl GradientCheck {
                 self.batch
             ));
         }
-        let net = build_network(&spec, &data, seed, device)?;
+        let mut net = build_network(&spec, &data, seed, device)?;
+        if let Some(path) = &self.checkpoint {
+            let file = if path.is_dir() {
+                path.join(super::CHECKPOINT)
+            } else {
+                path.clone()
+            };
+            crate::train::checkpoint::load(&file, &mut net, None)?;
+        }
         let batch = TensorBatch::new(
             data.train.inputs(),
             data.train.labels(),
