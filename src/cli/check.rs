@@ -63,6 +63,10 @@ pub struct CheckArgs {
     /// Input normalisation, as `mep train --standardize` (default: the data set's own).
     #[arg(long, value_name = "MEAN,STD|dataset|none", default_value_t = defaults().standardize)]
     standardize: Standardize,
+    /// Divide each layer's EP gradient by its attenuation in a truncated settle (plain
+    /// steps: --settle-momentum 0 --tol 0), as `mep train --rescale`.
+    #[arg(long)]
+    rescale: bool,
     /// Weights from a training checkpoint (a run directory or its checkpoint.safetensors)
     /// instead of the initialisation; --model must be the run's.
     #[arg(long, value_name = "PATH")]
@@ -92,6 +96,7 @@ pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
         loss: args.loss,
         standardize: args.standardize,
         checkpoint: args.checkpoint,
+        rescale: args.rescale,
     };
     let locator = DataLocator::from_env(globals.data_dir.clone());
     let device = globals.device.resolve(Workload::Settle)?;

@@ -145,6 +145,11 @@ pub(super) trait SampleBlock: Send {
     fn stopped(&self) -> &[Option<usize>];
     /// State `i` of every sample, in position order.
     fn state(&self, i: usize) -> &[f32];
+    /// Error `i` of every sample, in position order, where the loop holds it more exactly
+    /// than a recomputation from the states would (the perturbation form of `ep::conv`).
+    fn exact_errors(&self, _i: usize) -> Option<&[f32]> {
+        None
+    }
 }
 
 /// Settles `blocks` (the batch split in order) to the end: the shared loop of the fused
@@ -215,28 +220,37 @@ pub(super) fn drive<B: SampleBlock>(
     }
     let device = ctx.input().device();
     let batch = ctx.batch_size();
-    // Samples back in batch order.
-    let states: Vec<Tensor<2>> = (0..depth)
-        .map(|i| {
-            let w = widths[i];
-            let mut values = vec![0.0; batch * w];
-            let mut offset = 0;
-            for b in &blocks {
-                let state = b.state(i);
-                for (p, &row) in b.order().iter().enumerate() {
-                    let dst = (offset + row) * w;
-                    values[dst..dst + w].copy_from_slice(&state[p * w..(p + 1) * w]);
-                }
-                offset += b.order().len();
+    // Per-sample values (of `w` each) back in batch order.
+    let gather = |w: usize, values_of: &dyn Fn(&B) -> &[f32]| {
+        let mut values = vec![0.0; batch * w];
+        let mut offset = 0;
+        for b in &blocks {
+            let block = values_of(b);
+            for (p, &row) in b.order().iter().enumerate() {
+                let dst = (offset + row) * w;
+                values[dst..dst + w].copy_from_slice(&block[p * w..(p + 1) * w]);
             }
-            Tensor::from_data(TensorData::new(values, [batch, w]), &device)
-        })
+            offset += b.order().len();
+        }
+        Tensor::from_data(TensorData::new(values, [batch, w]), &device)
+    };
+    let states: Vec<Tensor<2>> = (0..depth)
+        .map(|i| gather(widths[i], &|b| b.state(i)))
         .collect();
+    let exact = blocks.iter().all(|b| b.exact_errors(0).is_some());
+    let errors: Option<Vec<Tensor<2>>> = exact.then(|| {
+        (0..depth)
+            .map(|i| gather(widths[i], &|b| b.exact_errors(i).expect("every block")))
+            .collect()
+    });
     let stopped: Vec<Option<usize>> = blocks
         .iter()
         .flat_map(|b| b.stopped().iter().copied())
         .collect();
-    let eval: Evaluation = model.evaluate(net, ctx, &states);
+    let mut eval: Evaluation = model.evaluate(net, ctx, &states);
+    if let Some(errors) = errors {
+        eval = eval.with_errors(errors);
+    }
     Ok(Settled::finish(
         model, ctx, states, eval, stats, curve, &stopped, beta,
     ))

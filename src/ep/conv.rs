@@ -38,18 +38,22 @@ struct Link {
     op: Op,
     weight: Vec<f32>,
     bias: Vec<f32>,
+    /// Zeros of the bias's length: the prediction's change has no bias.
+    no_bias: Vec<f32>,
     /// Values per sample after the pooling (the operator's input).
     input: usize,
 }
 
 impl Link {
-    /// `out = op(x)` for `x.len() / self.input` samples (`out` overwritten).
-    fn predict(&self, x: &[f32], out: &mut [f32]) {
+    /// `out = op(x)` for `x.len() / self.input` samples (`out` overwritten); with
+    /// `bias` false, the operator's linear part alone (what a change of `x` changes).
+    fn predict(&self, x: &[f32], out: &mut [f32], bias: bool) {
+        let bias = if bias { &self.bias } else { &self.no_bias };
         match &self.op {
             Op::Linear { n_in, n_out } => {
                 let rows = x.len() / n_in;
                 for row in out.chunks_exact_mut(*n_out) {
-                    row.copy_from_slice(&self.bias);
+                    row.copy_from_slice(bias);
                 }
                 matmul(
                     out,
@@ -58,7 +62,7 @@ impl Link {
                     true,
                 );
             }
-            Op::Conv(geo) => geo.forward(x, &self.weight, &self.bias, out),
+            Op::Conv(geo) => geo.forward(x, &self.weight, bias, out),
         }
     }
 
@@ -100,18 +104,72 @@ struct Chunk {
     argmax: Vec<Vec<u32>>,
     /// `back[i]`: the feedback into the link's input (before the pooling's adjoint).
     back: Vec<Vec<f32>>,
-    /// `preds[i]`: link `i`'s prediction of state `i + 1`, kept while state `i` rests.
+    /// `preds[i]`: link `i`'s prediction of state `i + 1`, kept while state `i` rests (in
+    /// the perturbation form, its change since the start).
     preds: Vec<Vec<f32>>,
     nudge: Vec<f32>,
     /// Per-sample squared gradient norm of each state, `[rows, depth]`.
     sq: Vec<f32>,
     /// The layers a step has to touch.
     front: Front,
+    /// The perturbation form (see [`Perturbation`]), for settles from the forward pass.
+    rest: Option<Perturbation>,
+}
+
+/// The perturbation form of a settle from the forward pass. The errors of a settle near
+/// the free states are tiny differences of large values: `e = h - s` with `h` and `s`
+/// about 1 and `e` about `beta * eta^k` on the `k`-th layer the nudge reaches. In float32
+/// that difference keeps only `1e-7 / |e|` of its digits (at `vgg5-small`'s first layer,
+/// steps of 0.1 and beta 0.02, none: cosine 0.41 to backprop). Here the loop's `states`
+/// hold the change `d = s - s0` from the start `s0` instead, and every error is formed from
+/// changes alone: `e_{i+1} = W (in(s0 + d) - in(s0)) - d_{i+1}` (the bias cancels exactly),
+/// where the change of a link's input is exact for ReLU (`d` where the unit stays active,
+/// 0 where it stays off) and for a max pooling whose winner stays (the winner's change;
+/// a new winner adds the difference of the two start values). The errors keep float32's
+/// relative precision at any size; the states themselves (`s0 + d`, for the activations'
+/// derivatives, the nudge and the settle's result) are formed by addition. The settle
+/// returns these errors with its states, in place of their recomputation from the rounded
+/// states ([`super::Evaluation::with_errors`]).
+struct Perturbation {
+    /// `s0`, the start, per state.
+    base: Vec<Vec<f32>>,
+    /// `s0 + d`, per state (updated when the state moves).
+    full: Vec<Vec<f32>>,
+    /// Per link: its input at the start (the pooled values, or the activations).
+    base_in: Vec<Vec<f32>>,
+    /// Per link: the change of its input.
+    delta_in: Vec<Vec<f32>>,
+}
+
+/// The change `f(b + d) - f(b)` of an activation the perturbation form supports, exact
+/// where ReLU does not cross zero.
+#[inline(always)]
+fn activation_change(activation: Option<Activation>, b: f32, d: f32) -> f32 {
+    match activation {
+        None => d,
+        Some(Activation::Relu) => {
+            let (on, stays) = (b > 0.0, b + d > 0.0);
+            match (on, stays) {
+                (true, true) => d,
+                (false, false) => 0.0,
+                _ => (b + d).max(0.0) - b.max(0.0),
+            }
+        }
+        Some(_) => unreachable!("the perturbation form takes ReLU links only"),
+    }
+}
+
+/// Whether every link's activation has an exact change ([`activation_change`]).
+fn perturbable(links: &[Link]) -> bool {
+    links
+        .iter()
+        .all(|l| matches!(l.activation, None | Some(Activation::Relu)))
 }
 
 impl Chunk {
     /// The block of samples `rows`; `at_rest`: `states` are the forward pass (each state
-    /// its own prediction), so no first evaluation is needed (see [`Front`]).
+    /// its own prediction), so no first evaluation is needed (see [`Front`]), and
+    /// `perturbed` (only from rest) settles in the perturbation form ([`Perturbation`]).
     #[allow(clippy::too_many_arguments)]
     fn new(
         rows: std::ops::Range<usize>,
@@ -121,6 +179,7 @@ impl Chunk {
         targets: &[f32],
         states: &[Vec<f32>],
         at_rest: bool,
+        perturbed: bool,
         beta: f32,
     ) -> Self {
         let n = rows.len();
@@ -149,7 +208,7 @@ impl Chunk {
             pooled: links.iter().map(|l| vec![0.0; pooled_len(l)]).collect(),
             argmax: links.iter().map(|l| vec![0; pooled_len(l)]).collect(),
             back: links.iter().map(|l| vec![0.0; n * l.input]).collect(),
-            preds: if at_rest {
+            preds: if at_rest && !perturbed {
                 states[1..]
                     .iter()
                     .zip(&widths[1..])
@@ -161,32 +220,86 @@ impl Chunk {
             nudge: vec![0.0; n * widths[depth - 1]],
             sq: vec![0.0; n * depth],
             front: Front::new(depth, at_rest, beta),
+            rest: None,
         };
+        if perturbed {
+            let base = std::mem::replace(&mut chunk.states, zeros());
+            chunk.rest = Some(Perturbation {
+                full: base.clone(),
+                base,
+                base_in: links.iter().map(|l| vec![0.0; n * l.input]).collect(),
+                delta_in: links.iter().map(|l| vec![0.0; n * l.input]).collect(),
+            });
+        }
         if at_rest {
             // The feedback through a pooling needs its window maxima before the link's
             // first prediction.
             for (i, link) in links.iter().enumerate() {
                 chunk.inputs(link, i, widths[i]);
+                if let Some(rest) = &mut chunk.rest {
+                    let start = match link.pool {
+                        Some(_) => &chunk.pooled[i],
+                        None => &chunk.acts[i],
+                    };
+                    rest.base_in[i].copy_from_slice(&start[..n * link.input]);
+                    rest.delta_in[i].fill(0.0);
+                }
             }
         }
         chunk
+    }
+
+    /// The state values `s` of state `i` (in the perturbation form `s0 + d`, not `d`).
+    fn full_state(&self, i: usize) -> &[f32] {
+        match &self.rest {
+            Some(rest) => &rest.full[i],
+            None => &self.states[i],
+        }
     }
 
     /// `acts[i]` and, with a pooling, `pooled[i]` and `argmax[i]` for the moving samples:
     /// the input of link `i` (`width` values per sample of state `i`).
     fn inputs(&mut self, link: &Link, i: usize, width: usize) {
         let r = self.active;
-        apply(
-            link.activation,
-            &self.states[i][..r * width],
-            &mut self.acts[i][..r * width],
-        );
+        let state = match &self.rest {
+            Some(rest) => &rest.full[i][..r * width],
+            None => &self.states[i][..r * width],
+        };
+        apply(link.activation, state, &mut self.acts[i][..r * width]);
         if let Some(pool) = &link.pool {
             pool.max_forward(
                 &self.acts[i][..r * width],
                 &mut self.pooled[i][..r * link.input],
                 &mut self.argmax[i][..r * link.input],
             );
+        }
+        let Some(rest) = &mut self.rest else {
+            return;
+        };
+        let (base, delta) = (&rest.base[i], &self.states[i]);
+        let change = &mut rest.delta_in[i][..r * link.input];
+        match &link.pool {
+            None => {
+                for ((c, &b), &d) in change.iter_mut().zip(base).zip(delta) {
+                    *c = activation_change(link.activation, b, d);
+                }
+            }
+            Some(pool) => {
+                // The winner's change, plus the difference of the start values where the
+                // winner is another unit than at the start.
+                let (in_plane, out_plane) = (pool.in_h * pool.in_w, pool.out_h * pool.out_w);
+                let winners = &self.argmax[i][..r * link.input];
+                let base_in = &rest.base_in[i];
+                for (p, ((c, &at), &start)) in change.iter_mut().zip(winners).zip(base_in).enumerate() {
+                    let j = p / out_plane * in_plane + at as usize;
+                    let (b, d) = (base[j], delta[j]);
+                    let rest_value = match link.activation {
+                        Some(Activation::Relu) => b.max(0.0),
+                        _ => b,
+                    };
+                    *c = (rest_value - start) + activation_change(link.activation, b, d);
+                }
+            }
         }
     }
 
@@ -195,24 +308,40 @@ impl Chunk {
     /// moved states, the errors of moved states and of those above them).
     fn evaluate(&mut self, links: &[Link], widths: &[usize]) {
         let r = self.active;
+        if let Some(rest) = &mut self.rest {
+            for (i, &w) in widths.iter().enumerate() {
+                if self.front.predicts(i) {
+                    let (full, base) = (&mut rest.full[i][..r * w], &rest.base[i]);
+                    for ((s, &b), &d) in full.iter_mut().zip(base).zip(&self.states[i]) {
+                        *s = b + d;
+                    }
+                }
+            }
+        }
         if self.front.stale(0) {
             let w0 = widths[0];
-            for (e, (&h, &s)) in self.errors[0][..r * w0]
-                .iter_mut()
-                .zip(self.first.iter().zip(&self.states[0]))
-            {
-                *e = h - s;
+            let errors = self.errors[0][..r * w0].iter_mut();
+            if self.rest.is_some() {
+                // The first prediction does not move: its error is minus the state's change.
+                for (e, &d) in errors.zip(&self.states[0]) {
+                    *e = -d;
+                }
+            } else {
+                for (e, (&h, &s)) in errors.zip(self.first.iter().zip(&self.states[0])) {
+                    *e = h - s;
+                }
             }
         }
         for (i, link) in links.iter().enumerate() {
             let (w, w_next) = (widths[i], widths[i + 1]);
             if self.front.predicts(i) {
                 self.inputs(link, i, w);
-                let input: &[f32] = match &link.pool {
-                    Some(_) => &self.pooled[i][..r * link.input],
-                    None => &self.acts[i][..r * w],
+                let (input, bias): (&[f32], bool) = match (&self.rest, &link.pool) {
+                    (Some(rest), _) => (&rest.delta_in[i][..r * link.input], false),
+                    (None, Some(_)) => (&self.pooled[i][..r * link.input], true),
+                    (None, None) => (&self.acts[i][..r * w], true),
                 };
-                link.predict(input, &mut self.preds[i][..r * w_next]);
+                link.predict(input, &mut self.preds[i][..r * w_next], bias);
             }
             if self.front.stale(i + 1) {
                 let e = &mut self.errors[i + 1][..r * w_next];
@@ -243,16 +372,18 @@ impl Chunk {
                     // Nothing above it moved yet: the feedback is exactly zero.
                     g.fill(0.0);
                 }
-                feedback(link.activation, g, &self.states[i], &self.errors[i]);
+                let state = match &self.rest {
+                    Some(rest) => &rest.full[i],
+                    None => &self.states[i],
+                };
+                feedback(link.activation, g, state, &self.errors[i]);
             } else {
                 let nudge = &mut self.nudge[..r * width];
-                loss_gradient(
-                    loss,
-                    &self.states[i][..r * width],
-                    &self.targets,
-                    width,
-                    nudge,
-                );
+                let output = match &self.rest {
+                    Some(rest) => &rest.full[i][..r * width],
+                    None => &self.states[i][..r * width],
+                };
+                loss_gradient(loss, output, &self.targets, width, nudge);
                 for ((gi, &ni), &ei) in g.iter_mut().zip(nudge.iter()).zip(&self.errors[i]) {
                     *gi = beta * ni - ei;
                 }
@@ -280,11 +411,19 @@ impl Chunk {
             swap_rows(&mut self.momentum[i], w, a, b);
             swap_rows(&mut self.errors[i], w, a, b);
             swap_rows(&mut self.grads[i], w, a, b);
+            if let Some(rest) = &mut self.rest {
+                swap_rows(&mut rest.base[i], w, a, b);
+                swap_rows(&mut rest.full[i], w, a, b);
+            }
         }
         for (i, link) in links.iter().enumerate() {
             swap_rows(&mut self.acts[i], widths[i], a, b);
             swap_rows(&mut self.back[i], link.input, a, b);
             swap_rows(&mut self.preds[i], widths[i + 1], a, b);
+            if let Some(rest) = &mut self.rest {
+                swap_rows(&mut rest.base_in[i], link.input, a, b);
+                swap_rows(&mut rest.delta_in[i], link.input, a, b);
+            }
             if link.pool.is_some() {
                 swap_rows(&mut self.pooled[i], link.input, a, b);
                 swap_rows(&mut self.argmax[i], link.input, a, b);
@@ -362,7 +501,11 @@ impl SampleBlock for Chunk {
     }
 
     fn state(&self, i: usize) -> &[f32] {
-        &self.states[i]
+        self.full_state(i)
+    }
+
+    fn exact_errors(&self, i: usize) -> Option<&[f32]> {
+        self.rest.as_ref().map(|_| self.errors[i].as_slice())
     }
 }
 
@@ -391,6 +534,7 @@ fn links(plan: &ConvPlan, net: &Network) -> Vec<Link> {
                 pool,
                 op,
                 weight: to_host(&p[0]),
+                no_bias: vec![0.0; p[1].dims()[1]],
                 bias: to_host(&p[1]),
                 input,
             }
@@ -416,12 +560,13 @@ pub(crate) fn settle(
     let first = to_host(ctx.first_prediction());
     let targets = to_host(ctx.targets());
     let states: Vec<Vec<f32>> = start.iter().map(to_host).collect();
+    let perturbed = at_rest && perturbable(&links);
     let blocks = crate::device::threads().min(batch / 16).max(1);
     let chunks: Vec<Chunk> = (0..blocks)
         .map(|b| {
             let rows = batch * b / blocks..batch * (b + 1) / blocks;
             Chunk::new(
-                rows, widths, &links, &first, &targets, &states, at_rest, beta,
+                rows, widths, &links, &first, &targets, &states, at_rest, perturbed, beta,
             )
         })
         .collect();

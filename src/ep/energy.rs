@@ -96,6 +96,16 @@ impl Evaluation {
     pub fn output(&self) -> &Tensor<2> {
         &self.output
     }
+
+    /// The same evaluation with `errors` (one per state, as [`Evaluation::errors`]) in
+    /// place of its own: a settle loop that holds the errors more exactly than their
+    /// recomputation from the rounded states (`ep::conv`'s perturbation form).
+    pub(crate) fn with_errors(mut self, errors: Vec<Tensor<2>>) -> Self {
+        assert_eq!(errors.len(), self.errors.len(), "one error per state");
+        self.errors = errors;
+        self.at_rest = false;
+        self
+    }
 }
 
 /// What stays fixed for one batch: inputs, targets, batch-norm statistics, and the first
@@ -284,6 +294,30 @@ impl EnergyModel {
             });
         }
         spatial.then_some(ConvPlan { widths, links })
+    }
+
+    /// For each parameter of `net`, the state whose prediction error its energy gradient
+    /// carries (the state its layer predicts), or `None` for layers after the last state
+    /// (which the nudge drives directly). `None` overall when skip connections mix the
+    /// errors of several states into one parameter's gradient.
+    pub(crate) fn param_states(&self, net: &Network) -> Option<Vec<Option<usize>>> {
+        if self
+            .segments
+            .iter()
+            .any(|s| s.skip.is_some() || !s.injections.is_empty())
+        {
+            return None;
+        }
+        let mut states = vec![None; net.params().len()];
+        for (j, seg) in self.segments.iter().enumerate() {
+            for l in seg.chain() {
+                let layer = &net.layers()[l];
+                for p in layer.first_param..layer.first_param + layer.num_params {
+                    states[p] = Some(j);
+                }
+            }
+        }
+        Some(states)
     }
 
     /// The layers of the first state's segment, in order (its state layer last).

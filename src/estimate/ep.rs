@@ -64,6 +64,11 @@ pub struct EpConfig {
     /// Precision of the free phase, settling and contrast; the gradient comes back in f32.
     #[serde(default)]
     pub precision: Precision,
+    /// Divide each layer's gradient by its attenuation in a truncated settle, so that the
+    /// estimate has backprop's scale ([`EpEstimator::truncation_scales`]). Needs settles
+    /// of a fixed number of plain steps (no momentum, no early stop, a fixed step size).
+    #[serde(default)]
+    pub rescale: bool,
 }
 
 impl Default for EpConfig {
@@ -76,6 +81,7 @@ impl Default for EpConfig {
             settle: SettleConfig::default(),
             seed: 0,
             precision: Precision::F32,
+            rescale: false,
         }
     }
 }
@@ -105,6 +111,19 @@ impl EpEstimator {
             )));
         }
         config.loss.validate()?;
+        if config.rescale {
+            let s = &config.settle;
+            if s.momentum != 0.0 || s.tol != 0.0 || s.adaptive || s.curvature || s.per_sample {
+                return Err(EstimateError::InvalidOption(
+                    "rescaling a truncated settle needs plain settle steps: momentum 0, tolerance 0 (a fixed number of steps), no adaptive or curvature-following step, no per-sample stopping".into(),
+                ));
+            }
+            if EnergyModel::new(net, config.loss).param_states(net).is_none() {
+                return Err(EstimateError::InvalidOption(
+                    "rescaling a truncated settle needs a layered network (no skip connections)".into(),
+                ));
+            }
+        }
         Ok(Self {
             energy: EnergyModel::new(net, config.loss),
             settler: Settler::new(config.settle)?,
@@ -151,6 +170,36 @@ impl EpEstimator {
     /// Its options.
     pub fn config(&self) -> &EpConfig {
         &self.config
+    }
+
+    /// The factor by which a settle from the forward pass scales each parameter's
+    /// gradient, to leading order in the step size: with `T` plain steps of `eta` (no
+    /// momentum), the nudge moves the output in the first step and one more state per
+    /// step, and the prediction error of the state `d` layers below the output is
+    /// `C(T, d + 1) eta^(d + 1)` times backprop's error there (`C` the binomial
+    /// coefficient; `tests/estimators.rs` checks the ratios). Parameters after the last
+    /// state are nudged directly (factor 1); those of states the settle does not reach get
+    /// no gradient (factor 0). `None` for a network with skip connections.
+    pub fn truncation_scales(&self, net: &Network) -> Option<Vec<f64>> {
+        let states = self.energy.param_states(net)?;
+        let depth = self.energy.num_states();
+        let (steps, eta) = (self.config.settle.steps, f64::from(self.config.settle.lr));
+        Some(
+            states
+                .into_iter()
+                .map(|state| match state {
+                    None => 1.0,
+                    Some(j) => {
+                        let k = depth - j; // d + 1
+                        if k > steps {
+                            0.0
+                        } else {
+                            binomial(steps, k) * eta.powi(k as i32)
+                        }
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// The energy it settles.
@@ -273,7 +322,7 @@ impl GradientEstimator for EpEstimator {
     fn estimate(&mut self, net: &Network, batch: &TensorBatch) -> Result<Estimate, EstimateError> {
         check_batch(net, batch)?;
         let precision = self.config.precision;
-        if precision != Precision::F32 {
+        let mut e = if precision != Precision::F32 {
             // The whole estimate on a low-precision copy of the network and batch; the
             // tensors it returns are brought back to f32 for the optimizer.
             let low = TensorBatch {
@@ -290,10 +339,27 @@ impl GradientEstimator for EpEstimator {
                 f.inputs = f32(f.inputs.clone());
                 f.output_grads = f32(f.output_grads.clone());
             }
-            return Ok(e);
+            e
+        } else {
+            self.estimate_at(net, batch)?
+        };
+        if self.config.rescale {
+            let scales = self
+                .truncation_scales(net)
+                .expect("checked when the estimator was made");
+            for (g, scale) in e.grads.iter_mut().zip(scales) {
+                if scale > 0.0 {
+                    *g = g.clone().div_scalar(scale as f32);
+                }
+            }
         }
-        self.estimate_at(net, batch)
+        Ok(e)
     }
+}
+
+/// `n choose k` as a float.
+fn binomial(n: usize, k: usize) -> f64 {
+    (0..k).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64)
 }
 
 impl EpEstimator {

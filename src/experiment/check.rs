@@ -56,6 +56,10 @@ pub struct GradientCheck {
     /// is on a trained network. The model spec must be the run's.
     #[serde(default)]
     pub checkpoint: Option<std::path::PathBuf>,
+    /// Rescale each layer's EP gradient by its attenuation in a truncated settle
+    /// ([`crate::estimate::EpConfig::rescale`]), so that the norm ratios compare sizes too.
+    #[serde(default)]
+    pub rescale: bool,
 }
 
 impl Default for GradientCheck {
@@ -81,6 +85,7 @@ impl Default for GradientCheck {
             },
             standardize: super::DEFAULT_STANDARDIZE,
             checkpoint: None,
+            rescale: false,
         }
     }
 }
@@ -183,6 +188,7 @@ impl GradientCheck {
             settle,
             seed,
             precision: self.precision,
+            rescale: self.rescale,
         };
         let mut free_residual = None;
         let (estimate, reference, settle_stats, reference_name) = match self.estimator {

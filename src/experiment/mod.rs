@@ -49,7 +49,7 @@ pub use options::{
     DEFAULT_BATCH, DEFAULT_DATASET, DEFAULT_EPOCHS, DEFAULT_MODEL, DEFAULT_STANDARDIZE,
     EstimatorArg, OptimizerArg, Standardize, TrainOptions,
 };
-pub use preset::Preset;
+pub use preset::{FAST_SETTLE_LR, Preset};
 pub use recipe::{Built, EstimatorChoice, Recipe};
 pub use run::{
     CHECKPOINT, Prepared, RunMeta, build_network, load_or_fetch, read_meta, write_atomic,

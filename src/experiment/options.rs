@@ -143,6 +143,12 @@ pub struct TrainOptions {
     /// products.
     #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
     pub settle_per_sample: Option<bool>,
+    /// Divide each layer's EP gradient by its attenuation in a truncated settle from the
+    /// forward pass (`C(T, d + 1) eta^(d + 1)` for the state `d` layers below the output,
+    /// after `T` plain steps of `eta`), so that it has backprop's scale; needs
+    /// --settle-momentum 0 and --settle-tol 0.
+    #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
+    pub rescale: Option<bool>,
     /// Matrix update rule of the composite optimizer: plain, muon (quintic Newton–Schulz),
     /// muon-cubic (the reference's iteration), dion, lowrank, fisher, adam.
     #[cfg_attr(feature = "cli", arg(long))]
@@ -239,6 +245,7 @@ impl TrainOptions {
             settle_curvature,
             settle_curvature_every,
             settle_per_sample,
+            rescale,
             update,
             gamma,
             vector_lr,
@@ -463,6 +470,7 @@ impl TrainOptions {
             settle: self.override_settle(base.settle),
             seed: base.seed,
             precision: self.precision()?.unwrap_or(base.precision),
+            rescale: self.rescale.unwrap_or(base.rescale),
         })
     }
 
