@@ -974,11 +974,13 @@ fn a_rescaled_truncated_settle_has_backprops_direction_and_size_on_every_layer()
     // `rescale` divides that out. At eta = 0.001 the next order is about 1e-3 of it, so
     // every norm ratio is 1 within 1%: a wrong coefficient (T^(d+1), or no binomial) is
     // off by 1.5x or more. The first layer's error is about 1e-17 of the states at vgg's
-    // depth (0.001^5 * beta), which only the perturbation form of the conv loop keeps.
-    // Measured: cosines 0.999999-1.000000, norm ratios 0.995-1.000 on both nets.
+    // depth (0.001^5 * beta), which only the perturbation form of the fused loops keeps
+    // (through ReLU, max pooling, the hard sigmoid and leaky ReLU). Measured: cosines
+    // 0.999999-1.000000, norm ratios 0.995-1.000 on the conv nets.
     for (model, dataset, batch, steps) in [
         ("cnn", "mnist", 8, 3),
         ("vgg5-small", "cifar-10-subset", 4, 5),
+        ("784-64-64-hsig-64-lrelu-64-10", "mnist", 8, 5),
     ] {
         let check = GradientCheck {
             model: model.into(),

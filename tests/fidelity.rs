@@ -56,6 +56,7 @@ fn ep_vs_backprop_in(
             settle,
             seed: 1,
             precision,
+            rescale: false,
         },
     )
     .unwrap();

@@ -125,7 +125,8 @@ struct Chunk {
 /// changes alone: `e_{i+1} = W (in(s0 + d) - in(s0)) - d_{i+1}` (the bias cancels exactly),
 /// where the change of a link's input is exact for ReLU (`d` where the unit stays active,
 /// 0 where it stays off) and for a max pooling whose winner stays (the winner's change;
-/// a new winner adds the difference of the two start values). The errors keep float32's
+/// a new winner adds the difference of the two start values; likewise for the other
+/// piecewise-linear activations). The errors keep float32's
 /// relative precision at any size; the states themselves (`s0 + d`, for the activations'
 /// derivatives, the nudge and the settle's result) are formed by addition. The settle
 /// returns these errors with its states, in place of their recomputation from the rounded
@@ -141,29 +142,24 @@ struct Perturbation {
     delta_in: Vec<Vec<f32>>,
 }
 
-/// The change `f(b + d) - f(b)` of an activation the perturbation form supports, exact
-/// where ReLU does not cross zero.
+/// The change `f(b + d) - f(b)` of a link's activation (none: `d`), exact where the
+/// activation stays on one linear piece ([`Activation::change`]).
 #[inline(always)]
-fn activation_change(activation: Option<Activation>, b: f32, d: f32) -> f32 {
+pub(super) fn activation_change(activation: Option<Activation>, b: f32, d: f32) -> f32 {
     match activation {
         None => d,
-        Some(Activation::Relu) => {
-            let (on, stays) = (b > 0.0, b + d > 0.0);
-            match (on, stays) {
-                (true, true) => d,
-                (false, false) => 0.0,
-                _ => (b + d).max(0.0) - b.max(0.0),
-            }
-        }
-        Some(_) => unreachable!("the perturbation form takes ReLU links only"),
+        Some(a) => a
+            .change(b, d)
+            .expect("the perturbation form takes piecewise-linear activations only"),
     }
 }
 
-/// Whether every link's activation has an exact change ([`activation_change`]).
-fn perturbable(links: &[Link]) -> bool {
-    links
-        .iter()
-        .all(|l| matches!(l.activation, None | Some(Activation::Relu)))
+/// Whether every link's activation is piecewise linear, where [`activation_change`] is
+/// exact.
+pub(super) fn perturbable(activations: impl IntoIterator<Item = Option<Activation>>) -> bool {
+    activations
+        .into_iter()
+        .all(|a| a.is_none_or(|a| a.piecewise_linear()))
 }
 
 impl Chunk {
@@ -290,12 +286,14 @@ impl Chunk {
                 let (in_plane, out_plane) = (pool.in_h * pool.in_w, pool.out_h * pool.out_w);
                 let winners = &self.argmax[i][..r * link.input];
                 let base_in = &rest.base_in[i];
-                for (p, ((c, &at), &start)) in change.iter_mut().zip(winners).zip(base_in).enumerate() {
+                for (p, ((c, &at), &start)) in
+                    change.iter_mut().zip(winners).zip(base_in).enumerate()
+                {
                     let j = p / out_plane * in_plane + at as usize;
                     let (b, d) = (base[j], delta[j]);
                     let rest_value = match link.activation {
-                        Some(Activation::Relu) => b.max(0.0),
-                        _ => b,
+                        Some(a) => a.scalar(b).expect("a piecewise-linear activation"),
+                        None => b,
                     };
                     *c = (rest_value - start) + activation_change(link.activation, b, d);
                 }
@@ -560,7 +558,7 @@ pub(crate) fn settle(
     let first = to_host(ctx.first_prediction());
     let targets = to_host(ctx.targets());
     let states: Vec<Vec<f32>> = start.iter().map(to_host).collect();
-    let perturbed = at_rest && perturbable(&links);
+    let perturbed = at_rest && perturbable(links.iter().map(|l| l.activation));
     let blocks = crate::device::threads().min(batch / 16).max(1);
     let chunks: Vec<Chunk> = (0..blocks)
         .map(|b| {

@@ -146,11 +146,27 @@ struct Chunk {
     sq: Vec<f32>,
     /// The layers a step has to touch.
     front: Front,
+    /// The perturbation form, for settles from the forward pass (as `ep::conv`'s):
+    /// `states` then hold each state's change `d` from the start `s0`, and each error is
+    /// formed from changes alone, `(f(s0 + d) - f(s0)) W (+ d below) - d`.
+    rest: Option<Perturbation>,
+}
+
+/// The start and the full states of a settle in the perturbation form.
+struct Perturbation {
+    /// `s0` per state.
+    base: Vec<Vec<f32>>,
+    /// `s0 + d` per state (updated when the state moves).
+    full: Vec<Vec<f32>>,
+    /// Per link: the change of its activations, `f(s0 + d) - f(s0)`.
+    delta_act: Vec<Vec<f32>>,
 }
 
 impl Chunk {
     /// The block of samples `rows`; `at_rest`: `states` are the forward pass (each state
-    /// its own prediction), so no first evaluation is needed (see [`Front`]).
+    /// its own prediction), so no first evaluation is needed (see [`Front`]), and
+    /// `perturbed` (only from rest) settles in the perturbation form.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         rows: std::ops::Range<usize>,
         widths: &[usize],
@@ -158,13 +174,14 @@ impl Chunk {
         targets: &[f32],
         states: &[Vec<f32>],
         at_rest: bool,
+        perturbed: bool,
         beta: f32,
     ) -> Self {
         let n = rows.len();
         let slice = |v: &[f32], w: usize| v[rows.start * w..rows.end * w].to_vec();
         let zeros = || widths.iter().map(|w| vec![0.0; n * w]).collect::<Vec<_>>();
         let depth = widths.len();
-        Self {
+        let mut chunk = Self {
             active: n,
             order: (0..n).collect(),
             stopped: vec![None; n],
@@ -182,7 +199,7 @@ impl Chunk {
                 .iter()
                 .map(|w| vec![0.0; n * w])
                 .collect(),
-            preds: if at_rest {
+            preds: if at_rest && !perturbed {
                 states[1..]
                     .iter()
                     .zip(&widths[1..])
@@ -194,6 +211,27 @@ impl Chunk {
             nudge: vec![0.0; n * widths[depth - 1]],
             sq: vec![0.0; n * depth],
             front: Front::new(depth, at_rest, beta),
+            rest: None,
+        };
+        if perturbed {
+            let base = std::mem::replace(&mut chunk.states, zeros());
+            chunk.rest = Some(Perturbation {
+                full: base.clone(),
+                base,
+                delta_act: widths[..depth - 1]
+                    .iter()
+                    .map(|w| vec![0.0; n * w])
+                    .collect(),
+            });
+        }
+        chunk
+    }
+
+    /// The state values `s` of state `i` (in the perturbation form `s0 + d`, not `d`).
+    fn full_state(&self, i: usize) -> &[f32] {
+        match &self.rest {
+            Some(rest) => &rest.full[i],
+            None => &self.states[i],
         }
     }
 
@@ -201,6 +239,9 @@ impl Chunk {
     /// what the last step changed (the activations and predictions out of moved states,
     /// the errors of moved states and of those above them).
     fn evaluate(&mut self, links: &[Link], widths: &[usize]) {
+        if self.rest.is_some() {
+            return self.evaluate_perturbed(links, widths);
+        }
         let r = self.active;
         if self.front.stale(0) {
             let w0 = widths[0];
@@ -244,6 +285,57 @@ impl Chunk {
         self.front.evaluated();
     }
 
+    /// [`Chunk::evaluate`] in the perturbation form: the errors from the changes alone.
+    fn evaluate_perturbed(&mut self, links: &[Link], widths: &[usize]) {
+        let r = self.active;
+        let rest = self.rest.as_mut().expect("the perturbation form");
+        for (i, &w) in widths.iter().enumerate() {
+            if self.front.predicts(i) {
+                let (full, base) = (&mut rest.full[i][..r * w], &rest.base[i]);
+                for ((s, &b), &d) in full.iter_mut().zip(base).zip(&self.states[i]) {
+                    *s = b + d;
+                }
+            }
+        }
+        if self.front.stale(0) {
+            // The first prediction does not move: its error is minus the state's change.
+            let w0 = widths[0];
+            for (e, &d) in self.errors[0][..r * w0].iter_mut().zip(&self.states[0]) {
+                *e = -d;
+            }
+        }
+        for i in 1..widths.len() {
+            let (n_in, n_out) = (widths[i - 1], widths[i]);
+            let link = &links[i - 1];
+            if self.front.predicts(i - 1) {
+                let below = &self.states[i - 1][..r * n_in];
+                let change = &mut rest.delta_act[i - 1][..r * n_in];
+                for ((c, &b), &d) in change.iter_mut().zip(&rest.base[i - 1]).zip(below) {
+                    *c = super::conv::activation_change(link.activation, b, d);
+                }
+                let h = &mut self.preds[i - 1][..r * n_out];
+                matmul(
+                    h,
+                    MatRef::new(change, r, n_in),
+                    MatRef::new(&link.weight, n_in, n_out),
+                    false,
+                );
+                if link.residual {
+                    for (hi, &d) in h.iter_mut().zip(below) {
+                        *hi += d;
+                    }
+                }
+            }
+            if self.front.stale(i) {
+                let e = &mut self.errors[i][..r * n_out];
+                for ((ei, &hi), &d) in e.iter_mut().zip(&self.preds[i - 1]).zip(&self.states[i]) {
+                    *ei = hi - d;
+                }
+            }
+        }
+        self.front.evaluated();
+    }
+
     /// Swaps the samples at positions `a` and `b` in every per-sample buffer.
     fn swap(&mut self, a: usize, b: usize, widths: &[usize]) {
         if a == b {
@@ -262,6 +354,13 @@ impl Chunk {
             if i + 1 < depth {
                 swap_rows(&mut self.acts[i], w, a, b);
                 swap_rows(&mut self.preds[i], widths[i + 1], a, b);
+            }
+            if let Some(rest) = &mut self.rest {
+                swap_rows(&mut rest.base[i], w, a, b);
+                swap_rows(&mut rest.full[i], w, a, b);
+                if i + 1 < depth {
+                    swap_rows(&mut rest.delta_act[i], w, a, b);
+                }
             }
         }
         self.order.swap(a, b);
@@ -307,7 +406,11 @@ impl Chunk {
                     // Nothing above it moved yet: the feedback is exactly zero.
                     g.fill(0.0);
                 }
-                feedback(links[i].activation, g, &self.states[i], &self.errors[i]);
+                let state = match &self.rest {
+                    Some(rest) => &rest.full[i],
+                    None => &self.states[i],
+                };
+                feedback(links[i].activation, g, state, &self.errors[i]);
                 if links[i].residual && self.front.feeds_back(i) {
                     for (gi, &ei) in g.iter_mut().zip(&self.errors[i + 1][..r * n_next]) {
                         *gi += ei;
@@ -315,7 +418,10 @@ impl Chunk {
                 }
             } else {
                 let nudge = &mut self.nudge[..r * widths[i]];
-                let output = &self.states[i][..r * widths[i]];
+                let output = match &self.rest {
+                    Some(rest) => &rest.full[i][..r * widths[i]],
+                    None => &self.states[i][..r * widths[i]],
+                };
                 loss_gradient(loss, output, &self.targets, widths[i], nudge);
                 for ((gi, &ni), &ei) in g.iter_mut().zip(nudge.iter()).zip(&self.errors[i]) {
                     *gi = beta * ni - ei;
@@ -378,7 +484,11 @@ impl SampleBlock for Chunk {
     }
 
     fn state(&self, i: usize) -> &[f32] {
-        &self.states[i]
+        self.full_state(i)
+    }
+
+    fn exact_errors(&self, i: usize) -> Option<&[f32]> {
+        self.rest.as_ref().map(|_| self.errors[i].as_slice())
     }
 }
 
@@ -415,11 +525,14 @@ pub(crate) fn settle(
     let first = to_host(ctx.first_prediction());
     let targets = to_host(ctx.targets());
     let states: Vec<Vec<f32>> = start.iter().map(to_host).collect();
+    let perturbed = at_rest && super::conv::perturbable(links.iter().map(|l| l.activation));
     let blocks = crate::device::threads().min(batch / 16).max(1);
     let chunks: Vec<Chunk> = (0..blocks)
         .map(|b| {
             let rows = batch * b / blocks..batch * (b + 1) / blocks;
-            Chunk::new(rows, widths, &first, &targets, &states, at_rest, beta)
+            Chunk::new(
+                rows, widths, &first, &targets, &states, at_rest, perturbed, beta,
+            )
         })
         .collect();
     let shared = Shared {

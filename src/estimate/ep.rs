@@ -118,9 +118,13 @@ impl EpEstimator {
                     "rescaling a truncated settle needs plain settle steps: momentum 0, tolerance 0 (a fixed number of steps), no adaptive or curvature-following step, no per-sample stopping".into(),
                 ));
             }
-            if EnergyModel::new(net, config.loss).param_states(net).is_none() {
+            if EnergyModel::new(net, config.loss)
+                .param_states(net)
+                .is_none()
+            {
                 return Err(EstimateError::InvalidOption(
-                    "rescaling a truncated settle needs a layered network (no skip connections)".into(),
+                    "rescaling a truncated settle needs a layered network (no skip connections)"
+                        .into(),
                 ));
             }
         }

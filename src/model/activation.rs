@@ -96,6 +96,38 @@ impl Activation {
         })
     }
 
+    /// Whether the activation is piecewise linear (ReLU, leaky ReLU, the hard sigmoid, the
+    /// clipped ReLU), so that [`Activation::change`] is exact.
+    pub fn piecewise_linear(&self) -> bool {
+        matches!(
+            self,
+            Self::Relu | Self::LeakyRelu { .. } | Self::HardSigmoid | Self::ClippedRelu { .. }
+        )
+    }
+
+    /// `f(b + d) - f(b)` of a piecewise-linear activation, computed from `d` where `b` and
+    /// `b + d` lie on one linear piece (`slope * d`: exact for slopes 0 and 1), so that a
+    /// change of 1e-9 of `b` keeps its digits; where they straddle a kink, the difference
+    /// of the two values. `None` for the other activations.
+    pub fn change(&self, b: f32, d: f32) -> Option<f32> {
+        let (x, y) = (b, b + d);
+        // (kinks, slope of each piece: below the first kink, between, above the last)
+        let (lo, hi, slopes) = match *self {
+            Self::Relu => (0.0, f32::INFINITY, [0.0, 1.0, 1.0]),
+            Self::LeakyRelu { slope } => (0.0, f32::INFINITY, [slope, 1.0, 1.0]),
+            Self::HardSigmoid => (0.0, 1.0, [0.0, 1.0, 0.0]),
+            Self::ClippedRelu { cap } => (0.0, cap, [0.0, 1.0, 0.0]),
+            _ => return None,
+        };
+        let piece = |v: f32| usize::from(v > lo) + usize::from(v > hi);
+        if piece(x) == piece(y) {
+            let slope = slopes[piece(x)];
+            Some(if slope == 1.0 { d } else { slope * d })
+        } else {
+            Some(self.scalar(y)? - self.scalar(x)?)
+        }
+    }
+
     /// `f'(x)` on one number, with the same conventions as [`Activation::vjp`] at kinks
     /// (`None` for GELU).
     pub fn scalar_derivative(&self, x: f32) -> Option<f32> {
