@@ -312,9 +312,7 @@ impl EnergyModel {
         for (j, seg) in self.segments.iter().enumerate() {
             for l in seg.chain() {
                 let layer = &net.layers()[l];
-                for p in layer.first_param..layer.first_param + layer.num_params {
-                    states[p] = Some(j);
-                }
+                states[layer.first_param..layer.first_param + layer.num_params].fill(Some(j));
             }
         }
         Some(states)
