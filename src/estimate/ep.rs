@@ -351,9 +351,13 @@ impl GradientEstimator for EpEstimator {
             let scales = self
                 .truncation_scales(net)
                 .expect("checked when the estimator was made");
-            for (g, scale) in e.grads.iter_mut().zip(scales) {
+            for (k, scale) in scales.into_iter().enumerate() {
                 if scale > 0.0 {
-                    *g = g.clone().div_scalar(scale as f32);
+                    e.grads[k] = e.grads[k].clone().div_scalar(scale as f32);
+                    // The per-sample factors of the same gradient (the Fisher update's).
+                    if let Some(Some(f)) = e.factors.get_mut(k) {
+                        f.output_grads = f.output_grads.clone().div_scalar(scale as f32);
+                    }
                 }
             }
         }
