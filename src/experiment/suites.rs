@@ -38,10 +38,11 @@ pub enum Suite {
     /// Depth: residual MLPs of width 128 with 50 and 100 linear layers, EP and backprop,
     /// one epoch on 10k MNIST samples, with per-layer gradient norms at initialisation.
     Deep,
-    /// Convolutional EP ([`Preset::conv_ep`]) against backprop with the same optimizer,
-    /// inputs, augmentation, model (`vgg5-small`), epochs and seed, on MNIST,
-    /// Fashion-MNIST and CIFAR-10 (the full set when present, the shared subset otherwise,
-    /// named as such).
+    /// Convolutional EP ([`Preset::conv_ep`] and [`Preset::conv_ep_fast`]) against
+    /// backprop with the same optimizer, inputs, augmentation, model (`vgg5-small`),
+    /// epochs and seed (`backprop` is conv_ep's twin, `backprop_fast` conv_ep_fast's), on
+    /// MNIST, Fashion-MNIST and CIFAR-10 (the full set when present, the shared subset
+    /// otherwise, named as such).
     Conv,
 }
 
@@ -133,11 +134,14 @@ fn opts(
     }
 }
 
-/// The conv suite's backprop twin of [`Preset::conv_ep`] on `dataset`: the same optimizer
-/// (its update rule, learning rate, schedule, momentum and weight decay), inputs and
-/// augmentation, with the cross-entropy gradient by backprop.
-fn conv_backprop(mut o: TrainOptions, dataset: &str) -> Result<TrainOptions, ExperimentError> {
-    let recipe = Preset::conv_ep();
+/// The conv suite's backprop twin of a convolutional EP `recipe` on `dataset`: the same
+/// optimizer (its update rule, learning rate, schedule, momentum and weight decay), inputs
+/// and augmentation, with the cross-entropy gradient by backprop.
+fn conv_backprop(
+    mut o: TrainOptions,
+    dataset: &str,
+    recipe: crate::experiment::Recipe,
+) -> Result<TrainOptions, ExperimentError> {
     let opt = recipe.optimizer;
     o.preset = None;
     o.estimator = Some(EstimatorArg::Backprop);
@@ -180,16 +184,21 @@ fn plans(suite: Suite, quick: bool) -> Vec<Plan> {
                 ("fashion-mnist", "fashion-mnist"),
                 ("cifar-10", "cifar-10"),
             ] {
-                let ep = opts("conv_ep", dataset, "vgg5-small", epochs, 64, train, test);
-                let bp = conv_backprop(ep.clone(), dataset)
-                    .expect("the conv suite's data sets are in the catalogue");
-                for (label, o) in [("conv_ep", ep), ("backprop", bp)] {
-                    out.push(Plan {
-                        setting,
-                        label,
-                        opts: o,
-                        paper: None,
-                    });
+                for (ep_label, recipe, bp_label) in [
+                    ("conv_ep", Preset::conv_ep(), "backprop"),
+                    ("conv_ep_fast", Preset::conv_ep_fast(), "backprop_fast"),
+                ] {
+                    let ep = opts(ep_label, dataset, "vgg5-small", epochs, 64, train, test);
+                    let bp = conv_backprop(ep.clone(), dataset, recipe)
+                        .expect("the conv suite's data sets are in the catalogue");
+                    for (label, o) in [(ep_label, ep), (bp_label, bp)] {
+                        out.push(Plan {
+                            setting,
+                            label,
+                            opts: o,
+                            paper: None,
+                        });
+                    }
                 }
             }
         }
