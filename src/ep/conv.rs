@@ -13,7 +13,10 @@
 //! ones of its block and leaves every product. The adaptive step stays with the generic
 //! loop, which `tests/settle.rs` compares this one with.
 
-use super::blocks::{Front, SampleBlock, Shared, drive, heavy_ball, swap_rows};
+use super::blocks::{
+    Front, Perturbation, SampleBlock, Shared, activation_change, drive, heavy_ball, perturbable,
+    state_values, swap_rows,
+};
 use super::convergence::{SettleConfig, SettleError, Settled};
 use super::dense::{apply, feedback, loss_gradient};
 use super::energy::{BatchContext, ConvPlan, EnergyModel};
@@ -116,52 +119,6 @@ struct Chunk {
     rest: Option<Perturbation>,
 }
 
-/// The perturbation form of a settle from the forward pass. The errors of a settle near
-/// the free states are tiny differences of large values: `e = h - s` with `h` and `s`
-/// about 1 and `e` about `beta * eta^k` on the `k`-th layer the nudge reaches. In float32
-/// that difference keeps only `1e-7 / |e|` of its digits (at `vgg5-small`'s first layer,
-/// steps of 0.1 and beta 0.02, none: cosine 0.41 to backprop). Here the loop's `states`
-/// hold the change `d = s - s0` from the start `s0` instead, and every error is formed from
-/// changes alone: `e_{i+1} = W (in(s0 + d) - in(s0)) - d_{i+1}` (the bias cancels exactly),
-/// where the change of a link's input is exact for ReLU (`d` where the unit stays active,
-/// 0 where it stays off) and for a max pooling whose winner stays (the winner's change;
-/// a new winner adds the difference of the two start values; likewise for the other
-/// piecewise-linear activations). The errors keep float32's
-/// relative precision at any size; the states themselves (`s0 + d`, for the activations'
-/// derivatives, the nudge and the settle's result) are formed by addition. The settle
-/// returns these errors with its states, in place of their recomputation from the rounded
-/// states ([`super::Evaluation::with_errors`]).
-struct Perturbation {
-    /// `s0`, the start, per state.
-    base: Vec<Vec<f32>>,
-    /// `s0 + d`, per state (updated when the state moves).
-    full: Vec<Vec<f32>>,
-    /// Per link: its input at the start (the pooled values, or the activations).
-    base_in: Vec<Vec<f32>>,
-    /// Per link: the change of its input.
-    delta_in: Vec<Vec<f32>>,
-}
-
-/// The change `f(b + d) - f(b)` of a link's activation (none: `d`), exact where the
-/// activation stays on one linear piece ([`Activation::change`]).
-#[inline(always)]
-pub(super) fn activation_change(activation: Option<Activation>, b: f32, d: f32) -> f32 {
-    match activation {
-        None => d,
-        Some(a) => a
-            .change(b, d)
-            .expect("the perturbation form takes piecewise-linear activations only"),
-    }
-}
-
-/// Whether every link's activation is piecewise linear, where [`activation_change`] is
-/// exact.
-pub(super) fn perturbable(activations: impl IntoIterator<Item = Option<Activation>>) -> bool {
-    activations
-        .into_iter()
-        .all(|a| a.is_none_or(|a| a.piecewise_linear()))
-}
-
 impl Chunk {
     /// The block of samples `rows`; `at_rest`: `states` are the forward pass (each state
     /// its own prediction), so no first evaluation is needed (see [`Front`]), and
@@ -220,12 +177,12 @@ impl Chunk {
         };
         if perturbed {
             let base = std::mem::replace(&mut chunk.states, zeros());
-            chunk.rest = Some(Perturbation {
-                full: base.clone(),
-                base,
-                base_in: links.iter().map(|l| vec![0.0; n * l.input]).collect(),
-                delta_in: links.iter().map(|l| vec![0.0; n * l.input]).collect(),
-            });
+            let inputs: Vec<usize> = links.iter().map(|l| n * l.input).collect();
+            let kept: Vec<usize> = links
+                .iter()
+                .map(|l| if l.pool.is_some() { n * l.input } else { 0 })
+                .collect();
+            chunk.rest = Some(Perturbation::new(base, &inputs, &kept));
         }
         if at_rest {
             // The feedback through a pooling needs its window maxima before the link's
@@ -233,11 +190,9 @@ impl Chunk {
             for (i, link) in links.iter().enumerate() {
                 chunk.inputs(link, i, widths[i]);
                 if let Some(rest) = &mut chunk.rest {
-                    let start = match link.pool {
-                        Some(_) => &chunk.pooled[i],
-                        None => &chunk.acts[i],
-                    };
-                    rest.base_in[i].copy_from_slice(&start[..n * link.input]);
+                    if link.pool.is_some() {
+                        rest.base_in[i].copy_from_slice(&chunk.pooled[i][..n * link.input]);
+                    }
                     rest.delta_in[i].fill(0.0);
                 }
             }
@@ -245,22 +200,11 @@ impl Chunk {
         chunk
     }
 
-    /// The state values `s` of state `i` (in the perturbation form `s0 + d`, not `d`).
-    fn full_state(&self, i: usize) -> &[f32] {
-        match &self.rest {
-            Some(rest) => &rest.full[i],
-            None => &self.states[i],
-        }
-    }
-
     /// `acts[i]` and, with a pooling, `pooled[i]` and `argmax[i]` for the moving samples:
     /// the input of link `i` (`width` values per sample of state `i`).
     fn inputs(&mut self, link: &Link, i: usize, width: usize) {
         let r = self.active;
-        let state = match &self.rest {
-            Some(rest) => &rest.full[i][..r * width],
-            None => &self.states[i][..r * width],
-        };
+        let state = &state_values(&self.rest, &self.states, i)[..r * width];
         apply(link.activation, state, &mut self.acts[i][..r * width]);
         if let Some(pool) = &link.pool {
             pool.max_forward(
@@ -309,10 +253,7 @@ impl Chunk {
         if let Some(rest) = &mut self.rest {
             for (i, &w) in widths.iter().enumerate() {
                 if self.front.predicts(i) {
-                    let (full, base) = (&mut rest.full[i][..r * w], &rest.base[i]);
-                    for ((s, &b), &d) in full.iter_mut().zip(base).zip(&self.states[i]) {
-                        *s = b + d;
-                    }
+                    rest.moved(i, &self.states[i], r * w);
                 }
             }
         }
@@ -370,17 +311,11 @@ impl Chunk {
                     // Nothing above it moved yet: the feedback is exactly zero.
                     g.fill(0.0);
                 }
-                let state = match &self.rest {
-                    Some(rest) => &rest.full[i],
-                    None => &self.states[i],
-                };
+                let state = state_values(&self.rest, &self.states, i);
                 feedback(link.activation, g, state, &self.errors[i]);
             } else {
                 let nudge = &mut self.nudge[..r * width];
-                let output = match &self.rest {
-                    Some(rest) => &rest.full[i][..r * width],
-                    None => &self.states[i][..r * width],
-                };
+                let output = &state_values(&self.rest, &self.states, i)[..r * width];
                 loss_gradient(loss, output, &self.targets, width, nudge);
                 for ((gi, &ni), &ei) in g.iter_mut().zip(nudge.iter()).zip(&self.errors[i]) {
                     *gi = beta * ni - ei;
@@ -410,8 +345,7 @@ impl Chunk {
             swap_rows(&mut self.errors[i], w, a, b);
             swap_rows(&mut self.grads[i], w, a, b);
             if let Some(rest) = &mut self.rest {
-                swap_rows(&mut rest.base[i], w, a, b);
-                swap_rows(&mut rest.full[i], w, a, b);
+                rest.swap_state(i, w, a, b);
             }
         }
         for (i, link) in links.iter().enumerate() {
@@ -419,7 +353,8 @@ impl Chunk {
             swap_rows(&mut self.back[i], link.input, a, b);
             swap_rows(&mut self.preds[i], widths[i + 1], a, b);
             if let Some(rest) = &mut self.rest {
-                swap_rows(&mut rest.base_in[i], link.input, a, b);
+                let kept = if link.pool.is_some() { link.input } else { 0 };
+                swap_rows(&mut rest.base_in[i], kept, a, b);
                 swap_rows(&mut rest.delta_in[i], link.input, a, b);
             }
             if link.pool.is_some() {
@@ -499,7 +434,7 @@ impl SampleBlock for Chunk {
     }
 
     fn state(&self, i: usize) -> &[f32] {
-        self.full_state(i)
+        state_values(&self.rest, &self.states, i)
     }
 
     fn exact_errors(&self, i: usize) -> Option<&[f32]> {

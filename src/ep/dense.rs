@@ -12,7 +12,10 @@
 //! stopped sample is swapped behind the moving ones of its block and leaves every product.
 //! `tests/settle.rs` checks it against the generic loop.
 
-use super::blocks::{Front, SampleBlock, Shared, drive, heavy_ball, swap_rows};
+use super::blocks::{
+    Front, Perturbation, SampleBlock, Shared, activation_change, drive, heavy_ball, perturbable,
+    state_values, swap_rows,
+};
 use super::convergence::{SettleConfig, SettleError, Settled};
 use super::energy::{BatchContext, DensePlan, EnergyModel};
 use crate::device::{Tensor, to_host};
@@ -146,20 +149,10 @@ struct Chunk {
     sq: Vec<f32>,
     /// The layers a step has to touch.
     front: Front,
-    /// The perturbation form, for settles from the forward pass (as `ep::conv`'s):
+    /// The perturbation form ([`Perturbation`]), for settles from the forward pass:
     /// `states` then hold each state's change `d` from the start `s0`, and each error is
     /// formed from changes alone, `(f(s0 + d) - f(s0)) W (+ d below) - d`.
     rest: Option<Perturbation>,
-}
-
-/// The start and the full states of a settle in the perturbation form.
-struct Perturbation {
-    /// `s0` per state.
-    base: Vec<Vec<f32>>,
-    /// `s0 + d` per state (updated when the state moves).
-    full: Vec<Vec<f32>>,
-    /// Per link: the change of its activations, `f(s0 + d) - f(s0)`.
-    delta_act: Vec<Vec<f32>>,
 }
 
 impl Chunk {
@@ -215,24 +208,10 @@ impl Chunk {
         };
         if perturbed {
             let base = std::mem::replace(&mut chunk.states, zeros());
-            chunk.rest = Some(Perturbation {
-                full: base.clone(),
-                base,
-                delta_act: widths[..depth - 1]
-                    .iter()
-                    .map(|w| vec![0.0; n * w])
-                    .collect(),
-            });
+            let inputs: Vec<usize> = widths[..depth - 1].iter().map(|w| n * w).collect();
+            chunk.rest = Some(Perturbation::new(base, &inputs, &vec![0; depth - 1]));
         }
         chunk
-    }
-
-    /// The state values `s` of state `i` (in the perturbation form `s0 + d`, not `d`).
-    fn full_state(&self, i: usize) -> &[f32] {
-        match &self.rest {
-            Some(rest) => &rest.full[i],
-            None => &self.states[i],
-        }
     }
 
     /// The prediction errors `e_i = h_i - s_i` at the current states, recomputing only
@@ -291,10 +270,7 @@ impl Chunk {
         let rest = self.rest.as_mut().expect("the perturbation form");
         for (i, &w) in widths.iter().enumerate() {
             if self.front.predicts(i) {
-                let (full, base) = (&mut rest.full[i][..r * w], &rest.base[i]);
-                for ((s, &b), &d) in full.iter_mut().zip(base).zip(&self.states[i]) {
-                    *s = b + d;
-                }
+                rest.moved(i, &self.states[i], r * w);
             }
         }
         if self.front.stale(0) {
@@ -309,9 +285,9 @@ impl Chunk {
             let link = &links[i - 1];
             if self.front.predicts(i - 1) {
                 let below = &self.states[i - 1][..r * n_in];
-                let change = &mut rest.delta_act[i - 1][..r * n_in];
+                let change = &mut rest.delta_in[i - 1][..r * n_in];
                 for ((c, &b), &d) in change.iter_mut().zip(&rest.base[i - 1]).zip(below) {
-                    *c = super::conv::activation_change(link.activation, b, d);
+                    *c = activation_change(link.activation, b, d);
                 }
                 let h = &mut self.preds[i - 1][..r * n_out];
                 matmul(
@@ -356,10 +332,9 @@ impl Chunk {
                 swap_rows(&mut self.preds[i], widths[i + 1], a, b);
             }
             if let Some(rest) = &mut self.rest {
-                swap_rows(&mut rest.base[i], w, a, b);
-                swap_rows(&mut rest.full[i], w, a, b);
+                rest.swap_state(i, w, a, b);
                 if i + 1 < depth {
-                    swap_rows(&mut rest.delta_act[i], w, a, b);
+                    rest.swap_input(i, w, a, b);
                 }
             }
         }
@@ -406,10 +381,7 @@ impl Chunk {
                     // Nothing above it moved yet: the feedback is exactly zero.
                     g.fill(0.0);
                 }
-                let state = match &self.rest {
-                    Some(rest) => &rest.full[i],
-                    None => &self.states[i],
-                };
+                let state = state_values(&self.rest, &self.states, i);
                 feedback(links[i].activation, g, state, &self.errors[i]);
                 if links[i].residual && self.front.feeds_back(i) {
                     for (gi, &ei) in g.iter_mut().zip(&self.errors[i + 1][..r * n_next]) {
@@ -418,10 +390,7 @@ impl Chunk {
                 }
             } else {
                 let nudge = &mut self.nudge[..r * widths[i]];
-                let output = match &self.rest {
-                    Some(rest) => &rest.full[i][..r * widths[i]],
-                    None => &self.states[i][..r * widths[i]],
-                };
+                let output = &state_values(&self.rest, &self.states, i)[..r * widths[i]];
                 loss_gradient(loss, output, &self.targets, widths[i], nudge);
                 for ((gi, &ni), &ei) in g.iter_mut().zip(nudge.iter()).zip(&self.errors[i]) {
                     *gi = beta * ni - ei;
@@ -484,7 +453,7 @@ impl SampleBlock for Chunk {
     }
 
     fn state(&self, i: usize) -> &[f32] {
-        self.full_state(i)
+        state_values(&self.rest, &self.states, i)
     }
 
     fn exact_errors(&self, i: usize) -> Option<&[f32]> {
@@ -525,7 +494,7 @@ pub(crate) fn settle(
     let first = to_host(ctx.first_prediction());
     let targets = to_host(ctx.targets());
     let states: Vec<Vec<f32>> = start.iter().map(to_host).collect();
-    let perturbed = at_rest && super::conv::perturbable(links.iter().map(|l| l.activation));
+    let perturbed = at_rest && perturbable(links.iter().map(|l| l.activation));
     let blocks = crate::device::threads().min(batch / 16).max(1);
     let chunks: Vec<Chunk> = (0..blocks)
         .map(|b| {
