@@ -200,6 +200,40 @@ pub(super) fn activation_change(activation: Option<Activation>, b: f32, d: f32) 
     }
 }
 
+/// `out = f(base + delta) - f(base)` elementwise ([`activation_change`]), with the
+/// activation matched once outside the loop and ReLU's selects branch-free, so that the
+/// loop vectorises (the dense loop runs it on every moved state of every step).
+pub(super) fn activation_changes(
+    activation: Option<Activation>,
+    base: &[f32],
+    delta: &[f32],
+    out: &mut [f32],
+) {
+    let pairs = out.iter_mut().zip(base.iter().zip(delta));
+    match activation {
+        None => out.copy_from_slice(&delta[..out.len()]),
+        Some(Activation::Relu) => {
+            for (c, (&b, &d)) in pairs {
+                let y = b + d;
+                let (on, stays) = (b > 0.0, y > 0.0);
+                let crossed = y.max(0.0) - b.max(0.0);
+                *c = if on && stays {
+                    d
+                } else if !on && !stays {
+                    0.0
+                } else {
+                    crossed
+                };
+            }
+        }
+        Some(_) => {
+            for (c, (&b, &d)) in pairs {
+                *c = activation_change(activation, b, d);
+            }
+        }
+    }
+}
+
 /// Whether every link's activation is piecewise linear, where [`activation_change`] is
 /// exact.
 pub(super) fn perturbable(activations: impl IntoIterator<Item = Option<Activation>>) -> bool {

@@ -14,8 +14,8 @@
 //! loop, which `tests/settle.rs` compares this one with.
 
 use super::blocks::{
-    Front, Perturbation, SampleBlock, Shared, activation_change, drive, heavy_ball, perturbable,
-    state_values, swap_rows,
+    Front, Perturbation, SampleBlock, Shared, activation_change, activation_changes, drive,
+    heavy_ball, perturbable, state_values, swap_rows,
 };
 use super::convergence::{SettleConfig, SettleError, Settled};
 use super::dense::{apply, feedback, loss_gradient};
@@ -219,11 +219,7 @@ impl Chunk {
         let (base, delta) = (&rest.base[i], &self.states[i]);
         let change = &mut rest.delta_in[i][..r * link.input];
         match &link.pool {
-            None => {
-                for ((c, &b), &d) in change.iter_mut().zip(base).zip(delta) {
-                    *c = activation_change(link.activation, b, d);
-                }
-            }
+            None => activation_changes(link.activation, base, delta, change),
             Some(pool) => {
                 // The winner's change, plus the difference of the start values where the
                 // winner is another unit than at the start.

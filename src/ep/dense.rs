@@ -13,7 +13,7 @@
 //! `tests/settle.rs` checks it against the generic loop.
 
 use super::blocks::{
-    Front, Perturbation, SampleBlock, Shared, activation_change, drive, heavy_ball, perturbable,
+    Front, Perturbation, SampleBlock, Shared, activation_changes, drive, heavy_ball, perturbable,
     state_values, swap_rows,
 };
 use super::convergence::{SettleConfig, SettleError, Settled};
@@ -286,9 +286,7 @@ impl Chunk {
             if self.front.predicts(i - 1) {
                 let below = &self.states[i - 1][..r * n_in];
                 let change = &mut rest.delta_in[i - 1][..r * n_in];
-                for ((c, &b), &d) in change.iter_mut().zip(&rest.base[i - 1]).zip(below) {
-                    *c = activation_change(link.activation, b, d);
-                }
+                activation_changes(link.activation, &rest.base[i - 1], below, change);
                 let h = &mut self.preds[i - 1][..r * n_out];
                 matmul(
                     h,
