@@ -773,6 +773,43 @@ fn a_run_directory_is_never_overwritten_or_mixed_up_with_another_run() {
 }
 
 #[test]
+fn a_recorded_history_reads_back_bit_for_bit() {
+    // A resumed run reports its earlier epochs from the checkpoint's JSON. serde_json
+    // parses floats fast but not always to the nearest double unless `float_roundtrip` is
+    // on: 0.38899598360061644 (an smep epoch's train loss) read back one ulp off, and a
+    // resumed Python run no longer equalled the straight one.
+    use mep::experiment::RunDir;
+    let dir = scratch_dir("experiment-history-roundtrip");
+    let run_dir = RunDir::new(&dir);
+    let options = TrainOptions {
+        dataset: Some("xor".into()),
+        model: Some("2-8-2".into()),
+        estimator: Some(EstimatorArg::Backprop),
+        epochs: Some(1),
+        ..TrainOptions::default()
+    };
+    let mut run = prepared(options.clone(), 1);
+    let mut metrics = run
+        .trainer
+        .run_epoch(&run.dataset, &run.config, 1, &mut Silent)
+        .unwrap();
+    metrics.train_loss = 0.388_995_983_600_616_44;
+    metrics.test_accuracy = 0.1 + 0.2;
+    run_dir.start(&run.config_json("cpu"), None, false).unwrap();
+    let meta = RunMeta {
+        options,
+        seed: 1,
+        epoch: 1,
+        history: vec![metrics.clone()],
+        input_shape: None,
+    };
+    run_dir.record_epoch(&run.trainer, &meta).unwrap();
+    let read = run_dir.read_meta().unwrap();
+    assert_eq!(read.history[0].train_loss.to_bits(), metrics.train_loss.to_bits());
+    assert_eq!(read.history[0].test_accuracy.to_bits(), metrics.test_accuracy.to_bits());
+}
+
+#[test]
 fn divergence_stops_every_estimator_with_a_typed_error() {
     use mep::train::TrainError;
     // Backprop at lr 1e6 and EP at lr 1e3 (`mep train --estimator backprop --lr 1e6` on
