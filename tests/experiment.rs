@@ -805,8 +805,14 @@ fn a_recorded_history_reads_back_bit_for_bit() {
     };
     run_dir.record_epoch(&run.trainer, &meta).unwrap();
     let read = run_dir.read_meta().unwrap();
-    assert_eq!(read.history[0].train_loss.to_bits(), metrics.train_loss.to_bits());
-    assert_eq!(read.history[0].test_accuracy.to_bits(), metrics.test_accuracy.to_bits());
+    assert_eq!(
+        read.history[0].train_loss.to_bits(),
+        metrics.train_loss.to_bits()
+    );
+    assert_eq!(
+        read.history[0].test_accuracy.to_bits(),
+        metrics.test_accuracy.to_bits()
+    );
 }
 
 #[test]
