@@ -117,21 +117,22 @@ impl Front {
     }
 }
 
-/// The perturbation form of a settle from the forward pass (both fused loops). The errors of a settle near
-/// the free states are tiny differences of large values: `e = h - s` with `h` and `s`
-/// about 1 and `e` about `beta * eta^k` on the `k`-th layer the nudge reaches. In float32
-/// that difference keeps only `1e-7 / |e|` of its digits (at `vgg5-small`'s first layer,
-/// steps of 0.1 and beta 0.02, none: cosine 0.41 to backprop). Here the loop's `states`
-/// hold the change `d = s - s0` from the start `s0` instead, and every error is formed from
-/// changes alone: `e_{i+1} = W (in(s0 + d) - in(s0)) - d_{i+1}` (the bias cancels exactly),
-/// where the change of a link's input is exact for ReLU (`d` where the unit stays active,
-/// 0 where it stays off) and for a max pooling whose winner stays (the winner's change;
-/// a new winner adds the difference of the two start values; likewise for the other
-/// piecewise-linear activations). The errors keep float32's
-/// relative precision at any size; the states themselves (`s0 + d`, for the activations'
-/// derivatives, the nudge and the settle's result) are formed by addition. The settle
-/// returns these errors with its states, in place of their recomputation from the rounded
-/// states ([`Evaluation::with_errors`]).
+/// The perturbation form of a settle from the forward pass, in both fused loops.
+///
+/// The errors of a settle near the free states are tiny differences of large values:
+/// `e = h - s` with `h` and `s` about 1 and `e` about `beta * eta^k` on the `k`-th layer
+/// the nudge reaches. In float32 that difference keeps only `1e-7 / |e|` of its digits (at
+/// `vgg5-small`'s first layer, steps of 0.1 and beta 0.02, none: cosine 0.41 to backprop).
+/// Here a loop's `states` hold the change `d = s - s0` from the start `s0` instead, and
+/// every error is formed from changes alone: `e_{i+1} = W (in(s0 + d) - in(s0)) - d_{i+1}`
+/// (the bias cancels exactly; the first prediction does not change). The change of a
+/// link's input is exact for piecewise-linear activations ([`activation_change`]: `d`
+/// where a ReLU unit stays active, 0 where it stays off) and for a max pooling whose
+/// winner stays (the winner's change; a new winner adds the difference of the two start
+/// values). The errors keep float32's relative precision at any size; the states
+/// themselves (`s0 + d`, for the activations' derivatives, the nudge and the settle's
+/// result) are formed by addition. The settle returns these errors with its states, in
+/// place of their recomputation from the rounded states ([`Evaluation::with_errors`]).
 pub(super) struct Perturbation {
     /// `s0`, the start, per state.
     pub base: Vec<Vec<f32>>,
@@ -144,9 +145,26 @@ pub(super) struct Perturbation {
 }
 
 impl Perturbation {
-    /// The form of a settle starting at `base`, with links whose inputs have the given
-    /// lengths (and start values of the given lengths: 0 where none is kept).
-    pub fn new(base: Vec<Vec<f32>>, inputs: &[usize], kept: &[usize]) -> Self {
+    /// Turns a block's buffers into the form: the start moves out of `states`, which then
+    /// hold the changes (zero), and `first`, the first state's prediction, becomes its
+    /// change (zero), so that `first - states[0]` is the first error in either form. Links
+    /// have inputs of the given lengths, and keep start values of the given lengths (0
+    /// where none is kept).
+    pub fn start(
+        states: &mut [Vec<f32>],
+        first: &mut [f32],
+        inputs: &[usize],
+        kept: &[usize],
+    ) -> Self {
+        let base: Vec<Vec<f32>> = states
+            .iter_mut()
+            .map(|s| {
+                let start = s.clone();
+                s.fill(0.0);
+                start
+            })
+            .collect();
+        first.fill(0.0);
         Self {
             full: base.clone(),
             base,
@@ -271,7 +289,7 @@ pub(super) trait SampleBlock: Send {
     /// State `i` of every sample, in position order.
     fn state(&self, i: usize) -> &[f32];
     /// Error `i` of every sample, in position order, where the loop holds it more exactly
-    /// than a recomputation from the states would (the perturbation form of `ep::conv`).
+    /// than a recomputation from the states would ([`Perturbation`]).
     fn exact_errors(&self, _i: usize) -> Option<&[f32]> {
         None
     }

@@ -176,13 +176,10 @@ impl Chunk {
             rest: None,
         };
         if perturbed {
-            let base = std::mem::replace(&mut chunk.states, zeros());
             let inputs: Vec<usize> = links.iter().map(|l| n * l.input).collect();
-            let kept: Vec<usize> = links
-                .iter()
-                .map(|l| if l.pool.is_some() { n * l.input } else { 0 })
-                .collect();
-            chunk.rest = Some(Perturbation::new(base, &inputs, &kept));
+            let kept: Vec<usize> = links.iter().map(pooled_len).collect();
+            let (states, first) = (&mut chunk.states, &mut chunk.first);
+            chunk.rest = Some(Perturbation::start(states, first, &inputs, &kept));
         }
         if at_rest {
             // The feedback through a pooling needs its window maxima before the link's
@@ -190,6 +187,8 @@ impl Chunk {
             for (i, link) in links.iter().enumerate() {
                 chunk.inputs(link, i, widths[i]);
                 if let Some(rest) = &mut chunk.rest {
+                    // The start's pooled values, which `inputs` measured the change from
+                    // before they were recorded.
                     if link.pool.is_some() {
                         rest.base_in[i].copy_from_slice(&chunk.pooled[i][..n * link.input]);
                     }
@@ -204,8 +203,12 @@ impl Chunk {
     /// the input of link `i` (`width` values per sample of state `i`).
     fn inputs(&mut self, link: &Link, i: usize, width: usize) {
         let r = self.active;
-        let state = &state_values(&self.rest, &self.states, i)[..r * width];
-        apply(link.activation, state, &mut self.acts[i][..r * width]);
+        if self.rest.is_none() || link.pool.is_some() {
+            // The activations feed the prediction, or the pooling's choice of winners (the
+            // perturbation form predicts from the change alone).
+            let state = &state_values(&self.rest, &self.states, i)[..r * width];
+            apply(link.activation, state, &mut self.acts[i][..r * width]);
+        }
         if let Some(pool) = &link.pool {
             pool.max_forward(
                 &self.acts[i][..r * width],
@@ -255,16 +258,11 @@ impl Chunk {
         }
         if self.front.stale(0) {
             let w0 = widths[0];
-            let errors = self.errors[0][..r * w0].iter_mut();
-            if self.rest.is_some() {
-                // The first prediction does not move: its error is minus the state's change.
-                for (e, &d) in errors.zip(&self.states[0]) {
-                    *e = -d;
-                }
-            } else {
-                for (e, (&h, &s)) in errors.zip(self.first.iter().zip(&self.states[0])) {
-                    *e = h - s;
-                }
+            for (e, (&h, &s)) in self.errors[0][..r * w0]
+                .iter_mut()
+                .zip(self.first.iter().zip(&self.states[0]))
+            {
+                *e = h - s;
             }
         }
         for (i, link) in links.iter().enumerate() {

@@ -207,21 +207,28 @@ impl Chunk {
             rest: None,
         };
         if perturbed {
-            let base = std::mem::replace(&mut chunk.states, zeros());
             let inputs: Vec<usize> = widths[..depth - 1].iter().map(|w| n * w).collect();
-            chunk.rest = Some(Perturbation::new(base, &inputs, &vec![0; depth - 1]));
+            let (states, first) = (&mut chunk.states, &mut chunk.first);
+            let kept = vec![0; depth - 1];
+            chunk.rest = Some(Perturbation::start(states, first, &inputs, &kept));
         }
         chunk
     }
 
     /// The prediction errors `e_i = h_i - s_i` at the current states, recomputing only
     /// what the last step changed (the activations and predictions out of moved states,
-    /// the errors of moved states and of those above them).
+    /// the errors of moved states and of those above them). In the perturbation form the
+    /// same from the changes alone: activations' changes, predictions' changes (no bias),
+    /// and `e_i` their difference with the state's change.
     fn evaluate(&mut self, links: &[Link], widths: &[usize]) {
-        if self.rest.is_some() {
-            return self.evaluate_perturbed(links, widths);
-        }
         let r = self.active;
+        if let Some(rest) = &mut self.rest {
+            for (i, &w) in widths.iter().enumerate() {
+                if self.front.predicts(i) {
+                    rest.moved(i, &self.states[i], r * w);
+                }
+            }
+        }
         if self.front.stale(0) {
             let w0 = widths[0];
             for ((e, &h), &s) in self.errors[0][..r * w0]
@@ -236,15 +243,31 @@ impl Chunk {
             let (n_in, n_out) = (widths[i - 1], widths[i]);
             let link = &links[i - 1];
             if self.front.predicts(i - 1) {
-                let (below, act) = (&self.states[i - 1][..r * n_in], &mut self.acts[i - 1]);
-                apply(link.activation, below, &mut act[..r * n_in]);
+                let perturbed = self.rest.is_some();
+                let below = &self.states[i - 1][..r * n_in];
+                let input: &[f32] = match &mut self.rest {
+                    Some(rest) => {
+                        let change = &mut rest.delta_in[i - 1][..r * n_in];
+                        activation_changes(link.activation, &rest.base[i - 1], below, change);
+                        change
+                    }
+                    None => {
+                        let act = &mut self.acts[i - 1][..r * n_in];
+                        apply(link.activation, below, act);
+                        act
+                    }
+                };
                 let h = &mut self.preds[i - 1][..r * n_out];
-                for row in h.chunks_exact_mut(n_out) {
-                    row.copy_from_slice(&link.bias);
+                if perturbed {
+                    h.fill(0.0);
+                } else {
+                    for row in h.chunks_exact_mut(n_out) {
+                        row.copy_from_slice(&link.bias);
+                    }
                 }
                 matmul(
                     h,
-                    MatRef::new(&act[..r * n_in], r, n_in),
+                    MatRef::new(input, r, n_in),
                     MatRef::new(&link.weight, n_in, n_out),
                     true,
                 );
@@ -258,52 +281,6 @@ impl Chunk {
                 let e = &mut self.errors[i][..r * n_out];
                 for ((ei, &hi), &si) in e.iter_mut().zip(&self.preds[i - 1]).zip(&self.states[i]) {
                     *ei = hi - si;
-                }
-            }
-        }
-        self.front.evaluated();
-    }
-
-    /// [`Chunk::evaluate`] in the perturbation form: the errors from the changes alone.
-    fn evaluate_perturbed(&mut self, links: &[Link], widths: &[usize]) {
-        let r = self.active;
-        let rest = self.rest.as_mut().expect("the perturbation form");
-        for (i, &w) in widths.iter().enumerate() {
-            if self.front.predicts(i) {
-                rest.moved(i, &self.states[i], r * w);
-            }
-        }
-        if self.front.stale(0) {
-            // The first prediction does not move: its error is minus the state's change.
-            let w0 = widths[0];
-            for (e, &d) in self.errors[0][..r * w0].iter_mut().zip(&self.states[0]) {
-                *e = -d;
-            }
-        }
-        for i in 1..widths.len() {
-            let (n_in, n_out) = (widths[i - 1], widths[i]);
-            let link = &links[i - 1];
-            if self.front.predicts(i - 1) {
-                let below = &self.states[i - 1][..r * n_in];
-                let change = &mut rest.delta_in[i - 1][..r * n_in];
-                activation_changes(link.activation, &rest.base[i - 1], below, change);
-                let h = &mut self.preds[i - 1][..r * n_out];
-                matmul(
-                    h,
-                    MatRef::new(change, r, n_in),
-                    MatRef::new(&link.weight, n_in, n_out),
-                    false,
-                );
-                if link.residual {
-                    for (hi, &d) in h.iter_mut().zip(below) {
-                        *hi += d;
-                    }
-                }
-            }
-            if self.front.stale(i) {
-                let e = &mut self.errors[i][..r * n_out];
-                for ((ei, &hi), &d) in e.iter_mut().zip(&self.preds[i - 1]).zip(&self.states[i]) {
-                    *ei = hi - d;
                 }
             }
         }

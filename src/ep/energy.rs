@@ -99,7 +99,7 @@ impl Evaluation {
 
     /// The same evaluation with `errors` (one per state, as [`Evaluation::errors`]) in
     /// place of its own: a settle loop that holds the errors more exactly than their
-    /// recomputation from the rounded states (`ep::conv`'s perturbation form).
+    /// recomputation from the rounded states (the fused loops' perturbation form).
     pub(crate) fn with_errors(mut self, errors: Vec<Tensor<2>>) -> Self {
         assert_eq!(errors.len(), self.errors.len(), "one error per state");
         self.errors = errors;

@@ -111,6 +111,7 @@ impl EpEstimator {
             )));
         }
         config.loss.validate()?;
+        let energy = EnergyModel::new(net, config.loss);
         if config.rescale {
             let s = &config.settle;
             if s.momentum != 0.0 || s.tol != 0.0 || s.adaptive || s.curvature || s.per_sample {
@@ -118,10 +119,7 @@ impl EpEstimator {
                     "rescaling a truncated settle needs plain settle steps: momentum 0, tolerance 0 (a fixed number of steps), no adaptive or curvature-following step, no per-sample stopping".into(),
                 ));
             }
-            if EnergyModel::new(net, config.loss)
-                .param_states(net)
-                .is_none()
-            {
+            if energy.param_states(net).is_none() {
                 return Err(EstimateError::InvalidOption(
                     "rescaling a truncated settle needs a layered network (no skip connections)"
                         .into(),
@@ -129,7 +127,7 @@ impl EpEstimator {
             }
         }
         Ok(Self {
-            energy: EnergyModel::new(net, config.loss),
+            energy,
             settler: Settler::new(config.settle)?,
             calls: 0,
             lambda: None,
@@ -181,7 +179,7 @@ impl EpEstimator {
     /// momentum), the nudge moves the output in the first step and one more state per
     /// step, and the prediction error of the state `d` layers below the output is
     /// `C(T, d + 1) eta^(d + 1)` times backprop's error there (`C` the binomial
-    /// coefficient; `tests/estimators.rs` checks the ratios). Parameters after the last
+    /// coefficient; `tests/experiment.rs` checks the ratios). Parameters after the last
     /// state are nudged directly (factor 1); those of states the settle does not reach get
     /// no gradient (factor 0). `None` for a network with skip connections.
     pub fn truncation_scales(&self, net: &Network) -> Option<Vec<f64>> {

@@ -106,7 +106,7 @@ impl Activation {
     }
 
     /// `f(b + d) - f(b)` of a piecewise-linear activation, computed from `d` where `b` and
-    /// `b + d` lie on one linear piece (`slope * d`: exact for slopes 0 and 1), so that a
+    /// `b + d` lie on one linear piece (`slope * d`: exactly `d` for slope 1), so that a
     /// change of 1e-9 of `b` keeps its digits; where they straddle a kink, the difference
     /// of the two values. `None` for the other activations.
     pub fn change(&self, b: f32, d: f32) -> Option<f32> {
@@ -121,8 +121,7 @@ impl Activation {
         };
         let piece = |v: f32| usize::from(v > lo) + usize::from(v > hi);
         if piece(x) == piece(y) {
-            let slope = slopes[piece(x)];
-            Some(if slope == 1.0 { d } else { slope * d })
+            Some(slopes[piece(x)] * d)
         } else {
             Some(self.scalar(y)? - self.scalar(x)?)
         }
