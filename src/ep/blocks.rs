@@ -173,11 +173,16 @@ impl Perturbation {
         }
     }
 
-    /// `full = base + d` for the first `len` values of state `i`.
-    pub fn moved(&mut self, i: usize, delta: &[f32], len: usize) {
-        let (full, base) = (&mut self.full[i][..len], &self.base[i]);
-        for ((s, &b), &d) in full.iter_mut().zip(base).zip(delta) {
-            *s = b + d;
+    /// `full = base + d` for the first `rows` samples of every state the last step moved
+    /// (`deltas`: the changes, `widths[i]` values per sample).
+    pub fn follow(&mut self, front: &Front, deltas: &[Vec<f32>], widths: &[usize], rows: usize) {
+        for (i, &w) in widths.iter().enumerate() {
+            if front.predicts(i) {
+                let (full, base) = (&mut self.full[i][..rows * w], &self.base[i]);
+                for ((s, &b), &d) in full.iter_mut().zip(base).zip(&deltas[i]) {
+                    *s = b + d;
+                }
+            }
         }
     }
 

@@ -223,11 +223,7 @@ impl Chunk {
     fn evaluate(&mut self, links: &[Link], widths: &[usize]) {
         let r = self.active;
         if let Some(rest) = &mut self.rest {
-            for (i, &w) in widths.iter().enumerate() {
-                if self.front.predicts(i) {
-                    rest.moved(i, &self.states[i], r * w);
-                }
-            }
+            rest.follow(&self.front, &self.states, widths, r);
         }
         if self.front.stale(0) {
             let w0 = widths[0];
