@@ -529,6 +529,134 @@ fn momentum_nesterov_decay_and_vector_routing_follow_hand_computed_steps() {
 }
 
 #[test]
+fn adam_follows_hand_computed_steps_for_matrices_and_vectors() {
+    // Adam on the matrix (with decoupled decay) and on the vector (`--vector-update adam`,
+    // its fixed 0.9 / 0.999 / 1e-8), against the textbook recursion in f64.
+    let info = [matrix(1, 2), vector("b")];
+    let (b1, b2, eps) = (0.8, 0.95, 1e-3);
+    let config = CompositeConfig {
+        lr: 0.1,
+        vector_lr: Some(0.05),
+        weight_decay: 0.1,
+        update: UpdateRule::Adam {
+            beta1: b1,
+            beta2: b2,
+            eps,
+        },
+        vector_update: VectorRule::Adam,
+        momentum: 0.0,
+        ..CompositeConfig::default()
+    };
+    let mut opt = CompositeOptimizer::new(config, &info).unwrap();
+    let mut params = vec![t(&[1.0, -2.0], [1, 2]), t(&[3.0], [1, 1])];
+    let mut p = [1.0f64, -2.0, 3.0];
+    let mut m = [0.0f64; 3];
+    let mut v = [0.0f64; 3];
+    let grads = [[0.5, -1.0, 2.0], [0.1, 0.3, -0.5], [-0.7, 0.2, 0.4]];
+    for (step, g) in grads.iter().enumerate() {
+        let t_ = step as i32 + 1;
+        for i in 0..3 {
+            let (beta1, beta2, e, lr, wd) = if i < 2 {
+                (b1, b2, eps, 0.1, 0.1)
+            } else {
+                (0.9, 0.999, 1e-8, 0.05, 0.0)
+            };
+            m[i] = beta1 * m[i] + (1.0 - beta1) * g[i];
+            v[i] = beta2 * v[i] + (1.0 - beta2) * g[i] * g[i];
+            let d = (m[i] / (1.0 - beta1.powi(t_))) / ((v[i] / (1.0 - beta2.powi(t_))).sqrt() + e);
+            p[i] = p[i] * (1.0 - lr * wd) - lr * d;
+        }
+        params = opt
+            .step(params, vec![t(&g[..2], [1, 2]), t(&g[2..], [1, 1])])
+            .unwrap();
+    }
+    let got = [h(&params[0]), h(&params[1])].concat();
+    for i in 0..3 {
+        assert!((got[i] - p[i]).abs() < 1e-5, "{got:?} vs {p:?}");
+    }
+}
+
+#[test]
+fn fused_host_steps_give_the_op_chains_bits() {
+    // On a CPU device the element-wise rules (momentum, Nesterov, Adam, decay, clipping)
+    // run as fused loops over host buffers; on any other device as burn op chains. An
+    // autodiff device takes the op chains on the same CPU backend: both must give the same
+    // parameters and state, bit for bit, over several steps. Clipping's global norm is
+    // summed in another order by each (so there they agree to rounding only).
+    type Outcome = (Vec<Vec<f64>>, Vec<(String, Vec<f64>)>);
+    let (m, n) = (7, 5);
+    let info = [matrix(n, m), vector("b")];
+    let adam = UpdateRule::Adam {
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-6,
+    };
+    let configs = [
+        (UpdateRule::Plain, 0.9, false, VectorRule::Plain, None),
+        (UpdateRule::Plain, 0.9, true, VectorRule::Plain, Some(0.5)),
+        (UpdateRule::Plain, 0.0, false, VectorRule::Adam, None),
+        (adam, 0.0, false, VectorRule::Adam, Some(0.5)),
+        (UpdateRule::muon(), 0.95, true, VectorRule::Plain, None),
+    ];
+    for (update, momentum, nesterov, vector_update, clip_norm) in configs {
+        let config = CompositeConfig {
+            lr: 0.05,
+            momentum,
+            nesterov,
+            weight_decay: 0.01,
+            update,
+            vector_update,
+            clip_norm,
+            ..CompositeConfig::default()
+        };
+        let run = |device: &mep::device::Device| -> Outcome {
+            let on = |v: &[f64], shape: [usize; 2]| {
+                let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                Tensor::from_data(TensorData::new(v, shape), device)
+            };
+            let mut opt = CompositeOptimizer::new(config, &info).unwrap();
+            let mut params = vec![
+                on(&gaussianish(m, n, 3), [m, n]),
+                on(&[0.1, -0.2, 0.3], [1, 3]),
+            ];
+            for s in 0..4 {
+                let grads = vec![
+                    on(&gaussianish(m, n, 10 + s), [m, n]),
+                    on(&[0.3, -0.2 * s as f64, 0.1], [1, 3]),
+                ];
+                params = opt.step(params, grads).unwrap();
+            }
+            let state: Vec<(String, Vec<f64>)> = opt
+                .state()
+                .tensors
+                .iter()
+                .map(|(name, t)| (name.clone(), h(t)))
+                .collect();
+            (params.iter().map(h).collect::<Vec<_>>(), state)
+        };
+        let fused = run(&dev());
+        let chain = run(&mep::device::autodiff(&dev()));
+        let what =
+            format!("{update:?}, momentum {momentum}, nesterov {nesterov}, clip {clip_norm:?}");
+        assert!(!fused.1.is_empty(), "{what}: no state to compare");
+        if clip_norm.is_none() {
+            assert_eq!(fused, chain, "{what}");
+            continue;
+        }
+        let flat = |(params, state): &Outcome| -> Vec<f64> {
+            let state = state.iter().flat_map(|(_, v)| v.iter().copied());
+            params.iter().flatten().copied().chain(state).collect()
+        };
+        for (a, b) in flat(&fused).iter().zip(flat(&chain)) {
+            assert!(
+                (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                "{what}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
 fn schedules_clipping_and_the_nan_guard() {
     let cosine = Schedule::Cosine {
         warmup: 10,

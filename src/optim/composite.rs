@@ -25,6 +25,7 @@ use burn::tensor::TensorData;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
+use super::elementwise;
 use super::linalg::{
     NsIteration, frobenius, newton_schulz, normalize_columns, orthonormalize_columns,
     power_iteration,
@@ -606,6 +607,12 @@ fn summed_exchange(
     Ok(out)
 }
 
+/// A step's gradients, as tensors or (on a CPU device) as the host buffers they moved into.
+enum GradSet {
+    Device(Vec<Tensor<2>>),
+    Host(Vec<(Vec<f32>, [usize; 2], crate::device::Device)>),
+}
+
 fn shape_scale(kind: ParamKind) -> f32 {
     match kind {
         ParamKind::Matrix {
@@ -810,27 +817,75 @@ impl CompositeOptimizer {
         (p, rt)
     }
 
+    /// The momentum direction of `c` (`c` itself without momentum), updating the buffer.
     fn momentum(&mut self, k: usize, c: Tensor<2>) -> Tensor<2> {
         let mu = self.config.momentum as f32;
         if mu == 0.0 {
             return c;
         }
-        let buf = match self.state[k].momentum.take() {
+        let nesterov = self.config.nesterov;
+        let state = self.state[k].momentum.take();
+        if elementwise::on_host(&[&c]) && state.as_ref().is_none_or(|m| elementwise::on_host(&[m]))
+        {
+            let like = (c.dims(), &c.device());
+            let mut c_host = elementwise::buffer(c.clone());
+            // A zero buffer gives the first step's `0 mu + c = c`.
+            let mut m = state.map_or_else(|| vec![0.0; c_host.len()], elementwise::buffer);
+            elementwise::momentum(&mut m, &mut c_host, mu, nesterov);
+            let m = elementwise::tensor_like(m, like);
+            self.state[k].momentum = Some(m.clone());
+            return if nesterov {
+                elementwise::tensor_like(c_host, like)
+            } else {
+                m
+            };
+        }
+        let buf = match state {
             Some(m) => m.mul_scalar(mu) + c.clone(),
             None => c.clone(),
         };
         self.state[k].momentum = Some(buf.clone());
-        if self.config.nesterov {
+        if nesterov {
             c + buf.mul_scalar(mu)
         } else {
             buf
         }
     }
 
+    /// Adam's direction for `g`, updating its moments.
     fn adam(&mut self, k: usize, g: Tensor<2>, beta1: f64, beta2: f64, eps: f64) -> Tensor<2> {
         let t = (self.step + 1) as i32;
         let (b1, b2) = (beta1 as f32, beta2 as f32);
-        let (m, v) = match self.state[k].adam.take() {
+        let bc1 = 1.0 - beta1.powi(t);
+        let bc2 = 1.0 - beta2.powi(t);
+        let state = self.state[k].adam.take();
+        if elementwise::on_host(&[&g])
+            && state
+                .as_ref()
+                .is_none_or(|(m, v)| elementwise::on_host(&[m, v]))
+        {
+            let like = (g.dims(), &g.device());
+            let mut d = elementwise::buffer(g);
+            // Zero moments give the first step's `g (1 - beta)` exactly.
+            let (mut m, mut v) = state.map_or_else(
+                || (vec![0.0; d.len()], vec![0.0; d.len()]),
+                |(m, v)| (elementwise::buffer(m), elementwise::buffer(v)),
+            );
+            let step = elementwise::AdamStep {
+                beta1: b1,
+                beta2: b2,
+                eps: eps as f32,
+                correction1: bc1 as f32,
+                correction2: bc2 as f32,
+            };
+            elementwise::adam(&mut m, &mut v, &mut d, step);
+            self.state[k].adam = Some((
+                elementwise::tensor_like(m, like),
+                elementwise::tensor_like(v, like),
+            ));
+            return elementwise::tensor_like(d, like);
+        }
+        let (m, v) = match state {
             Some((m, v)) => (
                 m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1),
                 v.mul_scalar(b2) + g.clone().square().mul_scalar(1.0 - b2),
@@ -840,8 +895,6 @@ impl CompositeOptimizer {
                 g.square().mul_scalar(1.0 - b2),
             ),
         };
-        let bc1 = 1.0 - beta1.powi(t);
-        let bc2 = 1.0 - beta2.powi(t);
         let d = (m.clone().div_scalar(bc1 as f32))
             / (v.clone()
                 .div_scalar(bc2 as f32)
@@ -849,6 +902,20 @@ impl CompositeOptimizer {
                 .add_scalar(eps as f32));
         self.state[k].adam = Some((m, v));
         d
+    }
+
+    /// The descent `p (1 - lr wd) - lr d` (`decay = 1 - lr wd`).
+    fn descend(p: Tensor<2>, d: Tensor<2>, decay: f32, lr: f32) -> Tensor<2> {
+        if elementwise::on_host(&[&p, &d]) {
+            let like = (p.dims(), &p.device());
+            // The model still holds `p`: the decay's product writes the owned copy in one
+            // pass (a move would copy it three times; see `crate::device::to_host`).
+            let mut p = elementwise::buffer(p.mul_scalar(decay));
+            elementwise::descend(&mut p, &elementwise::buffer(d), 1.0, lr);
+            return elementwise::tensor_like(p, like);
+        }
+        let p = if decay != 1.0 { p.mul_scalar(decay) } else { p };
+        p - d.mul_scalar(lr)
     }
 
     /// The direction of matrix `k` from its gradient.
@@ -1009,11 +1076,25 @@ impl CompositeOptimizer {
     }
 
     fn guard_and_clip(&self, grads: Vec<Tensor<2>>) -> Result<Vec<Tensor<2>>, OptimError> {
-        let norms: Vec<Tensor<2>> = grads
-            .iter()
-            .map(|g| g.clone().square().sum().reshape([1, 1]))
-            .collect();
-        let values = to_host(&Tensor::cat(norms, 1));
+        let host = grads.iter().all(|g| elementwise::on_host(&[g]));
+        let (grads, values) = if host {
+            let mut values = Vec::with_capacity(grads.len());
+            let mut buffers = Vec::with_capacity(grads.len());
+            for g in grads {
+                let (dims, device) = (g.dims(), g.device());
+                let buf = elementwise::buffer(g);
+                values.push(elementwise::squared_norm(&buf));
+                buffers.push((buf, dims, device));
+            }
+            (GradSet::Host(buffers), values)
+        } else {
+            let norms: Vec<Tensor<2>> = grads
+                .iter()
+                .map(|g| g.clone().square().sum().reshape([1, 1]))
+                .collect();
+            let values = to_host(&Tensor::cat(norms, 1));
+            (GradSet::Device(grads), values)
+        };
         if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
             return Err(OptimError::NonFinite {
                 param: self
@@ -1023,12 +1104,24 @@ impl CompositeOptimizer {
             });
         }
         let total = values.iter().map(|&v| v as f64).sum::<f64>().sqrt();
-        Ok(match self.config.clip_norm {
-            Some(max) if total > max => {
-                let s = (max / total) as f32;
-                grads.into_iter().map(|g| g.mul_scalar(s)).collect()
-            }
-            _ => grads,
+        let clip = match self.config.clip_norm {
+            Some(max) if total > max => Some((max / total) as f32),
+            _ => None,
+        };
+        Ok(match grads {
+            GradSet::Device(grads) => match clip {
+                Some(s) => grads.into_iter().map(|g| g.mul_scalar(s)).collect(),
+                None => grads,
+            },
+            GradSet::Host(buffers) => buffers
+                .into_iter()
+                .map(|(mut buf, dims, device)| {
+                    if let Some(s) = clip {
+                        elementwise::scale(&mut buf, s);
+                    }
+                    elementwise::tensor_like(buf, (dims, &device))
+                })
+                .collect(),
         })
     }
 }
@@ -1107,8 +1200,7 @@ impl Optimizer for CompositeOptimizer {
                             self.matrix_direction(k, g, f)
                         }
                     };
-                    let p = if decay != 1.0 { p.mul_scalar(decay) } else { p };
-                    let w = p - d.mul_scalar(lr);
+                    let w = Self::descend(p, d, decay, lr);
                     self.constrain(k, w, None)
                 }
                 ParamKind::Vector => {
@@ -1116,7 +1208,7 @@ impl Optimizer for CompositeOptimizer {
                         VectorRule::Plain => self.momentum(k, g),
                         VectorRule::Adam => self.adam(k, g, 0.9, 0.999, 1e-8),
                     };
-                    p - d.mul_scalar(vector_lr)
+                    Self::descend(p, d, 1.0, vector_lr)
                 }
             };
             out.push(updated);

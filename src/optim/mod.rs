@@ -9,6 +9,7 @@
 //! [`OptimizerState`] (saved with the model checkpoint).
 
 mod composite;
+mod elementwise;
 pub mod linalg;
 
 pub use composite::{
