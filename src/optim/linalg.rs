@@ -97,7 +97,8 @@ pub fn newton_schulz(g: Tensor<2>, steps: usize, iteration: NsIteration) -> Tens
     if crate::device::is_host(&g.device()) && g.dtype() == burn::tensor::DType::F32 {
         let [rows, cols] = g.dims();
         let device = g.device();
-        let out = newton_schulz_host(&crate::device::into_host(g), rows, cols, steps, iteration);
+        // `g` is often shared (the heavy-ball momentum the optimizer keeps): one copy.
+        let out = newton_schulz_host(&crate::device::to_host(&g), rows, cols, steps, iteration);
         return Tensor::from_data(TensorData::new(out, [rows, cols]), &device);
     }
     newton_schulz_on_device(g, steps, iteration)

@@ -6,7 +6,7 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::{ConvOptions, ModuleOps};
 
 use super::{LayerImpl, float, from_host, on_host, wrap};
-use crate::device::{Backend, Tensor, into_host};
+use crate::device::{Backend, Tensor, into_host, to_host};
 use crate::model::kernels::ConvGeometry;
 use crate::model::layer::{Aux, Layer, LayerOp, NormStats};
 use crate::model::network::LayerInit;
@@ -129,8 +129,8 @@ impl LayerImpl for Conv2d {
             let mut y = vec![0.0; b * geo.out_len()];
             geo.forward(
                 &into_host(x),
-                &into_host(p[0].clone()),
-                &into_host(p[1].clone()),
+                &to_host(&p[0]),
+                &to_host(&p[1]),
                 &mut y,
             );
             return from_host(y, b, geo.out_len(), &device);
@@ -153,7 +153,7 @@ impl LayerImpl for Conv2d {
             let device = g.device();
             let geo = geometry(layer);
             let mut gx = vec![0.0; b * geo.in_len()];
-            geo.input_vjp(&into_host(p[0].clone()), &into_host(g), &mut gx);
+            geo.input_vjp(&to_host(&p[0]), &into_host(g), &mut gx);
             return from_host(gx, b, geo.in_len(), &device);
         }
         let gx = Backend::conv2d_x_backward(
@@ -181,8 +181,8 @@ impl LayerImpl for Conv2d {
             let mut gw = vec![0.0; geo.out_channels * geo.patch_len()];
             let mut gb = vec![0.0; out];
             geo.param_vjp(
-                &into_host(x.clone()),
-                &into_host(g.clone()),
+                &to_host(x),
+                &to_host(g),
                 &mut gw,
                 &mut gb,
             );

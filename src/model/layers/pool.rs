@@ -7,7 +7,7 @@ use burn::tensor::module::{avg_pool2d, max_pool2d_with_indices};
 use burn::tensor::ops::ModuleOps;
 
 use super::{LayerImpl, float, from_host, on_host, wrap};
-use crate::device::{Tensor, into_host};
+use crate::device::{Tensor, into_host, to_host};
 use crate::model::kernels::PoolGeometry;
 use crate::model::layer::{Aux, Layer, LayerOp, NormStats};
 use crate::model::network::LayerInit;
@@ -75,11 +75,11 @@ pub(super) fn geometry(layer: &Layer) -> PoolGeometry {
 }
 
 /// Max pooling on the host kernel, with its argmax.
-fn host_max(layer: &Layer, x: Tensor<2>) -> (Tensor<2>, Arc<[u32]>) {
+fn host_max(layer: &Layer, x: &Tensor<2>) -> (Tensor<2>, Arc<[u32]>) {
     let (b, device) = (x.dims()[0], x.device());
     let n = layer.output.numel();
     let (mut y, mut idx) = (vec![0.0; b * n], vec![0; b * n]);
-    geometry(layer).max_forward(&into_host(x), &mut y, &mut idx);
+    geometry(layer).max_forward(&to_host(x), &mut y, &mut idx);
     (from_host(y, b, n, &device), idx.into())
 }
 
@@ -99,7 +99,7 @@ impl LayerImpl for MaxPool2d {
         _: &NormStats,
     ) -> (Tensor<2>, Aux) {
         if on_host(x) {
-            let (y, idx) = host_max(layer, x.clone());
+            let (y, idx) = host_max(layer, x);
             return (y, Aux::HostMaxIndices(idx));
         }
         let (kernel, stride) = window(layer);
