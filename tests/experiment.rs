@@ -626,10 +626,11 @@ fn the_gradient_check_reads_the_weights_of_a_trained_run() {
         steps: 100,
         ..GradientCheck::default()
     };
-    // One epoch of backprop on 256 samples (another seed), recorded as `mep train` does.
+    // One epoch of backprop on 256 Fashion-MNIST samples (another seed), recorded as `mep
+    // train` does; the checks below run on MNIST unless they take the run's data set.
     let dir = scratch_dir("experiment-check-checkpoint");
     let options = TrainOptions {
-        dataset: Some("mnist".into()),
+        dataset: Some("fashion-mnist".into()),
         model: Some("784-32-10".into()),
         estimator: Some(EstimatorArg::Backprop),
         epochs: Some(1),
@@ -691,6 +692,18 @@ fn the_gradient_check_reads_the_weights_of_a_trained_run() {
         matches!(missing, ExperimentError::CheckpointFile(_)),
         "{missing}"
     );
+    // The run's own model and data set, read from its checkpoint (what `check-gradient
+    // --checkpoint` defaults to); a path without a checkpoint is a typed error.
+    let own = GradientCheck::on_checkpoint(&dir).unwrap();
+    assert_eq!(
+        (
+            own.model.as_str(),
+            own.dataset.as_str(),
+            own.checkpoint.as_ref()
+        ),
+        ("784-32-10", "fashion-mnist", Some(&dir))
+    );
+    assert!(GradientCheck::on_checkpoint(&dir.join("nothing.safetensors")).is_err());
     assert!(
         missing.to_string().contains("nothing.safetensors"),
         "{missing}"

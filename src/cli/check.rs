@@ -1,6 +1,6 @@
 //! `mep check-gradient`: EP (or local EP, or EqProp) against backprop on real data.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use mep::data::DataLocator;
 use mep::device::{Precision, Workload};
@@ -19,12 +19,14 @@ fn defaults() -> GradientCheck {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Model spec (for eqprop a Linear-hsig-Linear chain such as 784-500-hsig-10).
-    #[arg(long, default_value_t = defaults().model)]
-    model: String,
-    /// Data set whose first training samples form the batch.
-    #[arg(long, default_value_t = defaults().dataset)]
-    dataset: String,
+    /// Model spec (for eqprop a Linear-hsig-Linear chain such as 784-500-hsig-10)
+    /// [default: the --checkpoint run's, else 784-256-128-10].
+    #[arg(long)]
+    model: Option<String>,
+    /// Data set whose first training samples form the batch [default: the --checkpoint
+    /// run's, else mnist].
+    #[arg(long)]
+    dataset: Option<String>,
     /// Samples in the batch.
     #[arg(long, default_value_t = defaults().batch)]
     batch: usize,
@@ -68,7 +70,7 @@ pub struct CheckArgs {
     #[arg(long)]
     rescale: bool,
     /// Weights from a training checkpoint (a run directory or its checkpoint.safetensors)
-    /// instead of the initialisation; --model must be the run's.
+    /// instead of the initialisation; the model and data set default to the run's.
     #[arg(long, value_name = "PATH")]
     checkpoint: Option<std::path::PathBuf>,
     /// Do not download a missing data set.
@@ -80,9 +82,14 @@ pub struct CheckArgs {
 }
 
 pub fn run(args: CheckArgs, globals: &Globals) -> Result<()> {
+    let base = match &args.checkpoint {
+        Some(path) => GradientCheck::on_checkpoint(path)
+            .with_context(|| format!("reading the run of {}", path.display()))?,
+        None => defaults(),
+    };
     let check = GradientCheck {
-        model: args.model,
-        dataset: args.dataset,
+        model: args.model.unwrap_or(base.model),
+        dataset: args.dataset.unwrap_or(base.dataset),
         batch: args.batch,
         beta: args.beta,
         nudging: args.nudging,

@@ -128,6 +128,20 @@ pub struct GradientReport {
 }
 
 impl GradientCheck {
+    /// The default check on the weights of a training run (its directory or its
+    /// `checkpoint.safetensors`): the run's model and data set, read from the checkpoint.
+    pub fn on_checkpoint(path: &std::path::Path) -> Result<Self, ExperimentError> {
+        let meta = super::run::read_meta(&checkpoint_file(path))?;
+        Ok(Self {
+            model: (meta.options.model.as_deref())
+                .unwrap_or(super::DEFAULT_MODEL)
+                .to_string(),
+            dataset: meta.options.dataset().to_string(),
+            checkpoint: Some(path.to_path_buf()),
+            ..Self::default()
+        })
+    }
+
     /// Runs the check on the first `batch` training samples, with the network initialised
     /// from `seed` on `device`.
     pub fn run(
@@ -159,12 +173,7 @@ impl GradientCheck {
         }
         let mut net = build_network(&spec, &data, seed, device)?;
         if let Some(path) = &self.checkpoint {
-            let file = if path.is_dir() {
-                path.join(super::CHECKPOINT)
-            } else {
-                path.clone()
-            };
-            crate::train::checkpoint::load(&file, &mut net, None)?;
+            crate::train::checkpoint::load(&checkpoint_file(path), &mut net, None)?;
         }
         let batch = TensorBatch::new(
             data.train.inputs(),
@@ -285,3 +294,12 @@ type Grads = (
     Vec<crate::device::Tensor<2>>,
     f32,
 );
+
+/// The checkpoint file of a run directory, or `path` itself.
+fn checkpoint_file(path: &std::path::Path) -> std::path::PathBuf {
+    if path.is_dir() {
+        path.join(super::CHECKPOINT)
+    } else {
+        path.to_path_buf()
+    }
+}

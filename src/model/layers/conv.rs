@@ -127,12 +127,7 @@ impl LayerImpl for Conv2d {
         if on_host(&x) {
             let geo = geometry(layer);
             let mut y = vec![0.0; b * geo.out_len()];
-            geo.forward(
-                &into_host(x),
-                &to_host(&p[0]),
-                &to_host(&p[1]),
-                &mut y,
-            );
+            geo.forward(&into_host(x), &to_host(&p[0]), &to_host(&p[1]), &mut y);
             return from_host(y, b, geo.out_len(), &device);
         }
         let bias = p[1].clone().reshape([p[1].dims()[1]]);
@@ -180,12 +175,7 @@ impl LayerImpl for Conv2d {
             let geo = geometry(layer);
             let mut gw = vec![0.0; geo.out_channels * geo.patch_len()];
             let mut gb = vec![0.0; out];
-            geo.param_vjp(
-                &to_host(x),
-                &to_host(g),
-                &mut gw,
-                &mut gb,
-            );
+            geo.param_vjp(&to_host(x), &to_host(g), &mut gw, &mut gb);
             return vec![
                 from_host(gw, geo.out_channels, geo.patch_len(), &device),
                 from_host(gb, 1, out, &device),
