@@ -135,11 +135,12 @@ pub fn run(args: TrainArgs, globals: &Globals) -> Result<()> {
     if let Some(c) = &globals.collective {
         let s = c.stats();
         errln!(
-            "rank 0 communication: {} collectives, {:.1} MB sent, {:.1} MB received, {:.2} s",
+            "rank 0 communication: {} collectives, {:.1} MB sent, {:.1} MB received, {:.2} s ({:.2} s of it waiting for other ranks)",
             s.calls,
             s.bytes_sent as f64 / 1e6,
             s.bytes_received as f64 / 1e6,
-            s.seconds
+            s.seconds,
+            s.waiting
         );
     }
     let last = (start <= epochs)

@@ -24,7 +24,7 @@ use crate::device::{Tensor, to_host};
 use crate::loss::Loss;
 use crate::model::Activation;
 use crate::model::Network;
-use crate::model::kernels::{ConvGeometry, MatRef, PoolGeometry, matmul};
+use crate::model::kernels::{ConvGeometry, MatRef, PoolGeometry, lane_sum_squares, matmul};
 
 /// The operator of a link's prediction.
 enum Op {
@@ -313,7 +313,7 @@ impl Chunk {
             }
             if norms {
                 for (b, row) in g.chunks_exact(width).enumerate() {
-                    self.sq[b * depth + i] = row.iter().map(|v| v * v).sum();
+                    self.sq[b * depth + i] = lane_sum_squares(row);
                 }
             }
         }

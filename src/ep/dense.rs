@@ -22,7 +22,7 @@ use crate::device::{Tensor, to_host};
 use crate::loss::{Loss, MseScale};
 use crate::model::Activation;
 use crate::model::Network;
-use crate::model::kernels::{MatRef, matmul};
+use crate::model::kernels::{MatRef, lane_sum_squares, matmul};
 
 /// One linear link `h_{i} = f(s_{i-1}) W + b` of the plan, on the host.
 struct Link {
@@ -369,7 +369,7 @@ impl Chunk {
             }
             if norms {
                 for (b, row) in g.chunks_exact(widths[i]).enumerate() {
-                    self.sq[b * depth + i] = row.iter().map(|v| v * v).sum();
+                    self.sq[b * depth + i] = lane_sum_squares(row);
                 }
             }
         }

@@ -184,6 +184,10 @@ const PARAM_GROUPS: usize = 8;
 /// ([`ConvGeometry::block_samples`]).
 const BLOCK_COLUMNS: usize = 512;
 
+/// Most im2col values a block of [`ConvGeometry::param_vjp`] fills (512 KiB of `f32`,
+/// about what the core's L2 cache holds beside the product's other operands).
+const PARAM_BLOCK_VALUES: usize = 1 << 17;
+
 /// The sizes of one 2-D convolution over a batch of `NCHW` images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeometry {
@@ -266,12 +270,27 @@ impl ConvGeometry {
             .clamp(1, batch.max(1))
     }
 
+    /// Samples whose kernel gradients are made in one product in [`Self::param_vjp`]:
+    /// [`Self::block_samples`], or more while their im2col matrix stays within
+    /// [`PARAM_BLOCK_VALUES`]. That product's output is only `patch x out`, so it runs
+    /// at speed only with a long inner dimension (`cnn`'s first convolution, 25 x 32 from
+    /// one sample's 576 pixels: 30 GFLOP/s).
+    fn param_block_samples(&self, batch: usize) -> usize {
+        let per_sample = (self.patch_len() * self.out_pixels()).max(1);
+        (PARAM_BLOCK_VALUES / per_sample)
+            .max(self.block_samples(batch))
+            .clamp(1, batch.max(1))
+    }
+
     /// Writes the receptive fields of one sample as columns: row `r` of `cols[patch,
     /// pixel]` starts at `r * row_stride` (a block of samples shares each row, one sample's
     /// pixels after another's).
     fn im2col(&self, x: &[f32], cols: &mut [f32], row_stride: usize) {
         if self.is_same() {
             return self.im2col_same(x, cols, row_stride);
+        }
+        if self.padding == 0 && self.stride == 1 {
+            return self.im2col_valid(x, cols, row_stride);
         }
         let (k, pix) = (self.kernel, self.out_pixels());
         for c in 0..self.in_channels {
@@ -294,7 +313,7 @@ impl ConvGeometry {
                         let src = &plane[ih * self.in_w..(ih + 1) * self.in_w];
                         let first = lo * self.stride + kj - self.padding;
                         if self.stride == 1 {
-                            out[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                            copy_short(&mut out[lo..hi], &src[first..first + hi - lo]);
                         } else {
                             let picks = src[first..].iter().step_by(self.stride);
                             out[lo..hi].iter_mut().zip(picks).for_each(|(o, &v)| *o = v);
@@ -310,6 +329,9 @@ impl ConvGeometry {
     fn col2im(&self, cols: &mut [f32], row_stride: usize, x: &mut [f32]) {
         if self.is_same() {
             return self.col2im_same(cols, row_stride, x);
+        }
+        if self.padding == 0 && self.stride == 1 {
+            return self.col2im_valid(cols, row_stride, x);
         }
         let (k, pix) = (self.kernel, self.out_pixels());
         x.fill(0.0);
@@ -337,6 +359,44 @@ impl ConvGeometry {
                             let targets = dst[first..].iter_mut().step_by(self.stride);
                             targets.zip(src).for_each(|(d, &v)| *d += v);
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::im2col`] without padding at stride 1 (a "valid" convolution, as `cnn`'s):
+    /// every tap reads a whole `out_h x out_w` window of the plane, so each output row is
+    /// one short copy with no bounds to work out (the general loop spent more on those
+    /// than on the copies of `cnn`'s 8-value rows).
+    fn im2col_valid(&self, x: &[f32], cols: &mut [f32], row_stride: usize) {
+        let (k, pix, w, ow) = (self.kernel, self.out_pixels(), self.in_w, self.out_w);
+        for (c, plane) in x.chunks_exact(self.in_h * w).enumerate() {
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = &mut cols[((c * k + ki) * k + kj) * row_stride..][..pix];
+                    let window = &plane[ki * w + kj..];
+                    for (oh, out) in row.chunks_exact_mut(ow).enumerate() {
+                        copy_short(out, &window[oh * w..oh * w + ow]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::col2im`] of a valid convolution ([`Self::im2col_valid`]): each output row
+    /// of each tap adds into one window row of the plane.
+    fn col2im_valid(&self, cols: &[f32], row_stride: usize, x: &mut [f32]) {
+        let (k, pix, w, ow) = (self.kernel, self.out_pixels(), self.in_w, self.out_w);
+        x.fill(0.0);
+        for (c, plane) in x.chunks_exact_mut(self.in_h * w).enumerate() {
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = &cols[((c * k + ki) * k + kj) * row_stride..][..pix];
+                    let window = &mut plane[ki * w + kj..];
+                    for (oh, src) in row.chunks_exact(ow).enumerate() {
+                        let dst = &mut window[oh * w..oh * w + ow];
+                        dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
                     }
                 }
             }
@@ -511,7 +571,7 @@ impl ConvGeometry {
         assert_eq!(gb.len(), out, "bias gradient length");
         // Fixed groups of samples, summed in order: the result does not depend on how
         // rayon schedules the groups, so runs repeat bit for bit at any thread count.
-        let block = self.block_samples(batch);
+        let block = self.param_block_samples(batch);
         let group = batch.div_ceil(PARAM_GROUPS).max(1).div_ceil(block) * block;
         // Each group sums its kernel gradient transposed, `[patch, out] += cols grads^T`:
         // with the long `patch` side as the product's rows, gemm runs at about twice the
@@ -533,7 +593,7 @@ impl ConvGeometry {
                         let grads = MatRef::new(&grads[..out * width], out, width);
                         matmul(&mut w_acc, cols, grads.t(), true);
                         for (b, row) in b_acc.iter_mut().zip(grads.data.chunks(width)) {
-                            *b += row.iter().sum::<f32>();
+                            *b += lane_sum(row);
                         }
                     }
                 });
@@ -550,6 +610,54 @@ impl ConvGeometry {
             }
             gb.iter_mut().zip(b_part).for_each(|(a, b)| *a += b);
         }
+    }
+}
+
+/// The sum of `x` in sixteen running lanes, added up in a fixed order at the end: the
+/// same result on every run, at vector speed (a plain `sum` is one dependent addition
+/// after another; for the bias gradient of `cnn`'s first convolution that took 70% of
+/// its parameter VJP).
+pub fn lane_sum(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The squared Euclidean norm of `x`, in sixteen running lanes as [`lane_sum`].
+pub fn lane_sum_squares(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v * v;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `dst.copy_from_slice(src)` for the short rows of small images: a late convolution's
+/// output rows are a few values long, and a `memcpy` call per row cost more than the copy
+/// (the rows go eight at a time through registers instead).
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    if dst.len() >= 32 {
+        return dst.copy_from_slice(src);
+    }
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d, s) in (&mut d).zip(&mut s) {
+        let v: [f32; 8] = s.try_into().expect("eight values");
+        d.copy_from_slice(&v);
+    }
+    for (d, &s) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d = s;
     }
 }
 

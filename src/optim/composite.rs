@@ -1083,7 +1083,7 @@ impl CompositeOptimizer {
             for g in grads {
                 let (dims, device) = (g.dims(), g.device());
                 let buf = elementwise::buffer(g);
-                values.push(elementwise::squared_norm(&buf));
+                values.push(crate::model::kernels::lane_sum_squares(&buf));
                 buffers.push((buf, dims, device));
             }
             (GradSet::Host(buffers), values)

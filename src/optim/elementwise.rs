@@ -87,20 +87,6 @@ pub(super) fn descend(p: &mut [f32], d: &[f32], decay: f32, lr: f32) {
     }
 }
 
-/// The squared Euclidean norm, summed in `f32` eight lanes at a time (the lanes and their
-/// order are fixed, so the result is the same on every run).
-pub(super) fn squared_norm(x: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (l, v) in lanes.iter_mut().zip(c) {
-            *l += v * v;
-        }
-    }
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    lanes.iter().sum::<f32>() + tail
-}
-
 /// Multiplies every entry by `s` in place.
 pub(super) fn scale(x: &mut [f32], s: f32) {
     for v in x {

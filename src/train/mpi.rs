@@ -63,6 +63,7 @@ impl MpiCollective {
         })?;
         let mut counts = vec![0 as Count; size];
         self.world.all_gather_into(&len, &mut counts[..]);
+        let waited = start.elapsed().as_secs_f64();
         let displs: Vec<Count> = counts
             .iter()
             .scan(0, |acc, &c| {
@@ -87,6 +88,7 @@ impl MpiCollective {
         s.bytes_sent += (local.len() as u64 + 1) * item;
         s.bytes_received += (total - local.len()) as u64 * item + (size as u64 - 1) * 4;
         s.seconds += start.elapsed().as_secs_f64();
+        s.waiting += waited;
         self.stats.set(s);
         Ok(out)
     }

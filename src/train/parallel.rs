@@ -57,6 +57,10 @@ pub struct CommStats {
     pub bytes_received: u64,
     /// Seconds spent inside collectives (waiting for other ranks included).
     pub seconds: f64,
+    /// Of those, seconds spent in each gather's first exchange, of its length alone: in
+    /// effect waiting for the slowest rank to arrive, so `seconds - waiting` is about the
+    /// time the transfers take.
+    pub waiting: f64,
 }
 
 /// The contiguous share of `n` items that `rank` of `size` takes: items
