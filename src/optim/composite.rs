@@ -828,17 +828,16 @@ impl CompositeOptimizer {
         if elementwise::on_host(&[&c]) && state.as_ref().is_none_or(|m| elementwise::on_host(&[m]))
         {
             let like = (c.dims(), &c.device());
-            let mut c_host = elementwise::buffer(c.clone());
+            let mut c_host = elementwise::buffer(c);
             // A zero buffer gives the first step's `0 mu + c = c`.
             let mut m = state.map_or_else(|| vec![0.0; c_host.len()], elementwise::buffer);
             elementwise::momentum(&mut m, &mut c_host, mu, nesterov);
-            let m = elementwise::tensor_like(m, like);
-            self.state[k].momentum = Some(m.clone());
-            return if nesterov {
-                elementwise::tensor_like(c_host, like)
-            } else {
-                m
-            };
+            // The heavy-ball direction is the buffer itself: handed out as its own copy (the
+            // caller moves it into host buffers again, which a shared tensor would make
+            // three copies; see `crate::device::to_host`).
+            let d = if nesterov { c_host } else { m.clone() };
+            self.state[k].momentum = Some(elementwise::tensor_like(m, like));
+            return elementwise::tensor_like(d, like);
         }
         let buf = match state {
             Some(m) => m.mul_scalar(mu) + c.clone(),
