@@ -513,26 +513,30 @@ impl ConvGeometry {
         assert_eq!(bias.len(), out, "bias length");
         let kernel = MatRef::new(w, out, patch);
         let block = self.block_samples(batch);
-        y.par_chunks_mut(block * self.out_len())
-            .zip(x.par_chunks(block * self.in_len()))
-            .for_each(|(ys, xs)| {
-                with_scratch(patch * block * pix, out * block * pix, |cols, product| {
-                    let width = self.block_columns(xs, cols);
-                    let product = &mut product[..out * width];
-                    matmul(
-                        product,
-                        kernel,
-                        MatRef::new(&cols[..patch * width], patch, width),
-                        false,
-                    );
-                    for (b, ys) in ys.chunks_mut(self.out_len()).enumerate() {
-                        for (o, (row, &bias)) in ys.chunks_mut(pix).zip(bias).enumerate() {
-                            let src = &product[o * width + b * pix..][..pix];
-                            row.iter_mut().zip(src).for_each(|(d, &v)| *d = v + bias);
-                        }
+        let each = |(ys, xs): (&mut [f32], &[f32])| {
+            with_scratch(patch * block * pix, out * block * pix, |cols, product| {
+                let width = self.block_columns(xs, cols);
+                let product = &mut product[..out * width];
+                matmul(
+                    product,
+                    kernel,
+                    MatRef::new(&cols[..patch * width], patch, width),
+                    false,
+                );
+                for (b, ys) in ys.chunks_mut(self.out_len()).enumerate() {
+                    for (o, (row, &bias)) in ys.chunks_mut(pix).zip(bias).enumerate() {
+                        let src = &product[o * width + b * pix..][..pix];
+                        row.iter_mut().zip(src).for_each(|(d, &v)| *d = v + bias);
                     }
-                })
-            });
+                }
+            })
+        };
+        let (ys, xs) = (block * self.out_len(), block * self.in_len());
+        if serial() {
+            y.chunks_mut(ys).zip(x.chunks(xs)).for_each(each);
+        } else {
+            y.par_chunks_mut(ys).zip(x.par_chunks(xs)).for_each(each);
+        }
     }
 
     /// The input's vector-Jacobian product: `gx = conv^T(gy)` for every sample, one
@@ -543,22 +547,26 @@ impl ConvGeometry {
         assert_eq!(w.len(), out * patch, "kernel length");
         let kernel_t = MatRef::new(w, out, patch).t();
         let block = self.block_samples(batch);
-        gx.par_chunks_mut(block * self.in_len())
-            .zip(gy.par_chunks(block * self.out_len()))
-            .for_each(|(gxs, gys)| {
-                with_scratch(patch * block * pix, out * block * pix, |cols, grads| {
-                    let width = self.gather_outputs(gys, grads);
-                    matmul(
-                        &mut cols[..patch * width],
-                        kernel_t,
-                        MatRef::new(&grads[..out * width], out, width),
-                        false,
-                    );
-                    for (b, gx) in gxs.chunks_mut(self.in_len()).enumerate() {
-                        self.col2im(&mut cols[b * pix..], width, gx);
-                    }
-                })
-            });
+        let each = |(gxs, gys): (&mut [f32], &[f32])| {
+            with_scratch(patch * block * pix, out * block * pix, |cols, grads| {
+                let width = self.gather_outputs(gys, grads);
+                matmul(
+                    &mut cols[..patch * width],
+                    kernel_t,
+                    MatRef::new(&grads[..out * width], out, width),
+                    false,
+                );
+                for (b, gx) in gxs.chunks_mut(self.in_len()).enumerate() {
+                    self.col2im(&mut cols[b * pix..], width, gx);
+                }
+            })
+        };
+        let (xs, ys) = (block * self.in_len(), block * self.out_len());
+        if serial() {
+            gx.chunks_mut(xs).zip(gy.chunks(ys)).for_each(each);
+        } else {
+            gx.par_chunks_mut(xs).zip(gy.par_chunks(ys)).for_each(each);
+        }
     }
 
     /// The parameters' vector-Jacobian products summed over the batch: `gw` `[out,
@@ -577,29 +585,34 @@ impl ConvGeometry {
         // with the long `patch` side as the product's rows, gemm runs at about twice the
         // speed of `grads cols^T` (measured: 97 against 43 GFLOP/s for `cnn`'s second
         // convolution on 8 samples, one thread).
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = x
-            .par_chunks(group * self.in_len())
-            .zip(gy.par_chunks(group * self.out_len()))
-            .map(|(xs, gys)| {
-                let (mut w_acc, mut b_acc) = (vec![0.0; patch * out], vec![0.0; out]);
-                with_scratch(patch * block * pix, out * block * pix, |cols, grads| {
-                    for (xs, gys) in xs
-                        .chunks(block * self.in_len())
-                        .zip(gys.chunks(block * self.out_len()))
-                    {
-                        let width = self.block_columns(xs, cols);
-                        self.gather_outputs(gys, grads);
-                        let cols = MatRef::new(&cols[..patch * width], patch, width);
-                        let grads = MatRef::new(&grads[..out * width], out, width);
-                        matmul(&mut w_acc, cols, grads.t(), true);
-                        for (b, row) in b_acc.iter_mut().zip(grads.data.chunks(width)) {
-                            *b += lane_sum(row);
-                        }
+        let sum_group = |(xs, gys): (&[f32], &[f32])| {
+            let (mut w_acc, mut b_acc) = (vec![0.0; patch * out], vec![0.0; out]);
+            with_scratch(patch * block * pix, out * block * pix, |cols, grads| {
+                for (xs, gys) in xs
+                    .chunks(block * self.in_len())
+                    .zip(gys.chunks(block * self.out_len()))
+                {
+                    let width = self.block_columns(xs, cols);
+                    self.gather_outputs(gys, grads);
+                    let cols = MatRef::new(&cols[..patch * width], patch, width);
+                    let grads = MatRef::new(&grads[..out * width], out, width);
+                    matmul(&mut w_acc, cols, grads.t(), true);
+                    for (b, row) in b_acc.iter_mut().zip(grads.data.chunks(width)) {
+                        *b += lane_sum(row);
                     }
-                });
-                (w_acc, b_acc)
-            })
-            .collect();
+                }
+            });
+            (w_acc, b_acc)
+        };
+        let (xs, ys) = (group * self.in_len(), group * self.out_len());
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = if serial() {
+            x.chunks(xs).zip(gy.chunks(ys)).map(sum_group).collect()
+        } else {
+            x.par_chunks(xs)
+                .zip(gy.par_chunks(ys))
+                .map(sum_group)
+                .collect()
+        };
         gw.fill(0.0);
         gb.fill(0.0);
         for (w_part, b_part) in &partials {
@@ -611,6 +624,13 @@ impl ConvGeometry {
             gb.iter_mut().zip(b_part).for_each(|(a, b)| *a += b);
         }
     }
+}
+
+/// Whether the kernels run on the calling thread: when rayon's pool has one worker, a
+/// parallel loop hands its work to that thread and waits, two context switches per call,
+/// which cost a tenth of a small convolution's settle step (`cnn-small`, in `perf`).
+fn serial() -> bool {
+    rayon::current_num_threads() == 1
 }
 
 /// The sum of `x` in sixteen running lanes, added up in a fixed order at the end: the
@@ -709,36 +729,49 @@ impl PoolGeometry {
                 && (self.out_w - 1) * self.stride + self.kernel <= self.in_w,
             "pooling windows leave the image"
         );
-        if self.kernel == 2 && self.stride == 2 {
-            y.par_chunks_mut(op)
-                .zip(argmax.par_chunks_mut(op))
-                .zip(x.par_chunks(ip))
-                .for_each(|((ys, idx), xs)| self.max_2x2(xs, ys, idx));
-            return;
-        }
-        y.par_chunks_mut(op)
-            .zip(argmax.par_chunks_mut(op))
-            .zip(x.par_chunks(ip))
-            .for_each(|((ys, idx), xs)| {
-                for oh in 0..self.out_h {
-                    for ow in 0..self.out_w {
-                        let first = oh * self.stride * self.in_w + ow * self.stride;
-                        let (mut best, mut at) = (xs[first], first);
-                        for ki in 0..self.kernel {
-                            let row = first + ki * self.in_w;
-                            for (kj, &v) in xs[row..row + self.kernel].iter().enumerate() {
-                                // Branch-free select: the winner's position is data
-                                // dependent.
-                                let wins = beats(v, best);
-                                best = if wins { v } else { best };
-                                at = if wins { row + kj } else { at };
-                            }
+        let fast = |((ys, idx), xs): ((&mut [f32], &mut [u32]), &[f32])| self.max_2x2(xs, ys, idx);
+        let general = |((ys, idx), xs): ((&mut [f32], &mut [u32]), &[f32])| {
+            for oh in 0..self.out_h {
+                for ow in 0..self.out_w {
+                    let first = oh * self.stride * self.in_w + ow * self.stride;
+                    let (mut best, mut at) = (xs[first], first);
+                    for ki in 0..self.kernel {
+                        let row = first + ki * self.in_w;
+                        for (kj, &v) in xs[row..row + self.kernel].iter().enumerate() {
+                            // Branch-free select: the winner's position is data
+                            // dependent.
+                            let wins = beats(v, best);
+                            best = if wins { v } else { best };
+                            at = if wins { row + kj } else { at };
                         }
-                        ys[oh * self.out_w + ow] = best;
-                        idx[oh * self.out_w + ow] = at as u32;
                     }
+                    ys[oh * self.out_w + ow] = best;
+                    idx[oh * self.out_w + ow] = at as u32;
                 }
-            });
+            }
+        };
+        let two = self.kernel == 2 && self.stride == 2;
+        if serial() {
+            let planes = y
+                .chunks_mut(op)
+                .zip(argmax.chunks_mut(op))
+                .zip(x.chunks(ip));
+            if two {
+                planes.for_each(fast)
+            } else {
+                planes.for_each(general)
+            }
+        } else {
+            let planes = y
+                .par_chunks_mut(op)
+                .zip(argmax.par_chunks_mut(op))
+                .zip(x.par_chunks(ip));
+            if two {
+                planes.for_each(fast)
+            } else {
+                planes.for_each(general)
+            }
+        }
     }
 
     /// One plane of 2x2, stride-2 max pooling (the common case, unrolled): pairs of input
@@ -780,13 +813,20 @@ impl PoolGeometry {
         let (ip, op) = (self.in_plane(), self.out_plane());
         assert_eq!(gy.len(), argmax.len(), "argmax length");
         assert_eq!(gx.len() / ip * op, gy.len(), "pooling gradient length");
-        gx.par_chunks_mut(ip)
-            .zip(gy.par_chunks(op).zip(argmax.par_chunks(op)))
-            .for_each(|(gxs, (gys, idx))| {
-                gxs.fill(0.0);
-                for (&g, &i) in gys.iter().zip(idx) {
-                    gxs[i as usize] += g;
-                }
-            });
+        let each = |(gxs, (gys, idx)): (&mut [f32], (&[f32], &[u32]))| {
+            gxs.fill(0.0);
+            for (&g, &i) in gys.iter().zip(idx) {
+                gxs[i as usize] += g;
+            }
+        };
+        if serial() {
+            gx.chunks_mut(ip)
+                .zip(gy.chunks(op).zip(argmax.chunks(op)))
+                .for_each(each);
+        } else {
+            gx.par_chunks_mut(ip)
+                .zip(gy.par_chunks(op).zip(argmax.par_chunks(op)))
+                .for_each(each);
+        }
     }
 }
