@@ -2,9 +2,11 @@
 
 use std::fmt;
 
+use burn::tensor::TensorPrimitive;
 use burn::tensor::activation;
+use burn::tensor::ops::ActivationOps;
 
-use crate::device::Tensor;
+use crate::device::{Backend, Tensor};
 
 /// An element-wise activation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -157,7 +159,16 @@ impl Activation {
     /// The vector-Jacobian product `grad * f'(x)` at input `x`.
     pub fn vjp<const D: usize>(&self, x: &Tensor<D>, grad: Tensor<D>) -> Tensor<D> {
         match *self {
-            Self::Relu => grad.mask_fill(x.clone().lower_equal_elem(0.0), 0.0),
+            // The backend's own backward: one pass on the CPU (a mask, then a fill, were
+            // two, and a boolean tensor).
+            Self::Relu => {
+                Tensor::from_primitive(TensorPrimitive::Float(<Backend as ActivationOps<
+                    Backend,
+                >>::relu_backward(
+                    x.clone().into_primitive().tensor(),
+                    grad.into_primitive().tensor(),
+                )))
+            }
             Self::LeakyRelu { slope } => {
                 let scaled = grad.clone().mul_scalar(slope);
                 grad.mask_where(x.clone().lower_equal_elem(0.0), scaled)

@@ -6,7 +6,7 @@ use burn::tensor::module::conv2d;
 use burn::tensor::ops::{ConvOptions, ModuleOps};
 
 use super::{LayerImpl, float, from_host, on_host, wrap};
-use crate::device::{Backend, Tensor, into_host, to_host};
+use crate::device::{Backend, Device, Tensor, into_host, to_host};
 use crate::model::kernels::ConvGeometry;
 use crate::model::layer::{Aux, Layer, LayerOp, NormStats};
 use crate::model::network::LayerInit;
@@ -121,18 +121,39 @@ fn weight(layer: &Layer, p: &[Tensor<2>]) -> Tensor<4> {
         .reshape([out_channels, in_channels, kernel, kernel])
 }
 
+/// The convolution of host values `x` (`b` samples) on the host kernel.
+fn host_forward(layer: &Layer, p: &[Tensor<2>], x: &[f32], b: usize, device: &Device) -> Tensor<2> {
+    let geo = geometry(layer);
+    let mut y = vec![0.0; b * geo.out_len()];
+    geo.forward(x, &to_host(&p[0]), &to_host(&p[1]), &mut y);
+    from_host(y, b, geo.out_len(), device)
+}
+
 impl LayerImpl for Conv2d {
     fn apply(&self, layer: &Layer, p: &[Tensor<2>], x: Tensor<2>, _: &NormStats) -> Tensor<2> {
         let (b, device) = (x.dims()[0], x.device());
         if on_host(&x) {
-            let geo = geometry(layer);
-            let mut y = vec![0.0; b * geo.out_len()];
-            geo.forward(&into_host(x), &to_host(&p[0]), &to_host(&p[1]), &mut y);
-            return from_host(y, b, geo.out_len(), &device);
+            return host_forward(layer, p, &into_host(x), b, &device);
         }
         let bias = p[1].clone().reshape([p[1].dims()[1]]);
         let y = conv2d(layer.image(x), weight(layer, p), Some(bias), options(layer));
         layer.flat_out(y)
+    }
+
+    fn forward_taped(
+        &self,
+        layer: &Layer,
+        p: &[Tensor<2>],
+        x: &Tensor<2>,
+        stats: &NormStats,
+    ) -> (Tensor<2>, Aux) {
+        // The tape keeps `x`, so it is read with one copy (moving a shared tensor's values
+        // out copies them three times; see `crate::device::to_host`).
+        if on_host(x) {
+            let (b, device) = (x.dims()[0], x.device());
+            return (host_forward(layer, p, &to_host(x), b, &device), Aux::None);
+        }
+        (self.apply(layer, p, x.clone(), stats), Aux::None)
     }
 
     fn vjp_input(
