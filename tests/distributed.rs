@@ -153,7 +153,8 @@ fn two_and_three_ranks_train_what_one_process_trains_and_repeat_to_the_bit() {
     assert_eq!(lines.lines().count(), 2);
 }
 
-/// Megabytes rank 0 sent, from its communication line.
+/// Megabytes rank 0 sent, from its communication line (whose seconds in collectives
+/// must hold the seconds spent waiting for the other ranks).
 fn megabytes_sent(o: &Output) -> f64 {
     let err = stderr(o);
     let line = err
@@ -165,6 +166,14 @@ fn megabytes_sent(o: &Output) -> f64 {
         .nth(1)
         .unwrap()
         .trim_end_matches(" MB sent");
+    let (total, waiting) = line
+        .rsplit(", ")
+        .next()
+        .and_then(|t| t.split_once(" s ("))
+        .and_then(|(total, rest)| Some((total, rest.split_once(" s of it waiting")?.0)))
+        .unwrap_or_else(|| panic!("no seconds in: {line}"));
+    let (total, waiting): (f64, f64) = (total.parse().unwrap(), waiting.parse().unwrap());
+    assert!((0.0..=total).contains(&waiting), "{line}");
     mb.parse().unwrap()
 }
 
