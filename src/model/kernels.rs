@@ -751,26 +751,13 @@ impl PoolGeometry {
             }
         };
         let two = self.kernel == 2 && self.stride == 2;
+        let plane = |p: ((&mut [f32], &mut [u32]), &[f32])| if two { fast(p) } else { general(p) };
         if serial() {
-            let planes = y
-                .chunks_mut(op)
-                .zip(argmax.chunks_mut(op))
-                .zip(x.chunks(ip));
-            if two {
-                planes.for_each(fast)
-            } else {
-                planes.for_each(general)
-            }
+            let planes = y.chunks_mut(op).zip(argmax.chunks_mut(op));
+            planes.zip(x.chunks(ip)).for_each(plane);
         } else {
-            let planes = y
-                .par_chunks_mut(op)
-                .zip(argmax.par_chunks_mut(op))
-                .zip(x.par_chunks(ip));
-            if two {
-                planes.for_each(fast)
-            } else {
-                planes.for_each(general)
-            }
+            let planes = y.par_chunks_mut(op).zip(argmax.par_chunks_mut(op));
+            planes.zip(x.par_chunks(ip)).for_each(plane);
         }
     }
 
