@@ -23,7 +23,7 @@ pub type Tensor<const D: usize> = burn::tensor::Tensor<Backend, D>;
 /// it writes a fresh `f32` buffer that `into_data` then hands over without copying.
 /// Multiplying by one changes no value (a settle step reads every weight this way).
 pub fn to_host<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
-    if is_host(&t.device()) && t.dtype() == burn::tensor::DType::F32 {
+    if host_f32(t) {
         return into_host(t.clone().mul_scalar(1.0));
     }
     into_host(t.clone())
@@ -357,6 +357,12 @@ pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
 /// the dense settle loop) can read directly.
 pub fn is_host(device: &Device) -> bool {
     matches!(device, Device::Flex(_) | Device::NdArray(_))
+}
+
+/// Whether `t` is an `f32` tensor on a CPU backend, whose values the host kernels and
+/// loops can take over ([`into_host`]) and hand back ([`from_host`]) without conversion.
+pub fn host_f32<const D: usize>(t: &Tensor<D>) -> bool {
+    is_host(&t.device()) && t.dtype() == burn::tensor::DType::F32
 }
 
 /// Number of worker threads the CPU kernels use.

@@ -125,8 +125,7 @@ impl GradientEstimator for BackpropEstimator {
 /// masks only the autodiff forward draws). Everything else uses burn autodiff.
 /// `tests/backprop.rs` checks both give the same gradients.
 fn uses_layer_vjps(net: &Network, x: &Tensor<2>) -> bool {
-    crate::device::is_host(&x.device())
-        && x.dtype() == burn::tensor::DType::F32
+    crate::device::host_f32(x)
         && net.layers().iter().all(|l| {
             !matches!(
                 l.op,

@@ -31,7 +31,7 @@ use super::linalg::{
     power_iteration,
 };
 use super::{OptimError, Optimizer, OptimizerState, check_adam, check_arity, check_range};
-use crate::device::{Tensor, to_host};
+use crate::device::{Tensor, from_host, host_f32, into_host, to_host};
 use crate::model::GradFactors;
 use crate::model::{ParamInfo, ParamKind};
 
@@ -602,7 +602,7 @@ fn summed_exchange(
             }
         }
         at += len;
-        out.push(crate::device::from_host(sum, dims, &item.device()));
+        out.push(from_host(sum, dims, &item.device()));
     }
     Ok(out)
 }
@@ -686,11 +686,7 @@ impl CompositeOptimizer {
                     OptimError::Exchange(format!("rank {r} sent too few Newton–Schulz values"))
                 })?;
             at[r] += len;
-            out.push(Some(crate::device::from_host(
-                part.to_vec(),
-                dims,
-                &x.device(),
-            )));
+            out.push(Some(from_host(part.to_vec(), dims, &x.device())));
         }
         Ok(out)
     }
@@ -825,19 +821,18 @@ impl CompositeOptimizer {
         }
         let nesterov = self.config.nesterov;
         let state = self.state[k].momentum.take();
-        if elementwise::on_host(&[&c]) && state.as_ref().is_none_or(|m| elementwise::on_host(&[m]))
-        {
-            let like = (c.dims(), &c.device());
-            let mut c_host = elementwise::buffer(c);
+        if host_f32(&c) && state.as_ref().is_none_or(host_f32) {
+            let (dims, device) = (c.dims(), c.device());
+            let mut c_host = into_host(c);
             // A zero buffer gives the first step's `0 mu + c = c`.
-            let mut m = state.map_or_else(|| vec![0.0; c_host.len()], elementwise::buffer);
+            let mut m = state.map_or_else(|| vec![0.0; c_host.len()], into_host);
             elementwise::momentum(&mut m, &mut c_host, mu, nesterov);
             // The heavy-ball direction is the buffer itself: handed out as its own copy (the
             // caller moves it into host buffers again, which a shared tensor would make
             // three copies; see `crate::device::to_host`).
             let d = if nesterov { c_host } else { m.clone() };
-            self.state[k].momentum = Some(elementwise::tensor_like(m, like));
-            return elementwise::tensor_like(d, like);
+            self.state[k].momentum = Some(from_host(m, dims, &device));
+            return from_host(d, dims, &device);
         }
         let buf = match state {
             Some(m) => m.mul_scalar(mu) + c.clone(),
@@ -858,17 +853,17 @@ impl CompositeOptimizer {
         let bc1 = 1.0 - beta1.powi(t);
         let bc2 = 1.0 - beta2.powi(t);
         let state = self.state[k].adam.take();
-        if elementwise::on_host(&[&g])
+        if host_f32(&g)
             && state
                 .as_ref()
-                .is_none_or(|(m, v)| elementwise::on_host(&[m, v]))
+                .is_none_or(|(m, v)| host_f32(m) && host_f32(v))
         {
-            let like = (g.dims(), &g.device());
-            let mut d = elementwise::buffer(g);
+            let (dims, device) = (g.dims(), g.device());
+            let mut d = into_host(g);
             // Zero moments give the first step's `g (1 - beta)` exactly.
             let (mut m, mut v) = state.map_or_else(
                 || (vec![0.0; d.len()], vec![0.0; d.len()]),
-                |(m, v)| (elementwise::buffer(m), elementwise::buffer(v)),
+                |(m, v)| (into_host(m), into_host(v)),
             );
             let step = elementwise::AdamStep {
                 beta1: b1,
@@ -878,11 +873,8 @@ impl CompositeOptimizer {
                 correction2: bc2 as f32,
             };
             elementwise::adam(&mut m, &mut v, &mut d, step);
-            self.state[k].adam = Some((
-                elementwise::tensor_like(m, like),
-                elementwise::tensor_like(v, like),
-            ));
-            return elementwise::tensor_like(d, like);
+            self.state[k].adam = Some((from_host(m, dims, &device), from_host(v, dims, &device)));
+            return from_host(d, dims, &device);
         }
         let (m, v) = match state {
             Some((m, v)) => (
@@ -905,13 +897,13 @@ impl CompositeOptimizer {
 
     /// The descent `p (1 - lr wd) - lr d` (`decay = 1 - lr wd`).
     fn descend(p: Tensor<2>, d: Tensor<2>, decay: f32, lr: f32) -> Tensor<2> {
-        if elementwise::on_host(&[&p, &d]) {
-            let like = (p.dims(), &p.device());
+        if host_f32(&p) && host_f32(&d) {
+            let (dims, device) = (p.dims(), p.device());
             // The model still holds `p`: the decay's product writes the owned copy in one
             // pass (a move would copy it three times; see `crate::device::to_host`).
-            let mut p = elementwise::buffer(p.mul_scalar(decay));
-            elementwise::descend(&mut p, &elementwise::buffer(d), 1.0, lr);
-            return elementwise::tensor_like(p, like);
+            let mut p = into_host(p.mul_scalar(decay));
+            elementwise::descend(&mut p, &into_host(d), lr);
+            return from_host(p, dims, &device);
         }
         let p = if decay != 1.0 { p.mul_scalar(decay) } else { p };
         p - d.mul_scalar(lr)
@@ -1075,13 +1067,13 @@ impl CompositeOptimizer {
     }
 
     fn guard_and_clip(&self, grads: Vec<Tensor<2>>) -> Result<Vec<Tensor<2>>, OptimError> {
-        let host = grads.iter().all(|g| elementwise::on_host(&[g]));
+        let host = grads.iter().all(host_f32);
         let (grads, values) = if host {
             let mut values = Vec::with_capacity(grads.len());
             let mut buffers = Vec::with_capacity(grads.len());
             for g in grads {
                 let (dims, device) = (g.dims(), g.device());
-                let buf = elementwise::buffer(g);
+                let buf = into_host(g);
                 values.push(crate::model::kernels::lane_sum_squares(&buf));
                 buffers.push((buf, dims, device));
             }
@@ -1118,7 +1110,7 @@ impl CompositeOptimizer {
                     if let Some(s) = clip {
                         elementwise::scale(&mut buf, s);
                     }
-                    elementwise::tensor_like(buf, (dims, &device))
+                    from_host(buf, dims, &device)
                 })
                 .collect(),
         })

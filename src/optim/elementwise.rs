@@ -8,29 +8,7 @@
 //! each is one loop over buffers the tensors hand over without a copy
 //! ([`crate::device::into_host`] of an unshared tensor moves its buffer). Every loop
 //! performs the same `f32` operations in the same order as the burn ops it replaces (no
-//! fused multiply-add), so both paths give the same bits (`tests` below).
-
-use crate::device::{Tensor, from_host, into_host, is_host};
-
-/// Whether every one of `ts` is an `f32` tensor on a CPU device, where the fused loops
-/// apply.
-pub(super) fn on_host(ts: &[&Tensor<2>]) -> bool {
-    ts.iter()
-        .all(|t| is_host(&t.device()) && t.dtype() == burn::tensor::DType::F32)
-}
-
-/// A tensor's buffer, moved out of it (copied only when the tensor is shared).
-pub(super) fn buffer(t: Tensor<2>) -> Vec<f32> {
-    into_host(t)
-}
-
-/// A tensor shaped like `like` (device and dims) holding `values`.
-pub(super) fn tensor_like(
-    values: Vec<f32>,
-    like: ([usize; 2], &crate::device::Device),
-) -> Tensor<2> {
-    from_host(values, like.0, like.1)
-}
+//! fused multiply-add), so both paths give the same bits (`tests/optim.rs`).
 
 /// Heavy-ball momentum in place: `m <- mu m + c`, and `c` becomes the direction, `m`
 /// (heavy ball) or `c + mu m` (Nesterov).
@@ -72,18 +50,11 @@ pub(super) fn adam(m: &mut [f32], v: &mut [f32], g: &mut [f32], s: AdamStep) {
     }
 }
 
-/// The descent `p <- p decay - lr d` in place (`decay = 1 - lr wd`; a decay of 1 leaves
-/// the product out, as the op chain does).
-pub(super) fn descend(p: &mut [f32], d: &[f32], decay: f32, lr: f32) {
+/// The step `p <- p - lr d` in place.
+pub(super) fn descend(p: &mut [f32], d: &[f32], lr: f32) {
     debug_assert_eq!(p.len(), d.len());
-    if decay == 1.0 {
-        for (p, d) in p.iter_mut().zip(d) {
-            *p -= *d * lr;
-        }
-    } else {
-        for (p, d) in p.iter_mut().zip(d) {
-            *p = *p * decay - *d * lr;
-        }
+    for (p, d) in p.iter_mut().zip(d) {
+        *p -= *d * lr;
     }
 }
 

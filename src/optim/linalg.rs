@@ -94,7 +94,7 @@ pub fn newton_schulz(g: Tensor<2>, steps: usize, iteration: NsIteration) -> Tens
     if !uses_gram_space(g.dims(), steps, iteration) {
         return newton_schulz_direct(g, steps, iteration);
     }
-    if crate::device::is_host(&g.device()) && g.dtype() == burn::tensor::DType::F32 {
+    if crate::device::host_f32(&g) {
         let [rows, cols] = g.dims();
         let device = g.device();
         // `g` is often shared (the heavy-ball momentum the optimizer keeps): one copy.
