@@ -531,12 +531,7 @@ impl ConvGeometry {
                 }
             })
         };
-        let (ys, xs) = (block * self.out_len(), block * self.in_len());
-        if serial() {
-            y.chunks_mut(ys).zip(x.chunks(xs)).for_each(each);
-        } else {
-            y.par_chunks_mut(ys).zip(x.par_chunks(xs)).for_each(each);
-        }
+        each_block(y, block * self.out_len(), x, block * self.in_len(), each);
     }
 
     /// The input's vector-Jacobian product: `gx = conv^T(gy)` for every sample, one
@@ -561,12 +556,7 @@ impl ConvGeometry {
                 }
             })
         };
-        let (xs, ys) = (block * self.in_len(), block * self.out_len());
-        if serial() {
-            gx.chunks_mut(xs).zip(gy.chunks(ys)).for_each(each);
-        } else {
-            gx.par_chunks_mut(xs).zip(gy.par_chunks(ys)).for_each(each);
-        }
+        each_block(gx, block * self.in_len(), gy, block * self.out_len(), each);
     }
 
     /// The parameters' vector-Jacobian products summed over the batch: `gw` `[out,
@@ -631,6 +621,22 @@ impl ConvGeometry {
 /// which cost a tenth of a small convolution's settle step (`cnn-small`, in `perf`).
 fn serial() -> bool {
     rayon::current_num_threads() == 1
+}
+
+/// `f` on each pair of `out`'s chunks of `out_len` and `input`'s of `in_len`, in
+/// parallel (or on this thread: [`serial`]).
+fn each_block<F>(out: &mut [f32], out_len: usize, input: &[f32], in_len: usize, f: F)
+where
+    F: Fn((&mut [f32], &[f32])) + Sync + Send,
+{
+    if serial() {
+        out.chunks_mut(out_len)
+            .zip(input.chunks(in_len))
+            .for_each(f);
+    } else {
+        let blocks = out.par_chunks_mut(out_len).zip(input.par_chunks(in_len));
+        blocks.for_each(f);
+    }
 }
 
 /// The sum of `x` in sixteen running lanes, added up in a fixed order at the end: the
