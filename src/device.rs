@@ -370,6 +370,20 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
+/// Runs `f` on one of the pool's workers (here when this thread is one, or when the pool
+/// has a single worker, whose kernels run on the caller anyway). A parallel loop started
+/// from outside the pool hands its work to the workers and puts the caller to sleep until
+/// they are done, once per loop; from inside, the caller works on its share and the other
+/// workers steal the rest. A loop of many short parallel phases (a settle, a
+/// Newton–Schulz iteration) therefore pays one handoff instead of one per phase.
+pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if threads() == 1 || rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -241,6 +241,32 @@ fn host_and_device_gram_space_newton_schulz_agree_with_exact_arithmetic() {
     }
 }
 
+/// The host Newton–Schulz shares its row panels and the mirroring of its symmetric
+/// products among the pool's workers; each panel is the same product on any number of
+/// threads, so the result is the same to the bit. Shapes with a last panel shorter than
+/// the others (`r = 130`), tall and wide.
+#[test]
+fn host_newton_schulz_gives_the_same_bits_on_any_number_of_threads() {
+    let cases = [((784, 256), 21), ((130, 300), 22), ((300, 130), 23)];
+    for ((m, n), seed) in cases {
+        let g = gaussianish(m, n, seed);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| h(&newton_schulz(t(&g, [m, n]), 5, NsIteration::Quintic)))
+        };
+        let one = run(1);
+        for threads in [2, 3] {
+            assert!(
+                run(threads) == one,
+                "{m}x{n}: {threads} threads changed the result"
+            );
+        }
+    }
+}
+
 #[test]
 fn dion_recovers_the_rank_r_polar_factor_and_keeps_the_residual_in_momentum() {
     let (m, n, r) = (40, 30, 6);

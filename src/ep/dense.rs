@@ -480,5 +480,5 @@ pub(crate) fn settle(
         widths,
         loss: model.loss(),
     };
-    drive(chunks, &shared, config, model, net, ctx, beta)
+    crate::device::on_workers(|| drive(chunks, &shared, config, model, net, ctx, beta))
 }

@@ -5,6 +5,7 @@
 //! low rank), which is done on the host in f64.
 
 use burn::tensor::TensorData;
+use rayon::prelude::*;
 
 use crate::device::{Tensor, to_host};
 use crate::model::kernels::{MatRef, matmul, matmul_into};
@@ -98,7 +99,9 @@ pub fn newton_schulz(g: Tensor<2>, steps: usize, iteration: NsIteration) -> Tens
         let [rows, cols] = g.dims();
         let device = g.device();
         // `g` is often shared (the heavy-ball momentum the optimizer keeps): one copy.
-        let out = newton_schulz_host(&crate::device::to_host(&g), rows, cols, steps, iteration);
+        let g = crate::device::to_host(&g);
+        let out =
+            crate::device::on_workers(|| newton_schulz_host(&g, rows, cols, steps, iteration));
         return Tensor::from_data(TensorData::new(out, [rows, cols]), &device);
     }
     newton_schulz_on_device(g, steps, iteration)
@@ -155,28 +158,87 @@ fn symmetric_product(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>) {
     debug_assert_eq!(rhs.cols(), r);
     // One product per row panel, from its diagonal block to the right edge: the same
     // blocks, in calls wide enough to run at GEMM speed.
-    for i in (0..r).step_by(SYMMETRIC_BLOCK) {
-        let bi = SYMMETRIC_BLOCK.min(r - i);
+    row_panels(dst, r, |i, panel| {
+        let bi = panel.len() / r;
         matmul_into(
-            dst,
+            panel,
             r,
-            i,
+            0,
             i,
             lhs.sub_rows(i, bi),
             rhs.sub_cols(i, r - i),
             false,
         );
-    }
-    // Tile by tile, so that both the reads and the writes stay in cache.
-    for i0 in (0..r).step_by(SYMMETRIC_BLOCK) {
+    });
+    // Then each row panel takes its part of the lower triangle from the upper one, tile by
+    // tile so that both the reads and the writes stay in cache.
+    let n = r.div_ceil(SYMMETRIC_BLOCK);
+    let base = SharedMut(dst.as_mut_ptr());
+    let mirror = |panel: usize| {
+        let i0 = panel * SYMMETRIC_BLOCK;
         for j0 in (0..=i0).step_by(SYMMETRIC_BLOCK) {
             for i in i0..(i0 + SYMMETRIC_BLOCK).min(r) {
                 for j in j0..(j0 + SYMMETRIC_BLOCK).min(i) {
-                    dst[i * r + j] = dst[j * r + i];
+                    // SAFETY: `i, j < r`, so both offsets lie inside `dst` (`r x r`, checked
+                    // by the products above). Every write is below the diagonal (`j < i`),
+                    // every read above it, and each panel writes only its own rows: no
+                    // element is written twice or both written and read, and no reference
+                    // to `dst` is alive during this loop.
+                    unsafe { *base.at(i * r + j) = *base.at(j * r + i) };
                 }
             }
         }
+    };
+    if crate::device::threads() == 1 {
+        (0..n).for_each(mirror);
+    } else {
+        (0..n).into_par_iter().for_each(mirror);
     }
+}
+
+/// A raw pointer into a buffer whose threads write disjoint elements (`Send` and `Sync`:
+/// the caller keeps the writes disjoint from each other and from the reads).
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+
+// SAFETY: see the type's documentation; every use states why its accesses are disjoint.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The element at `offset`.
+    ///
+    /// # Safety
+    /// `offset` must lie inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `offset` inside the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `f(first_row, panel)` on each panel of [`SYMMETRIC_BLOCK`] rows of the row-major `dst`
+/// (`cols` wide), on the pool's workers when it has more than one. Each panel is one
+/// product whatever the number of workers, so the result does not depend on it. The
+/// panels are handed out first, last, second, second-to-last and so on, so that the
+/// halves of the list carry equal work when a panel's work falls linearly down the matrix
+/// (the upper-triangle panels of [`symmetric_product`]).
+fn row_panels(dst: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let len = SYMMETRIC_BLOCK * cols;
+    let panel = |(p, rows): (usize, &mut [f32])| f(p * SYMMETRIC_BLOCK, rows);
+    if crate::device::threads() == 1 {
+        dst.chunks_mut(len).enumerate().for_each(panel);
+        return;
+    }
+    let mut panels: Vec<(usize, &mut [f32])> = dst.chunks_mut(len).enumerate().collect();
+    let mut order = Vec::with_capacity(panels.len());
+    while !panels.is_empty() {
+        order.push(panels.remove(0));
+        if let Some(last) = panels.pop() {
+            order.push(last);
+        }
+    }
+    order.into_par_iter().for_each(panel);
 }
 
 /// `sum v^2` in f64, in eight interleaved partial sums (which vectorise).
@@ -275,12 +337,14 @@ pub fn newton_schulz_host(
         }
     }
     let mut out = vec![0.0; rows * cols];
-    if tall {
-        // out^T = Q X, i.e. out = X^T Q (c x r).
-        matmul(&mut out, x.t(), MatRef::new(&q, r, r), false);
-    } else {
-        matmul(&mut out, MatRef::new(&q, r, r), x, false);
-    }
+    let q = MatRef::new(&q, r, r);
+    // By row panels of the output: out^T = Q X, i.e. a tall input's out = X^T Q (c x r).
+    let (lhs, rhs) = if tall { (x.t(), q) } else { (q, x) };
+    let width = rhs.cols();
+    row_panels(&mut out, width, |i, panel| {
+        let rows = panel.len() / width;
+        matmul(panel, lhs.sub_rows(i, rows), rhs, false);
+    });
     out
 }
 
