@@ -328,9 +328,13 @@ pub(super) fn drive<B: SampleBlock>(
         ..SettleStats::default()
     };
     let mut curve = Vec::new();
+    // The blocks settle on their own between residual checks: each call runs the steps up
+    // to the next check (or the end of the budget) on every block, so the workers meet
+    // once per check instead of twice per step. A block's operations and their order are
+    // those of a step-by-step loop.
+    each(&mut blocks, &|b| b.gradients(shared, beta, true));
     loop {
         let check = stats.steps.is_multiple_of(config.check_every);
-        each(&mut blocks, &|b| b.gradients(shared, beta, check));
         if check {
             let rows = || blocks.iter().flat_map(|b| b.sq().chunks_exact(depth));
             let layer_max: Vec<f32> = (0..depth)
@@ -363,8 +367,17 @@ pub(super) fn drive<B: SampleBlock>(
         if stats.steps >= config.steps {
             break;
         }
-        each(&mut blocks, &|b| b.step(shared, config.momentum, config.lr));
-        stats.steps += 1;
+        let every = config.check_every.max(1);
+        let next_check = (stats.steps / every + 1) * every;
+        let run = next_check.min(config.steps) - stats.steps;
+        let norms = (stats.steps + run).is_multiple_of(config.check_every);
+        each(&mut blocks, &|b| {
+            for k in 1..=run {
+                b.step(shared, config.momentum, config.lr);
+                b.gradients(shared, beta, norms && k == run);
+            }
+        });
+        stats.steps += run;
     }
     let device = ctx.input().device();
     let batch = ctx.batch_size();
