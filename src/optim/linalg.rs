@@ -258,19 +258,22 @@ fn sum_of_squares(values: &[f32]) -> f64 {
     partial.iter().sum::<f64>() + tail
 }
 
-/// `src` (row-major `rows x cols`) transposed and scaled into `dst` (`cols x rows`), in
-/// tiles so that the strided side stays in cache.
+/// `src` (row-major `rows x cols`) transposed and scaled into `dst` (`cols x rows`), by
+/// row panels of `dst` shared among the pool's workers, each in tiles so that the strided
+/// side stays in cache.
 fn transpose_scaled(src: &[f32], rows: usize, cols: usize, scale: f32, dst: &mut [f32]) {
     const TILE: usize = 32;
-    for i0 in (0..rows).step_by(TILE) {
-        for j0 in (0..cols).step_by(TILE) {
-            for i in i0..(i0 + TILE).min(rows) {
-                for j in j0..(j0 + TILE).min(cols) {
-                    dst[j * rows + i] = src[i * cols + j] * scale;
+    row_panels(dst, rows, |j0, panel| {
+        let count = panel.len() / rows;
+        for i0 in (0..rows).step_by(TILE) {
+            for j in j0..j0 + count {
+                let out = &mut panel[(j - j0) * rows..][..rows];
+                for i in i0..(i0 + TILE).min(rows) {
+                    out[i] = src[i * cols + j] * scale;
                 }
             }
         }
-    }
+    });
 }
 
 /// The Newton–Schulz map of [`newton_schulz`] in the Gram space on host buffers (`g`
@@ -280,7 +283,10 @@ fn transpose_scaled(src: &[f32], rows: usize, cols: usize, scale: f32, dst: &mut
 /// blocks at `r = 256`, and `G = X X^T` likewise. Only the final `Q X` is a full product.
 /// 784 x 256, 5 steps: 0.48 instead of 0.78 GFLOP; measured on one thread 4.7-4.8 ms
 /// against 6.4-6.5 ms for [`newton_schulz_on_device`] on the CPU (blocks of 16, 64 and 128
-/// took 5.0, 5.1-5.2 and 5.5 ms).
+/// took 5.0, 5.1-5.2 and 5.5 ms). On a pool of several workers every product, mirror,
+/// transposition and `p(A)` is shared among them by row panels (see [`row_panels`]; call
+/// it through [`crate::device::on_workers`]): `mep bench muon`, 784-256-128-10, cubic, one
+/// update of all three matrices, 4.8-4.9 ms on one thread and 2.9-3.2 ms on two.
 pub fn newton_schulz_host(
     g: &[f32],
     rows: usize,
@@ -300,7 +306,13 @@ pub fn newton_schulz_host(
         transpose_scaled(g, rows, cols, 1.0 / norm, &mut t);
         t
     } else {
-        g.iter().map(|v| v / norm).collect()
+        let mut t = vec![0.0; r * c];
+        row_panels(&mut t, c, |i, panel| {
+            for (t, &v) in panel.iter_mut().zip(&g[i * c..]) {
+                *t = v / norm;
+            }
+        });
+        t
     };
     let x = MatRef::new(&scaled, r, c);
     let mut a = vec![0.0; r * r];
@@ -313,17 +325,23 @@ pub fn newton_schulz_host(
     for step in 0..steps {
         if qc != 0.0 {
             symmetric_product(&mut a2, square(&a, r), square(&a, r));
-            for ((pi, &ai), &a2i) in p.iter_mut().zip(&a).zip(&a2) {
-                *pi = qb * ai + qc * a2i;
-            }
-        } else {
-            for (pi, &ai) in p.iter_mut().zip(&a) {
-                *pi = qb * ai;
-            }
         }
-        for i in 0..r {
-            p[i * r + i] += qa;
-        }
+        // p = qa I + qb A (+ qc A^2), by row panels.
+        row_panels(&mut p, r, |i0, panel| {
+            let at = i0 * r..i0 * r + panel.len();
+            if qc != 0.0 {
+                for ((pi, &ai), &a2i) in panel.iter_mut().zip(&a[at.clone()]).zip(&a2[at]) {
+                    *pi = qb * ai + qc * a2i;
+                }
+            } else {
+                for (pi, &ai) in panel.iter_mut().zip(&a[at]) {
+                    *pi = qb * ai;
+                }
+            }
+            for k in 0..panel.len() / r {
+                panel[k * r + i0 + k] += qa;
+            }
+        });
         if step == 0 {
             q.copy_from_slice(&p);
         } else {
