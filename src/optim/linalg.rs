@@ -182,8 +182,8 @@ fn symmetric_product(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>) {
                     // SAFETY: `i, j < r`, so both offsets lie inside `dst` (`r x r`, checked
                     // by the products above). Every write is below the diagonal (`j < i`),
                     // every read above it, and each panel writes only its own rows: no
-                    // element is written twice or both written and read, and no reference
-                    // to `dst` is alive during this loop.
+                    // element is written twice or both written and read, and `dst` itself
+                    // is not used while the pointer is.
                     unsafe { *base.at(i * r + j) = *base.at(j * r + i) };
                 }
             }
