@@ -328,12 +328,18 @@ pub fn autodiff(device: &Device) -> Device {
 pub const MAX_THREADS_PER_CORE: usize = 8;
 
 /// Sets the number of worker threads of the CPU kernels (rayon's global pool, which both CPU
-/// backends use). Must be called once, before any tensor work; `0` keeps the default (one
-/// thread per core). More than [`MAX_THREADS_PER_CORE`] per core is refused.
+/// backends use); `0` means one per core. Must be called once, before any tensor work
+/// (with `0`, a pool already started is kept). More than [`MAX_THREADS_PER_CORE`] per core
+/// is refused.
+///
+/// With two or more threads the calling thread becomes the pool's worker 0, beside
+/// `threads - 1` spawned ones: a parallel loop it starts then runs on it and the others,
+/// instead of being handed to the pool while the caller sleeps until it is done (one wake-up
+/// per loop, which burn's element-wise ops and the optimizer's small products paid on every
+/// call). Work started on any other thread is served by the spawned workers. One thread
+/// keeps a single spawned worker: there the caller's loops run inline anyway
+/// ([`on_workers`]), and a pool of the caller alone would never serve other threads.
 pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
-    if threads == 0 {
-        return Ok(());
-    }
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     if threads > MAX_THREADS_PER_CORE * cores {
         return Err(DeviceError::Threads {
@@ -344,13 +350,19 @@ pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
             ),
         });
     }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .map_err(|e| DeviceError::Threads {
+    let wanted = if threads == 0 { cores } else { threads };
+    let mut builder = rayon::ThreadPoolBuilder::new().num_threads(wanted);
+    if wanted > 1 {
+        builder = builder.use_current_thread();
+    }
+    match builder.build_global() {
+        Ok(()) => Ok(()),
+        Err(_) if threads == 0 => Ok(()),
+        Err(e) => Err(DeviceError::Threads {
             threads,
             reason: e.to_string(),
-        })
+        }),
+    }
 }
 
 /// Whether `device` is a CPU backend, whose tensors the host kernels (`model::kernels`,
@@ -370,8 +382,9 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// Runs `f` on one of the pool's workers (here when this thread is one, or when the pool
-/// has a single worker, whose kernels run on the caller anyway). A parallel loop started
+/// Runs `f` on one of the pool's workers (here when this thread is one, as the thread that
+/// called [`set_threads`] is, or when the pool has a single worker, whose kernels run on
+/// the caller anyway). A parallel loop started
 /// from outside the pool hands its work to the workers and puts the caller to sleep until
 /// they are done, once per loop; from inside, the caller works on its share and the other
 /// workers steal the rest. A loop of many short parallel phases (a settle, a

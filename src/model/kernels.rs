@@ -668,6 +668,26 @@ pub fn lane_sum_squares(x: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// The dot product of `x` and `y` (equal lengths) in sixteen running lanes, as
+/// [`lane_sum`].
+pub fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
+    debug_assert_eq!(x.len(), y.len());
+    let mut lanes = [0f32; 16];
+    let (xs, ys) = (x.chunks_exact(16), y.chunks_exact(16));
+    let tail: f32 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in xs.zip(ys) {
+        for ((l, p), q) in lanes.iter_mut().zip(a).zip(b) {
+            *l += p * q;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `dst.copy_from_slice(src)` for the short rows of small images: a late convolution's
 /// output rows are a few values long, and a `memcpy` call per row cost more than the copy
 /// (the rows go eight at a time through registers instead).

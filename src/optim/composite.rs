@@ -27,8 +27,7 @@ use rand::{RngExt, SeedableRng};
 
 use super::elementwise;
 use super::linalg::{
-    NsIteration, frobenius, newton_schulz, normalize_columns, orthonormalize_columns,
-    power_iteration,
+    NsIteration, frobenius, newton_schulz, normalize_columns, orthonormalize_columns, spectral_norm,
 };
 use super::{OptimError, Optimizer, OptimizerState, check_adam, check_arity, check_range};
 use crate::device::{Tensor, from_host, host_f32, into_host, to_host};
@@ -558,6 +557,299 @@ struct ParamState {
     spectral_u: Option<Tensor<2>>,
 }
 
+impl ParamState {
+    /// The momentum direction of `c` (`c` itself without momentum), updating the buffer.
+    fn heavy_ball(&mut self, config: &CompositeConfig, c: Tensor<2>) -> Tensor<2> {
+        let mu = config.momentum as f32;
+        if mu == 0.0 {
+            return c;
+        }
+        let nesterov = config.nesterov;
+        let state = self.momentum.take();
+        if host_f32(&c) && state.as_ref().is_none_or(host_f32) {
+            let (dims, device) = (c.dims(), c.device());
+            let mut c_host = into_host(c);
+            // A zero buffer gives the first step's `0 mu + c = c`.
+            let mut m = state.map_or_else(|| vec![0.0; c_host.len()], into_host);
+            elementwise::momentum(&mut m, &mut c_host, mu, nesterov);
+            // The heavy-ball direction is the buffer itself: handed out as its own copy (the
+            // caller moves it into host buffers again, which a shared tensor would make
+            // three copies; see `crate::device::to_host`).
+            let d = if nesterov { c_host } else { m.clone() };
+            self.momentum = Some(from_host(m, dims, &device));
+            return from_host(d, dims, &device);
+        }
+        let buf = match state {
+            Some(m) => m.mul_scalar(mu) + c.clone(),
+            None => c.clone(),
+        };
+        self.momentum = Some(buf.clone());
+        if nesterov {
+            c + buf.mul_scalar(mu)
+        } else {
+            buf
+        }
+    }
+
+    /// Adam's direction for `g` at step `step` (0-based), updating its moments.
+    fn adam_direction(
+        &mut self,
+        step: usize,
+        g: Tensor<2>,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    ) -> Tensor<2> {
+        let t = (step + 1) as i32;
+        let (b1, b2) = (beta1 as f32, beta2 as f32);
+        let bc1 = 1.0 - beta1.powi(t);
+        let bc2 = 1.0 - beta2.powi(t);
+        let state = self.adam.take();
+        if host_f32(&g)
+            && state
+                .as_ref()
+                .is_none_or(|(m, v)| host_f32(m) && host_f32(v))
+        {
+            let (dims, device) = (g.dims(), g.device());
+            let mut d = into_host(g);
+            // Zero moments give the first step's `g (1 - beta)` exactly.
+            let (mut m, mut v) = state.map_or_else(
+                || (vec![0.0; d.len()], vec![0.0; d.len()]),
+                |(m, v)| (into_host(m), into_host(v)),
+            );
+            let step = elementwise::AdamStep {
+                beta1: b1,
+                beta2: b2,
+                eps: eps as f32,
+                correction1: bc1 as f32,
+                correction2: bc2 as f32,
+            };
+            elementwise::adam(&mut m, &mut v, &mut d, step);
+            self.adam = Some((from_host(m, dims, &device), from_host(v, dims, &device)));
+            return from_host(d, dims, &device);
+        }
+        let (m, v) = match state {
+            Some((m, v)) => (
+                m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1),
+                v.mul_scalar(b2) + g.clone().square().mul_scalar(1.0 - b2),
+            ),
+            None => (
+                g.clone().mul_scalar(1.0 - b1),
+                g.square().mul_scalar(1.0 - b2),
+            ),
+        };
+        let d = (m.clone().div_scalar(bc1 as f32))
+            / (v.clone()
+                .div_scalar(bc2 as f32)
+                .sqrt()
+                .add_scalar(eps as f32));
+        self.adam = Some((m, v));
+        d
+    }
+
+    /// The direction of a matrix of kind `kind` from its (compressed) gradient `x` under
+    /// every update rule but Dion's data-parallel low-rank one (which draws its starting
+    /// factor; [`CompositeOptimizer::matrix_direction`] handles it): heavy-ball momentum,
+    /// then Muon's orthogonalisation, the Fisher whitening, or Adam.
+    fn rule_direction(
+        &mut self,
+        config: &CompositeConfig,
+        step: usize,
+        kind: ParamKind,
+        x: Tensor<2>,
+        factors: Option<&GradFactors>,
+    ) -> Tensor<2> {
+        match config.update {
+            UpdateRule::Plain | UpdateRule::LowRank { .. } => self.heavy_ball(config, x),
+            // Dion's rule on matrices below its size threshold (the optimizer's
+            // `matrix_direction` takes the others): Muon with the quintic.
+            UpdateRule::Dion { ns_steps, .. } => {
+                let x = self.heavy_ball(config, x);
+                newton_schulz(x, ns_steps, NsIteration::Quintic).mul_scalar(shape_scale(kind))
+            }
+            UpdateRule::Muon {
+                ns_steps,
+                iteration,
+            } => {
+                let x = self.heavy_ball(config, x);
+                newton_schulz(x, ns_steps, iteration).mul_scalar(shape_scale(kind))
+            }
+            UpdateRule::Fisher {
+                damping,
+                ema,
+                orthogonalize,
+                ns_steps,
+            } => {
+                let x = self.heavy_ball(config, x);
+                let whitened = match factors {
+                    Some(f) => {
+                        let n = f.inputs.dims()[0] as f32;
+                        let fresh = f
+                            .inputs
+                            .clone()
+                            .square()
+                            .transpose()
+                            .matmul(f.output_grads.clone().square())
+                            .div_scalar(n);
+                        let fresh = match kind {
+                            ParamKind::Matrix {
+                                out_major: true, ..
+                            } => fresh.transpose(),
+                            _ => fresh,
+                        };
+                        let fisher = match self.fisher.take() {
+                            Some(old) => {
+                                old.mul_scalar(ema as f32) + fresh.mul_scalar((1.0 - ema) as f32)
+                            }
+                            None => fresh,
+                        };
+                        self.fisher = Some(fisher.clone());
+                        x / fisher.add_scalar(damping as f32)
+                    }
+                    None => x,
+                };
+                if orthogonalize {
+                    newton_schulz(whitened, ns_steps, NsIteration::Quintic)
+                        .mul_scalar(shape_scale(kind))
+                } else {
+                    whitened
+                }
+            }
+            UpdateRule::Adam { beta1, beta2, eps } => {
+                self.adam_direction(step, x, beta1, beta2, eps)
+            }
+        }
+    }
+
+    /// `w` scaled by `gamma / max(sigma, gamma)`, `sigma` its largest singular value by
+    /// power iteration warm-started from `u` (`force` rounds, or the constraint's own with
+    /// its tolerance); keeps the new vector. Nothing without a spectral constraint.
+    fn bound(
+        &mut self,
+        constraint: &Constraint,
+        w: Tensor<2>,
+        u: Tensor<2>,
+        force: Option<usize>,
+    ) -> Tensor<2> {
+        let Constraint::Spectral {
+            gamma,
+            power_iters,
+            tol,
+            ..
+        } = *constraint
+        else {
+            return w;
+        };
+        let (u, sigma) = spectral_norm(&w, u, force.unwrap_or(power_iters), tol);
+        self.spectral_u = Some(u);
+        if host_f32(&sigma) {
+            // The same factor on the host, where a factor of exactly 1 (the bound not
+            // reached) skips the pass over W. A NaN estimate makes W NaN, as on a device,
+            // for the trainer's finiteness check.
+            let (sigma, gamma) = (to_host(&sigma)[0].abs(), gamma as f32);
+            let factor = if sigma.is_nan() {
+                f32::NAN
+            } else {
+                sigma.max(gamma).recip() * gamma
+            };
+            return if factor == 1.0 {
+                w
+            } else {
+                w.mul_scalar(factor)
+            };
+        }
+        // W * gamma / max(sigma, gamma), on the device.
+        let factor = sigma
+            .abs()
+            .clamp_min(gamma as f32)
+            .recip()
+            .mul_scalar(gamma as f32);
+        w * factor
+    }
+
+    /// The parameter's step with no ranks and no compression: a matrix's direction
+    /// ([`ParamState::rule_direction`]), descent with weight decay, then the spectral bound
+    /// when `u` (its warm start) is given; a vector's momentum or Adam direction and
+    /// descent at `vector_lr`.
+    fn update(
+        &mut self,
+        config: &CompositeConfig,
+        step: usize,
+        kind: ParamKind,
+        (p, g, u): (Tensor<2>, Tensor<2>, Option<Tensor<2>>),
+        factors: Option<&GradFactors>,
+        rates: Rates,
+    ) -> Tensor<2> {
+        match kind {
+            ParamKind::Matrix { .. } => {
+                let d = self.rule_direction(config, step, kind, g, factors);
+                let w = CompositeOptimizer::descend(p, d, rates.decay, rates.lr);
+                match u {
+                    Some(u) => self.bound(&config.constraint, w, u, None),
+                    None => w,
+                }
+            }
+            ParamKind::Vector => {
+                let d = match config.vector_update {
+                    VectorRule::Plain => self.heavy_ball(config, g),
+                    VectorRule::Adam => self.adam_direction(step, g, 0.9, 0.999, 1e-8),
+                };
+                CompositeOptimizer::descend(p, d, 1.0, rates.vector_lr)
+            }
+        }
+    }
+}
+
+/// The step's learning rates: `lr` and `decay = 1 - lr wd` for matrices, `vector_lr` for
+/// vectors.
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    lr: f32,
+    vector_lr: f32,
+    decay: f32,
+}
+
+/// One parameter's share of an independent step: its index, kind and state, value,
+/// gradient, the spectral bound's vector when the bound applies, and its gradient factors.
+struct ParamJob<'a> {
+    k: usize,
+    kind: ParamKind,
+    state: &'a mut ParamState,
+    p: Tensor<2>,
+    g: Tensor<2>,
+    u: Option<Tensor<2>>,
+    factors: Option<&'a GradFactors>,
+}
+
+impl ParamJob<'_> {
+    /// Its update's cost, to order the jobs: Newton–Schulz's `m n min(m, n)` for a
+    /// matrix, the length of a vector.
+    fn cost(&self) -> usize {
+        let [m, n] = self.p.dims();
+        match self.kind {
+            ParamKind::Matrix { .. } => m * n * m.min(n),
+            ParamKind::Vector => m * n,
+        }
+    }
+}
+
+/// `f` of every job, in their order: the caller runs the first while the pool's other
+/// workers may take the rest, one at a time (so jobs listed largest first start on
+/// different workers).
+fn largest_first<J: Send, R: Send>(jobs: Vec<J>, f: &(impl Fn(J) -> R + Sync)) -> Vec<R> {
+    let mut jobs = jobs.into_iter();
+    let Some(first) = jobs.next() else {
+        return Vec::new();
+    };
+    let rest: Vec<J> = jobs.collect();
+    if rest.is_empty() {
+        return vec![f(first)];
+    }
+    let (head, mut tail) = rayon::join(|| f(first), || largest_first(rest, f));
+    tail.insert(0, head);
+    tail
+}
+
 /// The composite optimizer (see the module docs for the order of operations).
 #[derive(Debug, Clone)]
 pub struct CompositeOptimizer {
@@ -813,88 +1105,6 @@ impl CompositeOptimizer {
         (p, rt)
     }
 
-    /// The momentum direction of `c` (`c` itself without momentum), updating the buffer.
-    fn momentum(&mut self, k: usize, c: Tensor<2>) -> Tensor<2> {
-        let mu = self.config.momentum as f32;
-        if mu == 0.0 {
-            return c;
-        }
-        let nesterov = self.config.nesterov;
-        let state = self.state[k].momentum.take();
-        if host_f32(&c) && state.as_ref().is_none_or(host_f32) {
-            let (dims, device) = (c.dims(), c.device());
-            let mut c_host = into_host(c);
-            // A zero buffer gives the first step's `0 mu + c = c`.
-            let mut m = state.map_or_else(|| vec![0.0; c_host.len()], into_host);
-            elementwise::momentum(&mut m, &mut c_host, mu, nesterov);
-            // The heavy-ball direction is the buffer itself: handed out as its own copy (the
-            // caller moves it into host buffers again, which a shared tensor would make
-            // three copies; see `crate::device::to_host`).
-            let d = if nesterov { c_host } else { m.clone() };
-            self.state[k].momentum = Some(from_host(m, dims, &device));
-            return from_host(d, dims, &device);
-        }
-        let buf = match state {
-            Some(m) => m.mul_scalar(mu) + c.clone(),
-            None => c.clone(),
-        };
-        self.state[k].momentum = Some(buf.clone());
-        if nesterov {
-            c + buf.mul_scalar(mu)
-        } else {
-            buf
-        }
-    }
-
-    /// Adam's direction for `g`, updating its moments.
-    fn adam(&mut self, k: usize, g: Tensor<2>, beta1: f64, beta2: f64, eps: f64) -> Tensor<2> {
-        let t = (self.step + 1) as i32;
-        let (b1, b2) = (beta1 as f32, beta2 as f32);
-        let bc1 = 1.0 - beta1.powi(t);
-        let bc2 = 1.0 - beta2.powi(t);
-        let state = self.state[k].adam.take();
-        if host_f32(&g)
-            && state
-                .as_ref()
-                .is_none_or(|(m, v)| host_f32(m) && host_f32(v))
-        {
-            let (dims, device) = (g.dims(), g.device());
-            let mut d = into_host(g);
-            // Zero moments give the first step's `g (1 - beta)` exactly.
-            let (mut m, mut v) = state.map_or_else(
-                || (vec![0.0; d.len()], vec![0.0; d.len()]),
-                |(m, v)| (into_host(m), into_host(v)),
-            );
-            let step = elementwise::AdamStep {
-                beta1: b1,
-                beta2: b2,
-                eps: eps as f32,
-                correction1: bc1 as f32,
-                correction2: bc2 as f32,
-            };
-            elementwise::adam(&mut m, &mut v, &mut d, step);
-            self.state[k].adam = Some((from_host(m, dims, &device), from_host(v, dims, &device)));
-            return from_host(d, dims, &device);
-        }
-        let (m, v) = match state {
-            Some((m, v)) => (
-                m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1),
-                v.mul_scalar(b2) + g.clone().square().mul_scalar(1.0 - b2),
-            ),
-            None => (
-                g.clone().mul_scalar(1.0 - b1),
-                g.square().mul_scalar(1.0 - b2),
-            ),
-        };
-        let d = (m.clone().div_scalar(bc1 as f32))
-            / (v.clone()
-                .div_scalar(bc2 as f32)
-                .sqrt()
-                .add_scalar(eps as f32));
-        self.state[k].adam = Some((m, v));
-        d
-    }
-
     /// The descent `p (1 - lr wd) - lr d` (`decay = 1 - lr wd`).
     fn descend(p: Tensor<2>, d: Tensor<2>, decay: f32, lr: f32) -> Tensor<2> {
         if host_f32(&p) && host_f32(&d) {
@@ -945,25 +1155,11 @@ impl CompositeOptimizer {
             _ => fed,
         };
         match self.config.update {
-            UpdateRule::Plain | UpdateRule::LowRank { .. } => self.momentum(k, compressed),
-            UpdateRule::Muon {
-                ns_steps,
-                iteration,
-            } => {
-                let x = self.momentum(k, compressed);
-                newton_schulz(x, ns_steps, iteration).mul_scalar(shape_scale(kind))
-            }
             UpdateRule::Dion {
                 rank_frac,
                 threshold,
-                ns_steps,
-            } => {
-                let dims = compressed.dims();
-                if dims[0] * dims[1] < threshold {
-                    let x = self.momentum(k, compressed);
-                    return newton_schulz(x, ns_steps, NsIteration::Quintic)
-                        .mul_scalar(shape_scale(kind));
-                }
+                ..
+            } if compressed.dims()[0] * compressed.dims()[1] >= threshold => {
                 let b = match self.state[k].momentum.take() {
                     Some(m) => m + compressed,
                     None => compressed,
@@ -975,95 +1171,101 @@ impl CompositeOptimizer {
                 let q = self.state[k].right.clone().expect("set by low_rank");
                 p.matmul(q.transpose()).mul_scalar(shape_scale(kind))
             }
-            UpdateRule::Fisher {
-                damping,
-                ema,
-                orthogonalize,
-                ns_steps,
-            } => {
-                let x = self.momentum(k, compressed);
-                let whitened = match factors {
-                    Some(f) => {
-                        let n = f.inputs.dims()[0] as f32;
-                        let fresh = f
-                            .inputs
-                            .clone()
-                            .square()
-                            .transpose()
-                            .matmul(f.output_grads.clone().square())
-                            .div_scalar(n);
-                        let fresh = match kind {
-                            ParamKind::Matrix {
-                                out_major: true, ..
-                            } => fresh.transpose(),
-                            _ => fresh,
-                        };
-                        let fisher = match self.state[k].fisher.take() {
-                            Some(old) => {
-                                old.mul_scalar(ema as f32) + fresh.mul_scalar((1.0 - ema) as f32)
-                            }
-                            None => fresh,
-                        };
-                        self.state[k].fisher = Some(fisher.clone());
-                        x / fisher.add_scalar(damping as f32)
-                    }
-                    None => x,
-                };
-                if orthogonalize {
-                    newton_schulz(whitened, ns_steps, NsIteration::Quintic)
-                        .mul_scalar(shape_scale(kind))
-                } else {
-                    whitened
-                }
+            _ => {
+                let config = &self.config;
+                self.state[k].rule_direction(config, self.step, kind, compressed, factors)
             }
-            UpdateRule::Adam { beta1, beta2, eps } => self.adam(k, compressed, beta1, beta2, eps),
         }
     }
 
-    fn constrain(&mut self, k: usize, w: Tensor<2>, force: Option<usize>) -> Tensor<2> {
-        let Constraint::Spectral {
-            gamma,
-            power_iters,
-            every,
-            tol,
-        } = self.config.constraint
-        else {
-            return w;
+    /// The spectral bound's warm-start vector for matrix `k` (`w`) when the bound applies at
+    /// this step (`force`: a number of rounds that applies it whatever the step): the
+    /// stored one, or a random unit vector drawn now. `None` when it does not apply.
+    fn bound_vector(&mut self, k: usize, w: &Tensor<2>, force: Option<usize>) -> Option<Tensor<2>> {
+        let Constraint::Spectral { every, .. } = self.config.constraint else {
+            return None;
         };
         if force.is_none() && !(self.step + 1).is_multiple_of(every) {
-            return w;
+            return None;
         }
-        let power_iters = force.unwrap_or(power_iters);
-        let m = w.dims()[0];
-        let u = match self.state[k].spectral_u.take() {
+        Some(match self.state[k].spectral_u.take() {
             Some(u) => u,
             None => {
-                let u = self.random([1, m], &w);
+                let u = self.random([1, w.dims()[0]], w);
                 u.clone() / frobenius(&u)
             }
-        };
-        let (mut u, _, mut sigma) = power_iteration(&w, u, power_iters);
-        if tol > 0.0 {
-            let read = |s: &Tensor<2>| -> f64 { to_host(s)[0].abs() as f64 };
-            let mut last = read(&sigma);
-            for _ in 0..9 * power_iters {
-                let (nu, _, ns) = power_iteration(&w, u.clone(), 1);
-                let now = read(&ns);
-                (u, sigma) = (nu, ns);
-                if now - last <= tol * now {
-                    break;
-                }
-                last = now;
-            }
+        })
+    }
+
+    /// Matrix `k` under the spectral bound, when it applies at this step.
+    fn constrain(&mut self, k: usize, w: Tensor<2>, force: Option<usize>) -> Tensor<2> {
+        match self.bound_vector(k, &w, force) {
+            Some(u) => self.state[k].bound(&self.config.constraint, w, u, force),
+            None => w,
         }
-        self.state[k].spectral_u = Some(u);
-        // W * gamma / max(sigma, gamma), on the device.
-        let factor = sigma
-            .abs()
-            .clamp_min(gamma as f32)
-            .recip()
-            .mul_scalar(gamma as f32);
-        w * factor
+    }
+
+    /// A step in which every parameter's update reads only its own state and draws
+    /// nothing (no ranks, no compression): the spectral bound's missing vectors are drawn
+    /// first, in parameter order (where the sequential order draws them too), then the
+    /// parameters are updated independently: in parallel on the pool's workers when it has
+    /// several and the tensors are on the host, the largest first (one worker takes the
+    /// first matrix's Newton–Schulz while the others take the smaller matrices, then help
+    /// with its row panels). Each update is the same computation on any number of threads.
+    fn independent_step(
+        &mut self,
+        params: Vec<Tensor<2>>,
+        grads: Vec<Tensor<2>>,
+        factors: &[Option<GradFactors>],
+        rates: Rates,
+    ) -> Vec<Tensor<2>> {
+        let vectors: Vec<Option<Tensor<2>>> = (0..params.len())
+            .map(|k| match self.info[k].kind {
+                ParamKind::Matrix { .. } => self.bound_vector(k, &params[k], None),
+                ParamKind::Vector => None,
+            })
+            .collect();
+        let parallel = crate::device::threads() > 1 && params.iter().chain(&grads).all(host_f32);
+        let (config, step) = (&self.config, self.step);
+        let mut jobs: Vec<ParamJob<'_>> = params
+            .into_iter()
+            .zip(grads)
+            .zip(vectors)
+            .zip(self.state.iter_mut().zip(&self.info))
+            .enumerate()
+            .map(|(k, (((p, g), u), (state, info)))| ParamJob {
+                k,
+                kind: info.kind,
+                state,
+                p,
+                g,
+                u,
+                factors: factors.get(k).and_then(Option::as_ref),
+            })
+            .collect();
+        let update = |job: ParamJob<'_>| {
+            let ParamJob {
+                k,
+                kind,
+                state,
+                p,
+                g,
+                u,
+                factors,
+            } = job;
+            (
+                k,
+                state.update(config, step, kind, (p, g, u), factors, rates),
+            )
+        };
+        let mut out = if parallel {
+            jobs.sort_by_key(|j| std::cmp::Reverse(j.cost()));
+            crate::device::on_workers(|| largest_first(jobs, &update))
+        } else {
+            jobs.into_iter().map(update).collect()
+        };
+        out.sort_by_key(|(k, _)| *k);
+        out.into_iter().map(|(_, p)| p).collect()
     }
 
     fn guard_and_clip(&self, grads: Vec<Tensor<2>>) -> Result<Vec<Tensor<2>>, OptimError> {
@@ -1147,6 +1349,19 @@ impl Optimizer for CompositeOptimizer {
         let lr = (self.config.lr * factor) as f32;
         let vector_lr = (self.config.vector_lr.unwrap_or(self.config.lr) * factor) as f32;
         let decay = 1.0 - lr * self.config.weight_decay as f32;
+        let rates = Rates {
+            lr,
+            vector_lr,
+            decay,
+        };
+        if self.split.is_none()
+            && !self.config.update.compresses()
+            && self.config.feedback == Feedback::None
+        {
+            let out = self.independent_step(params, grads, factors, rates);
+            self.step += 1;
+            return Ok(out);
+        }
         // With ranks to share it, Muon's Newton–Schulz (most of a Muon step) is split
         // between them. Only without error feedback: its compression draws from the
         // random stream, whose order across parameters must not change.
@@ -1172,7 +1387,9 @@ impl Optimizer for CompositeOptimizer {
                     .iter()
                     .enumerate()
                     .map(|(k, g)| match self.info[k].kind {
-                        ParamKind::Matrix { .. } => Some(self.momentum(k, g.clone())),
+                        ParamKind::Matrix { .. } => {
+                            Some(self.state[k].heavy_ball(&self.config, g.clone()))
+                        }
                         ParamKind::Vector => None,
                     })
                     .collect();
@@ -1194,12 +1411,9 @@ impl Optimizer for CompositeOptimizer {
                     let w = Self::descend(p, d, decay, lr);
                     self.constrain(k, w, None)
                 }
-                ParamKind::Vector => {
-                    let d = match self.config.vector_update {
-                        VectorRule::Plain => self.momentum(k, g),
-                        VectorRule::Adam => self.adam(k, g, 0.9, 0.999, 1e-8),
-                    };
-                    Self::descend(p, d, 1.0, vector_lr)
+                kind @ ParamKind::Vector => {
+                    let config = &self.config;
+                    self.state[k].update(config, self.step, kind, (p, g, None), None, rates)
                 }
             };
             out.push(updated);

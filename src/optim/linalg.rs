@@ -8,7 +8,7 @@ use burn::tensor::TensorData;
 use rayon::prelude::*;
 
 use crate::device::{Tensor, to_host};
-use crate::model::kernels::{MatRef, matmul, matmul_into};
+use crate::model::kernels::{MatRef, lane_dot, lane_sum_squares, matmul, matmul_into};
 
 /// Which Newton–Schulz iteration orthogonalises a matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -475,6 +475,124 @@ pub fn power_iteration(
     }
     let sigma = u.clone().matmul(w.clone()).matmul(v.clone().transpose());
     (u, v, sigma)
+}
+
+/// Most extra single rounds [`spectral_norm`] runs per requested round while the estimate
+/// still moves by more than its tolerance.
+const EXTRA_ROUNDS_PER_ROUND: usize = 9;
+
+/// The largest singular value of `w` (`[m, n]`) by power iteration warm-started from `u`
+/// (`[1, m]`): `rounds` rounds of [`power_iteration`], then, with `tol > 0`, single rounds
+/// (at most nine per requested round) until the estimate changes by at most `tol` of
+/// itself. Returns the new `u` and `sigma` (`[1, 1]`). On a CPU device in f32 it runs on
+/// host buffers ([`spectral_norm_host`], the same rounds without the tensor overhead of
+/// about ten small products each), elsewhere with burn's ops.
+pub fn spectral_norm(
+    w: &Tensor<2>,
+    u: Tensor<2>,
+    rounds: usize,
+    tol: f64,
+) -> (Tensor<2>, Tensor<2>) {
+    if crate::device::host_f32(w) && crate::device::host_f32(&u) {
+        let [m, n] = w.dims();
+        let device = w.device();
+        let mut u = crate::device::into_host(u);
+        let sigma = spectral_norm_host(&to_host(w), m, n, &mut u, rounds, tol);
+        return (
+            crate::device::from_host(u, [1, m], &device),
+            crate::device::from_host(vec![sigma], [1, 1], &device),
+        );
+    }
+    spectral_norm_on_device(w, u, rounds, tol)
+}
+
+/// [`spectral_norm`] with burn's ops, on any device.
+pub fn spectral_norm_on_device(
+    w: &Tensor<2>,
+    u: Tensor<2>,
+    rounds: usize,
+    tol: f64,
+) -> (Tensor<2>, Tensor<2>) {
+    let (mut u, _, mut sigma) = power_iteration(w, u, rounds);
+    if tol > 0.0 {
+        let read = |s: &Tensor<2>| -> f64 { to_host(s)[0].abs() as f64 };
+        let mut last = read(&sigma);
+        for _ in 0..EXTRA_ROUNDS_PER_ROUND * rounds {
+            let (nu, _, ns) = power_iteration(w, u.clone(), 1);
+            let now = read(&ns);
+            (u, sigma) = (nu, ns);
+            if now - last <= tol * now {
+                break;
+            }
+            last = now;
+        }
+    }
+    (u, sigma)
+}
+
+/// [`spectral_norm`] on host buffers: `w` row-major `m x n`, `u` (`m` values) updated in
+/// place; returns `sigma`. The rounds are [`power_iteration`]'s, except that a round's
+/// first product `u W` is the previous round's last one (the same `u`), kept instead of
+/// recomputed: two matrix-vector products per round instead of four.
+pub fn spectral_norm_host(
+    w: &[f32],
+    m: usize,
+    n: usize,
+    u: &mut [f32],
+    rounds: usize,
+    tol: f64,
+) -> f32 {
+    assert_eq!(w.len(), m * n, "spectral_norm_host: w is not m x n");
+    assert_eq!(u.len(), m, "spectral_norm_host: u is not m long");
+    // `t = u W` for the current `u`, `v = t / (|t| + 1e-12)`.
+    let mut t = vec![0.0; n];
+    let mut v = vec![0.0; n];
+    row_times(u, w, &mut t);
+    let mut round = |u: &mut [f32], t: &mut [f32], count: usize| -> f32 {
+        normalized_into(&mut v, t);
+        for _ in 0..count.max(1) {
+            for (ui, row) in u.iter_mut().zip(w.chunks_exact(n)) {
+                *ui = lane_dot(row, &v);
+            }
+            let norm = lane_sum_squares(u).sqrt() + 1e-12;
+            u.iter_mut().for_each(|x| *x /= norm);
+            row_times(u, w, t);
+            normalized_into(&mut v, t);
+        }
+        lane_dot(t, &v)
+    };
+    let mut sigma = round(u, &mut t, rounds);
+    if tol > 0.0 {
+        let mut last = f64::from(sigma.abs());
+        for _ in 0..EXTRA_ROUNDS_PER_ROUND * rounds {
+            sigma = round(u, &mut t, 1);
+            let now = f64::from(sigma.abs());
+            if now - last <= tol * now {
+                break;
+            }
+            last = now;
+        }
+    }
+    sigma
+}
+
+/// `out = x W` for a row vector `x` (`m` values) and a row-major `m x n` matrix `W`: the
+/// rows of `W` scaled and added, which runs along contiguous memory.
+fn row_times(x: &[f32], w: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for (&a, row) in x.iter().zip(w.chunks_exact(out.len())) {
+        for (o, &b) in out.iter_mut().zip(row) {
+            *o += a * b;
+        }
+    }
+}
+
+/// `dst = src / (|src| + 1e-12)`.
+fn normalized_into(dst: &mut [f32], src: &[f32]) {
+    let norm = lane_sum_squares(src).sqrt() + 1e-12;
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s / norm;
+    }
 }
 
 /// Inverse of the upper Cholesky factor `R` of a symmetric positive-definite `r x r`
