@@ -9,7 +9,7 @@ mod settle;
 
 pub use cost::CostModel;
 pub use memory::CountingAllocator;
-pub use muon::{MuonTiming, muon_update_timings};
+pub use muon::{MuonTiming, muon_update_timings, optimizer_step_ms};
 pub use settle::{SettleBench, matmul_gflops, settle_bench};
 
 use std::time::Instant;

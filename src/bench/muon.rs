@@ -5,7 +5,7 @@ use burn::tensor::Distribution;
 use super::median_us;
 use crate::device::{Device, Tensor};
 use crate::model::{Network, ParamKind};
-use crate::optim::NsIteration;
+use crate::optim::{CompositeConfig, CompositeOptimizer, NsIteration, OptimError, Optimizer};
 use crate::optim::linalg::{newton_schulz, newton_schulz_host_flops};
 
 /// One weight matrix's Newton–Schulz timing.
@@ -51,4 +51,34 @@ pub fn muon_update_timings(
             }
         })
         .collect()
+}
+
+/// Median milliseconds of one whole step of the composite optimizer `config` on every
+/// parameter of `net` (for Muon: momentum, Newton–Schulz, descent and spectral bound, the
+/// matrices in parallel when the pool has several workers), with Gaussian gradients, over
+/// `repeats` steps.
+pub fn optimizer_step_ms(
+    net: &Network,
+    device: &Device,
+    repeats: usize,
+    config: CompositeConfig,
+) -> Result<f64, OptimError> {
+    let mut opt = CompositeOptimizer::new(config, &net.param_info())?;
+    let mut params = opt.prepare(net.params().to_vec());
+    let grads: Vec<Tensor<2>> = params
+        .iter()
+        .map(|p| Tensor::random(p.dims(), Distribution::Normal(0.0, 1e-2), device))
+        .collect();
+    let mut failure = None;
+    let us = median_us(repeats, || {
+        match opt.step(params.clone(), grads.clone()) {
+            Ok(next) => params = next,
+            Err(e) => failure = Some(e),
+        }
+        let _ = params[0].clone().slice([0..1, 0..1]).into_data();
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(us / 1e3),
+    }
 }

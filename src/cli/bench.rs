@@ -4,11 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use mep::bench::{SettleBench, matmul_gflops, muon_update_timings, settle_bench};
+use mep::bench::{SettleBench, matmul_gflops, muon_update_timings, optimizer_step_ms, settle_bench};
 use mep::device::Workload;
 use mep::estimate::TensorBatch;
 use mep::model::{Gemm, ModelSpec, Shape};
-use mep::optim::NsIteration;
+use mep::experiment::Preset;
+use mep::optim::{NsIteration, UpdateRule};
 
 use super::Globals;
 use super::suites::{self, SuiteArgs};
@@ -128,12 +129,21 @@ fn muon(args: MuonArgs, globals: &Globals) -> Result<()> {
         .build(Shape::Image { c: 1, h: 28, w: 28 }, globals.seed, &device)?;
     let rows = muon_update_timings(&net, &device, args.repeats, args.iteration);
     let total_ms: f64 = rows.iter().map(|r| r.ms).sum();
+    // smep's optimizer with the chosen iteration: the whole step the trainer takes.
+    let mut config = Preset::smep().optimizer;
+    config.update = UpdateRule::Muon {
+        ns_steps: 5,
+        iteration: args.iteration,
+    };
+    let step_ms = optimizer_step_ms(&net, &device, args.repeats, config)
+        .context("timing the optimizer step")?;
     if args.json {
         let json = serde_json::json!({
             "model": args.model.to_string(),
             "iteration": args.iteration.name(),
             "threads": mep::device::threads(),
             "update_ms": total_ms,
+            "optimizer_step_ms": step_ms,
             "rows": rows,
         });
         outln!("{json}")?;
@@ -151,6 +161,9 @@ fn muon(args: MuonArgs, globals: &Globals) -> Result<()> {
         )?;
     }
     outln!("one Muon update of {}: {total_ms:.3} ms", args.model)?;
+    outln!(
+        "one step of smep's optimizer (momentum, Newton–Schulz, descent, spectral bound) on all its parameters: {step_ms:.3} ms"
+    )?;
     Ok(())
 }
 
