@@ -5,8 +5,8 @@ use burn::tensor::Distribution;
 use super::median_us;
 use crate::device::{Device, Tensor};
 use crate::model::{Network, ParamKind};
-use crate::optim::{CompositeConfig, CompositeOptimizer, NsIteration, OptimError, Optimizer};
 use crate::optim::linalg::{newton_schulz, newton_schulz_host_flops};
+use crate::optim::{CompositeConfig, CompositeOptimizer, NsIteration, OptimError, Optimizer};
 
 /// One weight matrix's Newton–Schulz timing.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -63,7 +63,7 @@ pub fn optimizer_step_ms(
     repeats: usize,
     config: CompositeConfig,
 ) -> Result<f64, OptimError> {
-    let mut opt = CompositeOptimizer::new(config, &net.param_info())?;
+    let mut opt = CompositeOptimizer::new(config, net.param_info())?;
     let mut params = opt.prepare(net.params().to_vec());
     let grads: Vec<Tensor<2>> = params
         .iter()

@@ -4,11 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use mep::bench::{SettleBench, matmul_gflops, muon_update_timings, optimizer_step_ms, settle_bench};
+use mep::bench::{
+    SettleBench, matmul_gflops, muon_update_timings, optimizer_step_ms, settle_bench,
+};
 use mep::device::Workload;
 use mep::estimate::TensorBatch;
-use mep::model::{Gemm, ModelSpec, Shape};
 use mep::experiment::Preset;
+use mep::model::{Gemm, ModelSpec, Shape};
 use mep::optim::{NsIteration, UpdateRule};
 
 use super::Globals;

@@ -27,7 +27,8 @@ use rand::{RngExt, SeedableRng};
 
 use super::elementwise;
 use super::linalg::{
-    NsIteration, frobenius, newton_schulz, normalize_columns, orthonormalize_columns, spectral_norm,
+    NsIteration, frobenius, newton_schulz, normalize_columns, orthonormalize_columns,
+    spectral_norm_host, spectral_norm_on_device,
 };
 use super::{OptimError, Optimizer, OptimizerState, check_adam, check_arity, check_range};
 use crate::device::{Tensor, from_host, host_f32, into_host, to_host};
@@ -665,14 +666,17 @@ impl ParamState {
             // `matrix_direction` takes the others): Muon with the quintic.
             UpdateRule::Dion { ns_steps, .. } => {
                 let x = self.heavy_ball(config, x);
-                newton_schulz(x, ns_steps, NsIteration::Quintic).mul_scalar(shape_scale(kind))
+                scaled(
+                    newton_schulz(x, ns_steps, NsIteration::Quintic),
+                    shape_scale(kind),
+                )
             }
             UpdateRule::Muon {
                 ns_steps,
                 iteration,
             } => {
                 let x = self.heavy_ball(config, x);
-                newton_schulz(x, ns_steps, iteration).mul_scalar(shape_scale(kind))
+                scaled(newton_schulz(x, ns_steps, iteration), shape_scale(kind))
             }
             UpdateRule::Fisher {
                 damping,
@@ -709,8 +713,10 @@ impl ParamState {
                     None => x,
                 };
                 if orthogonalize {
-                    newton_schulz(whitened, ns_steps, NsIteration::Quintic)
-                        .mul_scalar(shape_scale(kind))
+                    scaled(
+                        newton_schulz(whitened, ns_steps, NsIteration::Quintic),
+                        shape_scale(kind),
+                    )
                 } else {
                     whitened
                 }
@@ -740,24 +746,30 @@ impl ParamState {
         else {
             return w;
         };
-        let (u, sigma) = spectral_norm(&w, u, force.unwrap_or(power_iters), tol);
-        self.spectral_u = Some(u);
-        if host_f32(&sigma) {
-            // The same factor on the host, where a factor of exactly 1 (the bound not
-            // reached) skips the pass over W. A NaN estimate makes W NaN, as on a device,
-            // for the trainer's finiteness check.
-            let (sigma, gamma) = (to_host(&sigma)[0].abs(), gamma as f32);
+        let rounds = force.unwrap_or(power_iters);
+        if host_f32(&w) && host_f32(&u) {
+            // On the host, on W's own buffer (fresh from the descent, so moved without a
+            // copy), with the same factor as on a device; a factor of exactly 1 (the bound
+            // not reached) skips the pass over W. A NaN estimate makes W NaN, as on a
+            // device, for the trainer's finiteness check.
+            let ([m, n], device) = (w.dims(), w.device());
+            let mut values = into_host(w);
+            let mut u_values = into_host(u);
+            let sigma = spectral_norm_host(&values, m, n, &mut u_values, rounds, tol).abs();
+            self.spectral_u = Some(from_host(u_values, [1, m], &device));
+            let gamma = gamma as f32;
             let factor = if sigma.is_nan() {
                 f32::NAN
             } else {
                 sigma.max(gamma).recip() * gamma
             };
-            return if factor == 1.0 {
-                w
-            } else {
-                w.mul_scalar(factor)
-            };
+            if factor != 1.0 {
+                elementwise::scale(&mut values, factor);
+            }
+            return from_host(values, [m, n], &device);
         }
+        let (u, sigma) = spectral_norm_on_device(&w, u, rounds, tol);
+        self.spectral_u = Some(u);
         // W * gamma / max(sigma, gamma), on the device.
         let factor = sigma
             .abs()
@@ -903,6 +915,12 @@ fn summed_exchange(
 enum GradSet {
     Device(Vec<Tensor<2>>),
     Host(Vec<(Vec<f32>, [usize; 2], crate::device::Device)>),
+}
+
+/// `t * s`, or `t` itself when `s` is exactly 1 (the same values without a pass over
+/// them: Muon's shape scale is 1 on every matrix with fewer outputs than inputs).
+fn scaled(t: Tensor<2>, s: f32) -> Tensor<2> {
+    if s == 1.0 { t } else { t.mul_scalar(s) }
 }
 
 fn shape_scale(kind: ParamKind) -> f32 {
@@ -1169,7 +1187,7 @@ impl CompositeOptimizer {
                 self.state[k].momentum =
                     Some(b - p.clone().matmul(rt.transpose()).mul_scalar(keep));
                 let q = self.state[k].right.clone().expect("set by low_rank");
-                p.matmul(q.transpose()).mul_scalar(shape_scale(kind))
+                scaled(p.matmul(q.transpose()), shape_scale(kind))
             }
             _ => {
                 let config = &self.config;
