@@ -397,9 +397,104 @@ pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// While it lives, the pool's other workers look for work without pause instead of going
+/// to sleep ([`keep_workers_awake`]).
+#[derive(Debug)]
+pub struct AwakeWorkers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for AwakeWorkers {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Pause instructions between two looks for work of an awake worker (about a
+/// microsecond): looking more often slowed the caller's own work down.
+const AWAKE_SPINS: usize = 64;
+
+/// Looks for work after which an awake worker yields its core once (a few hundred
+/// microseconds), so that another process that needs it gets it.
+const AWAKE_LOOKS_PER_YIELD: u32 = 256;
+
+/// Keeps the pool's other workers awake, looking for work, until the guard drops: for a
+/// loop of short parallel phases between serial ones (a training step). rayon puts an idle
+/// worker to sleep after a few dozen microseconds, and waking it takes about 45 us on the
+/// 2-core development VM: a `join` of two 20 us halves right after 50 us of serial work took
+/// 50 us instead of 21, because the caller did both halves before the worker woke up.
+/// While the guard lives, the workers spin between looks (`rayon::yield_now`) instead.
+///
+/// Only on the pool's worker 0 (the thread that called [`set_threads`] with two or more
+/// threads), whose own core the spinning workers leave free; `None` elsewhere. The workers
+/// spin on their own cores (yielding them now and then), so hold it only around work that
+/// keeps the pool busy.
+pub fn keep_workers_awake() -> Option<AwakeWorkers> {
+    if threads() < 2 || rayon::current_thread_index() != Some(0) {
+        return None;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    rayon::spawn_broadcast(move |ctx| {
+        // Worker 0 is the caller, which runs its copy the next time it waits on the pool:
+        // it returns at once.
+        if ctx.index() == 0 {
+            return;
+        }
+        let mut looks = 0u32;
+        while !flag.load(std::sync::atomic::Ordering::Acquire) {
+            if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                looks = 0;
+                continue;
+            }
+            looks = looks.wrapping_add(1);
+            if looks.is_multiple_of(AWAKE_LOOKS_PER_YIELD) {
+                std::thread::yield_now();
+            } else {
+                for _ in 0..AWAKE_SPINS {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    });
+    Some(AwakeWorkers { stop })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn awake_workers_only_for_worker_zero_and_released_on_drop() {
+        // A test thread is no worker of the global pool: nothing to keep awake.
+        assert!(keep_workers_awake().is_none());
+        // A pool this thread joins as worker 0 (leaked by rayon, as documented).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .use_current_thread()
+            .build()
+            .unwrap();
+        let guard = pool.install(keep_workers_awake);
+        assert!(guard.is_some(), "worker 0 of two keeps worker 1 awake");
+        // Awake, worker 1 takes the pool's work: the second halves of joins whose first
+        // halves sleep (at least one of a hundred; scheduling decides the rest).
+        let ran_on_one = pool.install(|| {
+            (0..100)
+                .filter(|_| {
+                    let (_, b) = rayon::join(
+                        || std::thread::sleep(std::time::Duration::from_micros(200)),
+                        rayon::current_thread_index,
+                    );
+                    b == Some(1)
+                })
+                .count()
+        });
+        assert!(ran_on_one > 0, "worker 1 took no second half");
+        drop(guard);
+        // Released, the pool still serves work on every worker.
+        let indices = pool.broadcast(|ctx| ctx.index());
+        assert_eq!(indices, vec![0, 1]);
+    }
 
     #[test]
     fn probe_passes_on_both_cpu_backends() {

@@ -352,6 +352,8 @@ impl Trainer {
             Batcher::new(&dataset.train, config.batch_size, config.seed, epoch, true)?;
         let mut scratch = Vec::new();
         observer.epoch_start(epoch, batches.num_batches());
+        // Every step alternates short parallel phases with serial ones.
+        let awake = crate::device::keep_workers_awake();
         let start = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut settle = SettleSummary::default();
@@ -388,6 +390,7 @@ impl Trainer {
             }
         }
         let seconds = start.elapsed().as_secs_f64();
+        drop(awake);
         // A step can leave a parameter infinite while the loss still reads finite; such an
         // epoch must not be checkpointed.
         if let Some(param) = self.non_finite_param() {
