@@ -2,6 +2,8 @@
 //! against burn's convolution and max pooling, vector-Jacobian products against burn's
 //! autodiff of `sum(op(x) * g)`.
 
+mod common;
+
 use burn::tensor::TensorData;
 use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::ConvOptions;
@@ -193,11 +195,7 @@ fn kernel_gradients_repeat_bit_for_bit_at_any_thread_count() {
     let x = random([b, 4, 10, 10], 1, &dev);
     let g = random([b, 6, 10, 10], 2, &dev);
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        common::on_threads(threads, || {
             let (mut gw, mut gb) = (vec![0.0; 6 * geo.patch_len()], vec![0.0; 6]);
             geo.param_vjp(&x, &g, &mut gw, &mut gb);
             (gw, gb)

@@ -3,7 +3,7 @@
 mod common;
 
 use burn::tensor::TensorData;
-use common::{exact_newton_schulz, gaussianish, random_orthonormal, svd};
+use common::{exact_newton_schulz, gaussianish, on_threads, random_orthonormal, svd};
 use mep::device::Tensor;
 use mep::estimate::GradFactors;
 use mep::experiment::{ExperimentError, Preset};
@@ -251,11 +251,9 @@ fn host_newton_schulz_gives_the_same_bits_on_any_number_of_threads() {
     for ((m, n), seed) in cases {
         let g = gaussianish(m, n, seed);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| h(&newton_schulz(t(&g, [m, n]), 5, NsIteration::Quintic)))
+            on_threads(threads, || {
+                h(&newton_schulz(t(&g, [m, n]), 5, NsIteration::Quintic))
+            })
         };
         let one = run(1);
         for threads in [2, 3] {
@@ -1097,11 +1095,7 @@ fn independent_parameter_updates_give_the_same_bits_on_any_number_of_threads() {
     };
     for config in [Preset::smep().optimizer, CompositeConfig::adam(0.01, 0.1)] {
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let mut opt = CompositeOptimizer::new(config, &info).unwrap();
                 let mut params = tensors(1);
                 (0..3)

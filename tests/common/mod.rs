@@ -276,3 +276,12 @@ pub fn exact_newton_schulz(
     }
     out
 }
+
+/// `f` run in a fresh rayon pool of `threads` workers (the kernels see that many threads).
+pub fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a rayon pool")
+        .install(f)
+}
