@@ -426,11 +426,13 @@ const AWAKE_LOOKS_PER_YIELD: u32 = 256;
 /// While the guard lives, the workers spin between looks (`rayon::yield_now`) instead.
 ///
 /// Only on the pool's worker 0 (the thread that called [`set_threads`] with two or more
-/// threads), whose own core the spinning workers leave free; `None` elsewhere. The workers
-/// spin on their own cores (yielding them now and then), so hold it only around work that
-/// keeps the pool busy.
+/// threads), whose own core the spinning workers leave free, and with no more threads than
+/// cores; `None` otherwise. The workers spin on their own cores (yielding them now and
+/// then), so hold it only around work that keeps the pool busy, and not where other
+/// processes share the cores (the trainer does not with ranks).
 pub fn keep_workers_awake() -> Option<AwakeWorkers> {
-    if threads() < 2 || rayon::current_thread_index() != Some(0) {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    if threads() < 2 || threads() > cores || rayon::current_thread_index() != Some(0) {
         return None;
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -468,6 +470,10 @@ mod tests {
     fn awake_workers_only_for_worker_zero_and_released_on_drop() {
         // A test thread is no worker of the global pool: nothing to keep awake.
         assert!(keep_workers_awake().is_none());
+        // Two spinning threads need two cores (the guard refuses more threads than cores).
+        if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
+            return;
+        }
         // A pool this thread joins as worker 0 (leaked by rayon, as documented).
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)

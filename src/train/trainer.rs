@@ -352,8 +352,13 @@ impl Trainer {
             Batcher::new(&dataset.train, config.batch_size, config.seed, epoch, true)?;
         let mut scratch = Vec::new();
         observer.epoch_start(epoch, batches.num_batches());
-        // Every step alternates short parallel phases with serial ones.
-        let awake = crate::device::keep_workers_awake();
+        // Every step alternates short parallel phases with serial ones. Not with ranks: the
+        // ranks of one machine share its cores, which spinning workers would take from them.
+        let awake = self
+            .collective
+            .is_none()
+            .then(crate::device::keep_workers_awake)
+            .flatten();
         let start = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut settle = SettleSummary::default();
