@@ -684,7 +684,9 @@ impl Run {
     }
 }
 
-/// Sets the number of CPU worker threads (0: one per core); only before any training.
+/// Sets the number of CPU worker threads (0: one per core); only before any training. With
+/// two or more, the calling thread becomes one of them (train from it: its parallel loops
+/// then need no handoff); other threads' work runs on the rest.
 #[pyfunction]
 fn set_threads(threads: usize) -> PyResult<()> {
     mep::device::set_threads(threads).map_err(lib_err)
