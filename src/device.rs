@@ -340,7 +340,7 @@ pub const MAX_THREADS_PER_CORE: usize = 8;
 /// keeps a single spawned worker: there the caller's loops run inline anyway
 /// ([`on_workers`]), and a pool of the caller alone would never serve other threads.
 pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let cores = cores();
     if threads > MAX_THREADS_PER_CORE * cores {
         return Err(DeviceError::Threads {
             threads,
@@ -377,6 +377,11 @@ pub fn host_f32<const D: usize>(t: &Tensor<D>) -> bool {
     is_host(&t.device()) && t.dtype() == burn::tensor::DType::F32
 }
 
+/// The machine's cores (what the OS lets this process use; 1 when it cannot tell).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 /// Number of worker threads the CPU kernels use.
 pub fn threads() -> usize {
     rayon::current_num_threads()
@@ -384,11 +389,11 @@ pub fn threads() -> usize {
 
 /// Runs `f` on one of the pool's workers (here when this thread is one, as the thread that
 /// called [`set_threads`] is, or when the pool has a single worker, whose kernels run on
-/// the caller anyway). A parallel loop started
-/// from outside the pool hands its work to the workers and puts the caller to sleep until
-/// they are done, once per loop; from inside, the caller works on its share and the other
-/// workers steal the rest. A loop of many short parallel phases (a settle, a
-/// Newton–Schulz iteration) therefore pays one handoff instead of one per phase.
+/// the caller anyway). A parallel loop started from outside the pool hands its work to the
+/// workers and puts the caller to sleep until they are done, once per loop; from inside,
+/// the caller works on its share and the other workers steal the rest. A loop of many
+/// short parallel phases (a settle, a Newton–Schulz iteration) therefore pays one handoff
+/// instead of one per phase.
 pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if threads() == 1 || rayon::current_thread_index().is_some() {
         f()
@@ -431,8 +436,7 @@ const AWAKE_LOOKS_PER_YIELD: u32 = 256;
 /// then), so hold it only around work that keeps the pool busy, and not where other
 /// processes share the cores (the trainer does not with ranks).
 pub fn keep_workers_awake() -> Option<AwakeWorkers> {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    if threads() < 2 || threads() > cores || rayon::current_thread_index() != Some(0) {
+    if threads() < 2 || threads() > cores() || rayon::current_thread_index() != Some(0) {
         return None;
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -471,7 +475,7 @@ mod tests {
         // A test thread is no worker of the global pool: nothing to keep awake.
         assert!(keep_workers_awake().is_none());
         // Two spinning threads need two cores (the guard refuses more threads than cores).
-        if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
+        if cores() < 2 {
             return;
         }
         // A pool this thread joins as worker 0 (leaked by rayon, as documented).

@@ -514,20 +514,35 @@ pub fn spectral_norm_on_device(
     tol: f64,
 ) -> (Tensor<2>, Tensor<2>) {
     let (mut u, _, mut sigma) = power_iteration(w, u, rounds);
-    if tol > 0.0 {
-        let read = |s: &Tensor<2>| -> f64 { to_host(s)[0].abs() as f64 };
-        let mut last = read(&sigma);
-        for _ in 0..EXTRA_ROUNDS_PER_ROUND * rounds {
-            let (nu, _, ns) = power_iteration(w, u.clone(), 1);
-            let now = read(&ns);
-            (u, sigma) = (nu, ns);
-            if now - last <= tol * now {
-                break;
-            }
-            last = now;
-        }
+    if tol <= 0.0 {
+        // No host read: `tol = 0` means exactly the requested rounds.
+        return (u, sigma);
     }
+    let first = f64::from(to_host(&sigma)[0].abs());
+    refine(rounds, tol, first, || {
+        let (nu, _, ns) = power_iteration(w, u.clone(), 1);
+        (u, sigma) = (nu, ns);
+        f64::from(to_host(&sigma)[0].abs())
+    });
     (u, sigma)
+}
+
+/// The tolerance rule of [`spectral_norm`]: from the estimate `first` after the requested
+/// `rounds`, runs single rounds (`round` returns the new estimate's magnitude), at most
+/// nine per requested round, until the estimate changes by at most `tol` of itself;
+/// nothing with `tol = 0`.
+fn refine(rounds: usize, tol: f64, first: f64, mut round: impl FnMut() -> f64) {
+    if tol <= 0.0 {
+        return;
+    }
+    let mut last = first;
+    for _ in 0..EXTRA_ROUNDS_PER_ROUND * rounds {
+        let now = round();
+        if now - last <= tol * now {
+            break;
+        }
+        last = now;
+    }
 }
 
 /// [`spectral_norm`] on host buffers: `w` row-major `m x n`, `u` (`m` values) updated in
@@ -562,17 +577,10 @@ pub fn spectral_norm_host(
         lane_dot(t, &v)
     };
     let mut sigma = round(u, &mut t, rounds);
-    if tol > 0.0 {
-        let mut last = f64::from(sigma.abs());
-        for _ in 0..EXTRA_ROUNDS_PER_ROUND * rounds {
-            sigma = round(u, &mut t, 1);
-            let now = f64::from(sigma.abs());
-            if now - last <= tol * now {
-                break;
-            }
-            last = now;
-        }
-    }
+    refine(rounds, tol, f64::from(sigma.abs()), || {
+        sigma = round(u, &mut t, 1);
+        f64::from(sigma.abs())
+    });
     sigma
 }
 
