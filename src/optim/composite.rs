@@ -572,13 +572,13 @@ impl ParamState {
             let mut c_host = into_host(c);
             // A zero buffer gives the first step's `0 mu + c = c`.
             let mut m = state.map_or_else(|| vec![0.0; c_host.len()], into_host);
+            // `c_host` becomes the direction: the buffer's values (heavy ball) or Nesterov's
+            // look-ahead, as its own copy (the caller moves it into host buffers again,
+            // which a tensor shared with the state would make three copies; see
+            // `crate::device::to_host`).
             elementwise::momentum(&mut m, &mut c_host, mu, nesterov);
-            // The heavy-ball direction is the buffer itself: handed out as its own copy (the
-            // caller moves it into host buffers again, which a shared tensor would make
-            // three copies; see `crate::device::to_host`).
-            let d = if nesterov { c_host } else { m.clone() };
             self.momentum = Some(from_host(m, dims, &device));
-            return from_host(d, dims, &device);
+            return from_host(c_host, dims, &device);
         }
         let buf = match state {
             Some(m) => m.mul_scalar(mu) + c.clone(),

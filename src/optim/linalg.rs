@@ -98,10 +98,10 @@ pub fn newton_schulz(g: Tensor<2>, steps: usize, iteration: NsIteration) -> Tens
     if crate::device::host_f32(&g) {
         let [rows, cols] = g.dims();
         let device = g.device();
-        // `g` is often shared (the heavy-ball momentum the optimizer keeps): one copy.
-        let g = crate::device::to_host(&g);
-        let out =
-            crate::device::on_workers(|| newton_schulz_host(&g, rows, cols, steps, iteration));
+        // The optimizer hands over its own copy of the momentum, which this moves without
+        // a copy (a shared tensor is copied).
+        let g = crate::device::into_host(g);
+        let out = crate::device::on_workers(|| newton_schulz_host(g, rows, cols, steps, iteration));
         return Tensor::from_data(TensorData::new(out, [rows, cols]), &device);
     }
     newton_schulz_on_device(g, steps, iteration)
@@ -258,6 +258,25 @@ fn sum_of_squares(values: &[f32]) -> f64 {
     partial.iter().sum::<f64>() + tail
 }
 
+/// [`sum_of_squares`] of `v` (row-major, `cols` wide) by panels of [`SYMMETRIC_BLOCK`]
+/// rows on the pool's workers, the panels' sums added in order: the same value on any
+/// number of workers.
+fn panel_sum_of_squares(v: &[f32], cols: usize) -> f64 {
+    let len = SYMMETRIC_BLOCK * cols.max(1);
+    if crate::device::threads() == 1 {
+        return v.chunks(len).map(sum_of_squares).sum();
+    }
+    let sums: Vec<f64> = v.par_chunks(len).map(sum_of_squares).collect();
+    sums.iter().sum()
+}
+
+thread_local! {
+    /// Each thread's buffer for the `r x r` matrices of [`newton_schulz_host`], kept
+    /// between calls (an optimizer step orthogonalises the same shapes every time; zeroing
+    /// fresh ones cost a serial pass over 1.3 MB per 784 x 256 matrix).
+    static GRAM_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// `src` (row-major `rows x cols`) transposed and scaled into `dst` (`cols x rows`), by
 /// row panels of `dst` shared among the pool's workers, each in tiles so that the strided
 /// side stays in cache.
@@ -288,7 +307,7 @@ fn transpose_scaled(src: &[f32], rows: usize, cols: usize, scale: f32, dst: &mut
 /// it through [`crate::device::on_workers`]): `mep bench muon`, 784-256-128-10, cubic, one
 /// update of all three matrices, 4.8-4.9 ms on one thread and 2.9-3.2 ms on two.
 pub fn newton_schulz_host(
-    g: &[f32],
+    g: Vec<f32>,
     rows: usize,
     cols: usize,
     steps: usize,
@@ -298,72 +317,89 @@ pub fn newton_schulz_host(
     let tall = rows > cols;
     // In f64: the quintic is not scale-invariant, and an f32 running sum over 2e5 squares
     // is off by about 1e-5.
-    let norm = (sum_of_squares(g).sqrt() + 1e-7) as f32;
+    let norm = (panel_sum_of_squares(&g, cols).sqrt() + 1e-7) as f32;
     // X: the scaled input in its wide orientation, row-major `r x c` (a tall input is
-    // transposed once, so that every product below reads contiguous rows).
-    let scaled: Vec<f32> = if tall {
+    // transposed once, so that every product below reads contiguous rows; a wide one is
+    // scaled in its own buffer). The buffer X leaves behind takes the output.
+    let (scaled, mut out) = if tall {
         let mut t = vec![0.0; r * c];
-        transpose_scaled(g, rows, cols, 1.0 / norm, &mut t);
-        t
+        transpose_scaled(&g, rows, cols, 1.0 / norm, &mut t);
+        (t, g)
     } else {
-        let mut t = vec![0.0; r * c];
-        row_panels(&mut t, c, |i, panel| {
-            for (t, &v) in panel.iter_mut().zip(&g[i * c..]) {
-                *t = v / norm;
+        let mut t = g;
+        row_panels(&mut t, c, |_, panel| {
+            for v in panel {
+                *v /= norm;
             }
         });
-        t
+        (t, vec![0.0; rows * cols])
     };
     let x = MatRef::new(&scaled, r, c);
-    let mut a = vec![0.0; r * r];
-    symmetric_product(&mut a, x, x.t());
     let (qa, qb, qc) = iteration.coefficients();
-    let mut a2 = vec![0.0; if qc != 0.0 { r * r } else { 0 }];
-    let mut p = vec![0.0; r * r];
-    let mut q = vec![0.0; r * r];
-    let mut tmp = vec![0.0; r * r];
-    for step in 0..steps {
-        if qc != 0.0 {
-            symmetric_product(&mut a2, square(&a, r), square(&a, r));
-        }
-        // p = qa I + qb A (+ qc A^2), by row panels.
-        row_panels(&mut p, r, |i0, panel| {
-            let at = i0 * r..i0 * r + panel.len();
+    with_gram_scratch(5 * r * r, |scratch| {
+        let (a, rest) = scratch.split_at_mut(r * r);
+        let (a2, rest) = rest.split_at_mut(r * r);
+        let (p, rest) = rest.split_at_mut(r * r);
+        let (mut q, mut tmp) = rest.split_at_mut(r * r);
+        symmetric_product(a, x, x.t());
+        for step in 0..steps {
             if qc != 0.0 {
-                for ((pi, &ai), &a2i) in panel.iter_mut().zip(&a[at.clone()]).zip(&a2[at]) {
-                    *pi = qb * ai + qc * a2i;
+                symmetric_product(a2, square(a, r), square(a, r));
+            }
+            // p = qa I + qb A (+ qc A^2), by row panels.
+            row_panels(p, r, |i0, panel| {
+                let at = i0 * r..i0 * r + panel.len();
+                if qc != 0.0 {
+                    for ((pi, &ai), &a2i) in panel.iter_mut().zip(&a[at.clone()]).zip(&a2[at]) {
+                        *pi = qb * ai + qc * a2i;
+                    }
+                } else {
+                    for (pi, &ai) in panel.iter_mut().zip(&a[at]) {
+                        *pi = qb * ai;
+                    }
                 }
+                for k in 0..panel.len() / r {
+                    panel[k * r + i0 + k] += qa;
+                }
+            });
+            if step == 0 {
+                q.copy_from_slice(p);
             } else {
-                for (pi, &ai) in panel.iter_mut().zip(&a[at]) {
-                    *pi = qb * ai;
-                }
+                symmetric_product(tmp, square(p, r), square(q, r));
+                std::mem::swap(&mut q, &mut tmp);
             }
-            for k in 0..panel.len() / r {
-                panel[k * r + i0 + k] += qa;
+            if step + 1 < steps {
+                // A_{k+1} = p(A_k) (p(A_k) A_k).
+                symmetric_product(tmp, square(p, r), square(a, r));
+                symmetric_product(a, square(p, r), square(tmp, r));
             }
+        }
+        let q = MatRef::new(q, r, r);
+        // By row panels of the output: out^T = Q X, i.e. a tall input's out = X^T Q
+        // (c x r).
+        let (lhs, rhs) = if tall { (x.t(), q) } else { (q, x) };
+        let width = rhs.cols();
+        row_panels(&mut out, width, |i, panel| {
+            let rows = panel.len() / width;
+            matmul(panel, lhs.sub_rows(i, rows), rhs, false);
         });
-        if step == 0 {
-            q.copy_from_slice(&p);
-        } else {
-            symmetric_product(&mut tmp, square(&p, r), square(&q, r));
-            std::mem::swap(&mut q, &mut tmp);
-        }
-        if step + 1 < steps {
-            // A_{k+1} = p(A_k) (p(A_k) A_k).
-            symmetric_product(&mut tmp, square(&p, r), square(&a, r));
-            symmetric_product(&mut a, square(&p, r), square(&tmp, r));
-        }
-    }
-    let mut out = vec![0.0; rows * cols];
-    let q = MatRef::new(&q, r, r);
-    // By row panels of the output: out^T = Q X, i.e. a tall input's out = X^T Q (c x r).
-    let (lhs, rhs) = if tall { (x.t(), q) } else { (q, x) };
-    let width = rhs.cols();
-    row_panels(&mut out, width, |i, panel| {
-        let rows = panel.len() / width;
-        matmul(panel, lhs.sub_rows(i, rows), rhs, false);
     });
     out
+}
+
+/// Runs `f` on this thread's [`GRAM_SCRATCH`], grown to `len` values (whatever an earlier
+/// call left in it: `f` writes every value before it reads it).
+fn with_gram_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    GRAM_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        // Not reached (the iteration does not nest), but a nested call must not panic.
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Whether [`newton_schulz`] iterates in the Gram space: wide enough (`c >= 2r`) for the

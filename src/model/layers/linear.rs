@@ -1,7 +1,8 @@
 //! Fully connected layer `y = x W + b`, `W: [inputs, outputs]` (a state-producing layer).
 
-use super::LayerImpl;
-use crate::device::Tensor;
+use super::{LayerImpl, from_host};
+use crate::device::{Tensor, host_f32, to_host};
+use crate::model::kernels::{self, MatRef};
 use crate::model::layer::{Aux, Layer, LayerOp, NormStats};
 use crate::model::network::LayerInit;
 use crate::model::{Gemm, ModelError, ParamKind, Shape};
@@ -65,10 +66,20 @@ impl LayerImpl for Linear {
         _: &Aux,
         g: &Tensor<2>,
     ) -> Vec<Tensor<2>> {
-        vec![
-            x.clone().transpose().matmul(g.clone()),
-            g.clone().sum_dim(0),
-        ]
+        let bias = g.clone().sum_dim(0);
+        if host_f32(x) && host_f32(g) {
+            // `x^T g` on the host kernel, by row panels on the pool's workers.
+            let ([n, inputs], outputs) = (x.dims(), g.dims()[1]);
+            let (xs, gs) = (to_host(x), to_host(g));
+            let mut gw = vec![0.0; inputs * outputs];
+            kernels::matmul_by_panels(
+                &mut gw,
+                MatRef::new(&xs, n, inputs).t(),
+                MatRef::new(&gs, n, outputs),
+            );
+            return vec![from_host(gw, inputs, outputs, &x.device()), bias];
+        }
+        vec![x.clone().transpose().matmul(g.clone()), bias]
     }
 
     fn gemms(&self, layer: &Layer, batch: usize) -> Vec<Gemm> {
