@@ -8,6 +8,7 @@
 //! autodiff and GPU tensors; `tests/model.rs` checks both paths agree.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
@@ -179,30 +180,74 @@ pub(crate) fn matmul_into(
 /// Rows of `dst` that one task of [`matmul_by_panels`] multiplies.
 const PANEL_ROWS: usize = 32;
 
-/// `dst = lhs * rhs` (`dst` row-major `lhs.rows x rhs.cols`) by panels of [`PANEL_ROWS`]
-/// rows, on the pool's workers when it has more than one. Each panel is one
-/// single-threaded product, so the result does not depend on the number of workers.
+/// `lhs * rhs` as a new row-major buffer, by panels of [`PANEL_ROWS`] rows on the pool's
+/// workers when it has more than one. Each panel is one single-threaded product, so the
+/// result does not depend on the number of workers; the products write the buffer
+/// without its being zeroed first.
 ///
 /// For the large outputs of a dense layer's weight gradient (`x^T g`, 784 x 256 from a
 /// batch of 64): burn's product allocates its output zeroed, copies it once more to align
 /// it and then writes it, three passes over 0.8 MB on the calling thread.
-pub(crate) fn matmul_by_panels(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>) {
-    let n = rhs.cols;
-    assert_eq!(dst.len(), lhs.rows * n, "destination size");
-    if n == 0 {
-        return;
+pub(crate) fn product_by_panels(lhs: MatRef<'_>, rhs: MatRef<'_>) -> Vec<f32> {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(k, rhs.rows, "inner dimensions differ");
+    assert!(
+        lhs.in_bounds() && rhs.in_bounds(),
+        "matrix view out of bounds"
+    );
+    let len = m * n;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
     }
-    let panel = |(p, rows): (usize, &mut [f32])| {
+    let panel = |(p, rows): (usize, &mut [MaybeUninit<f32>])| {
         let count = rows.len() / n;
-        matmul(rows, lhs.sub_rows(p * PANEL_ROWS, count), rhs, false);
+        if k == 0 {
+            rows.fill(MaybeUninit::new(0.0));
+            return;
+        }
+        let lhs = lhs.sub_rows(p * PANEL_ROWS, count);
+        // SAFETY: `rows` holds `count x n` values, the block gemm writes (row stride `n`);
+        // the views' bounds were checked above (`sub_rows` keeps them). With `read_dst`
+        // false gemm only writes `dst`, never reads it, so its being uninitialised is
+        // fine, and `rows` is borrowed mutably, aliasing neither input.
+        unsafe {
+            gemm::gemm(
+                count,
+                n,
+                k,
+                rows.as_mut_ptr().cast::<f32>(),
+                1,
+                n as isize,
+                false,
+                lhs.data.as_ptr(),
+                lhs.col_stride as isize,
+                lhs.row_stride as isize,
+                rhs.data.as_ptr(),
+                rhs.col_stride as isize,
+                rhs.row_stride as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
     };
+    let spare = &mut out.spare_capacity_mut()[..len];
     if serial() {
-        dst.chunks_mut(PANEL_ROWS * n).enumerate().for_each(panel);
+        spare.chunks_mut(PANEL_ROWS * n).enumerate().for_each(panel);
     } else {
-        dst.par_chunks_mut(PANEL_ROWS * n)
+        spare
+            .par_chunks_mut(PANEL_ROWS * n)
             .enumerate()
             .for_each(panel);
     }
+    // SAFETY: the panels cover the first `len` values of the capacity, and each panel's
+    // product (or its zero fill) wrote every one of its values.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// Sample groups whose kernel gradients are summed separately (in parallel) and then in
@@ -879,7 +924,8 @@ mod tests {
 
     /// `x^T g` by panels (the dense weight gradient's shape: a transposed, strided left
     /// side and a row count that is not a multiple of the panel) against the product
-    /// summed in f64, with the same bits on one, two and three workers.
+    /// summed in f64, with the same bits on one, two and three workers; an empty inner
+    /// dimension gives zeros.
     #[test]
     fn panel_products_match_the_exact_sum_on_any_number_of_workers() {
         let (n, inputs, outputs) = (9, 2 * PANEL_ROWS + 5, 7);
@@ -891,17 +937,12 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .expect("a pool");
-            let mut dst = vec![f32::NAN; inputs * outputs];
             pool.install(|| {
-                matmul_by_panels(
-                    &mut dst,
-                    MatRef::new(&x, n, inputs).t(),
-                    MatRef::new(&g, n, outputs),
-                );
-            });
-            dst
+                product_by_panels(MatRef::new(&x, n, inputs).t(), MatRef::new(&g, n, outputs))
+            })
         };
         let one = product(1);
+        assert_eq!(one.len(), inputs * outputs);
         for i in 0..inputs {
             for j in 0..outputs {
                 let exact: f64 = (0..n)
@@ -915,5 +956,7 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&product(threads)), bits(&one), "{threads} workers");
         }
+        let empty = product_by_panels(MatRef::new(&[], 0, inputs).t(), MatRef::new(&[], 0, 3));
+        assert_eq!(empty, vec![0.0; inputs * 3]);
     }
 }

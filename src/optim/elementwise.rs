@@ -50,13 +50,28 @@ pub(super) fn adam(m: &mut [f32], v: &mut [f32], g: &mut [f32], s: AdamStep) {
     }
 }
 
-/// The step `p <- p - lr d` in place.
-pub(super) fn descend(p: &mut [f32], d: &[f32], lr: f32) {
+/// The decayed step written over the direction: `d <- p decay - d lr` (the
+/// operations of burn's `p * decay - d * lr`, in that order), by chunks on the pool's workers when the pool
+/// has more than one and the parameter is large.
+pub(super) fn decay_descend(d: &mut [f32], p: &[f32], decay: f32, lr: f32) {
     debug_assert_eq!(p.len(), d.len());
-    for (p, d) in p.iter_mut().zip(d) {
-        *p -= *d * lr;
+    let chunk = |(d, p): (&mut [f32], &[f32])| {
+        for (d, p) in d.iter_mut().zip(p) {
+            *d = *p * decay - *d * lr;
+        }
+    };
+    if crate::device::threads() == 1 || d.len() < PARALLEL_VALUES {
+        chunk((d, p));
+    } else {
+        use rayon::prelude::*;
+        d.par_chunks_mut(PARALLEL_VALUES / 4)
+            .zip(p.par_chunks(PARALLEL_VALUES / 4))
+            .for_each(chunk);
     }
 }
+
+/// Values from which [`decay_descend`] shares its pass among the pool's workers.
+const PARALLEL_VALUES: usize = 1 << 16;
 
 /// Multiplies every entry by `s` in place.
 pub(super) fn scale(x: &mut [f32], s: f32) {

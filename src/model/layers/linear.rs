@@ -71,9 +71,7 @@ impl LayerImpl for Linear {
             // `x^T g` on the host kernel, by row panels on the pool's workers.
             let ([n, inputs], outputs) = (x.dims(), g.dims()[1]);
             let (xs, gs) = (to_host(x), to_host(g));
-            let mut gw = vec![0.0; inputs * outputs];
-            kernels::matmul_by_panels(
-                &mut gw,
+            let gw = kernels::product_by_panels(
                 MatRef::new(&xs, n, inputs).t(),
                 MatRef::new(&gs, n, outputs),
             );
