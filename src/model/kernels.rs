@@ -181,7 +181,7 @@ pub(crate) fn matmul_into(
 const PANEL_ROWS: usize = 32;
 
 /// `lhs * rhs` as a new row-major buffer, by panels of [`PANEL_ROWS`] rows on the pool's
-/// workers when it has more than one. Each panel is one single-threaded product, so the
+/// workers when it has more than one ([`crate::device::self_scheduled`]). Each panel is one single-threaded product, so the
 /// result does not depend on the number of workers; the products write the buffer
 /// without its being zeroed first.
 ///
@@ -200,7 +200,7 @@ pub(crate) fn product_by_panels(lhs: MatRef<'_>, rhs: MatRef<'_>) -> Vec<f32> {
     if len == 0 {
         return out;
     }
-    let panel = |(p, rows): (usize, &mut [MaybeUninit<f32>])| {
+    let panel = |p: usize, rows: &mut [MaybeUninit<f32>]| {
         let count = rows.len() / n;
         if k == 0 {
             rows.fill(MaybeUninit::new(0.0));
@@ -235,15 +235,10 @@ pub(crate) fn product_by_panels(lhs: MatRef<'_>, rhs: MatRef<'_>) -> Vec<f32> {
             );
         }
     };
-    let spare = &mut out.spare_capacity_mut()[..len];
-    if serial() {
-        spare.chunks_mut(PANEL_ROWS * n).enumerate().for_each(panel);
-    } else {
-        spare
-            .par_chunks_mut(PANEL_ROWS * n)
-            .enumerate()
-            .for_each(panel);
-    }
+    let panels = out.spare_capacity_mut()[..len]
+        .chunks_mut(PANEL_ROWS * n)
+        .collect();
+    crate::device::each_self_scheduled(panels, panel);
     // SAFETY: the panels cover the first `len` values of the capacity, and each panel's
     // product (or its zero fill) wrote every one of its values.
     unsafe { out.set_len(len) };

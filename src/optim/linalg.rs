@@ -190,37 +190,7 @@ fn symmetric_product(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>) {
         }
     };
     // Largest first: panel `i` mirrors `i + 1` tiles.
-    self_scheduled(n, |t| mirror(n - 1 - t));
-}
-
-/// Runs `task(0)`, `task(1)`, ... `task(count - 1)`, each exactly once, on the pool's
-/// workers: each worker takes the next task not yet taken until none is left. With the
-/// tasks in decreasing size (the longest-processing-time-first rule) the workers end
-/// within about the last tasks' size of each other, whatever their speeds: a binary split
-/// of the list (rayon's) left one worker idle for up to half a pair of panels per
-/// product, and on this VM the calling thread often ran slower than the other worker.
-fn self_scheduled(count: usize, task: impl Fn(usize) + Sync) {
-    let workers = crate::device::threads().min(count);
-    if workers <= 1 {
-        (0..count).for_each(task);
-        return;
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let work = || {
-        loop {
-            let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if t >= count {
-                break;
-            }
-            task(t);
-        }
-    };
-    rayon::scope(|s| {
-        for _ in 1..workers {
-            s.spawn(|_| work());
-        }
-        work();
-    });
+    crate::device::self_scheduled(n, |t| mirror(n - 1 - t));
 }
 
 /// A raw pointer into a buffer whose threads write disjoint elements (`Send` and `Sync`:
@@ -245,31 +215,14 @@ impl SharedMut {
 }
 
 /// `f(first_row, panel)` on each panel of [`SYMMETRIC_BLOCK`] rows of the row-major `dst`
-/// (`cols` wide), on the pool's workers when it has more than one ([`self_scheduled`], in
-/// row order: the upper-triangle panels of [`symmetric_product`] shrink down the matrix).
-/// Each panel is one product whatever the number of workers, so the result does not
-/// depend on it.
+/// (`cols` wide), on the pool's workers when it has more than one
+/// ([`crate::device::self_scheduled`], in row order: the upper-triangle panels of
+/// [`symmetric_product`] shrink down the matrix). Each panel is one product whatever the
+/// number of workers, so the result does not depend on it.
 fn row_panels(dst: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     let len = SYMMETRIC_BLOCK * cols.max(1);
-    if crate::device::threads() == 1 {
-        dst.chunks_mut(len)
-            .enumerate()
-            .for_each(|(p, rows)| f(p * SYMMETRIC_BLOCK, rows));
-        return;
-    }
-    // Each task takes its panel out of its slot once (the lock is never contended).
-    let slots: Vec<std::sync::Mutex<Option<&mut [f32]>>> = dst
-        .chunks_mut(len)
-        .map(|rows| std::sync::Mutex::new(Some(rows)))
-        .collect();
-    self_scheduled(slots.len(), |p| {
-        let rows = slots[p]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(rows) = rows {
-            f(p * SYMMETRIC_BLOCK, rows);
-        }
+    crate::device::each_self_scheduled(dst.chunks_mut(len).collect(), |p, rows| {
+        f(p * SYMMETRIC_BLOCK, rows);
     });
 }
 
