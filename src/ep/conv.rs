@@ -24,7 +24,7 @@ use crate::device::{Tensor, to_host};
 use crate::loss::Loss;
 use crate::model::Activation;
 use crate::model::Network;
-use crate::model::kernels::{ConvGeometry, MatRef, PoolGeometry, lane_sum_squares, matmul};
+use crate::model::kernels::{self, ConvGeometry, MatRef, PoolGeometry, lane_sum_squares, matmul};
 
 /// The operator of a link's prediction.
 enum Op {
@@ -40,6 +40,10 @@ struct Link {
     pool: Option<PoolGeometry>,
     op: Op,
     weight: Vec<f32>,
+    /// A linear link's weights transposed, `[outputs, inputs]` row-major: the feedback
+    /// product's right side, contiguous ([`kernels::transpose`]; empty for a
+    /// convolution).
+    weight_t: Vec<f32>,
     bias: Vec<f32>,
     /// Zeros of the bias's length: the prediction's change has no bias.
     no_bias: Vec<f32>,
@@ -77,7 +81,7 @@ impl Link {
                 matmul(
                     gx,
                     MatRef::new(gy, rows, *n_out),
-                    MatRef::new(&self.weight, *n_in, *n_out).t(),
+                    MatRef::new(&self.weight_t, *n_out, *n_in),
                     false,
                 );
             }
@@ -452,11 +456,17 @@ fn links(plan: &ConvPlan, net: &Network) -> Vec<Link> {
                     n_out: plan.widths[i + 1],
                 },
             };
+            let weight = to_host(&p[0]);
+            let weight_t = match op {
+                Op::Linear { n_in, n_out } => kernels::transpose(&weight, n_in, n_out),
+                Op::Conv(_) => Vec::new(),
+            };
             Link {
                 activation: l.activation,
                 pool,
                 op,
-                weight: to_host(&p[0]),
+                weight,
+                weight_t,
                 no_bias: vec![0.0; p[1].dims()[1]],
                 bias: to_host(&p[1]),
                 input,

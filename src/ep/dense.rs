@@ -22,7 +22,7 @@ use crate::device::{Tensor, to_host};
 use crate::loss::{Loss, MseScale};
 use crate::model::Activation;
 use crate::model::Network;
-use crate::model::kernels::{MatRef, lane_sum_squares, matmul};
+use crate::model::kernels::{self, MatRef, lane_sum_squares, matmul};
 
 /// One linear link `h_{i} = f(s_{i-1}) W + b` of the plan, on the host.
 struct Link {
@@ -31,6 +31,9 @@ struct Link {
     residual: bool,
     /// `[inputs, outputs]`, row-major.
     weight: Vec<f32>,
+    /// The same weights transposed, `[outputs, inputs]` row-major: the feedback product's
+    /// right side, contiguous ([`kernels::transpose`]).
+    weight_t: Vec<f32>,
     bias: Vec<f32>,
 }
 
@@ -345,7 +348,7 @@ impl Chunk {
                     matmul(
                         g,
                         MatRef::new(&self.errors[i + 1][..r * n_next], r, n_next),
-                        MatRef::new(&links[i].weight, n, n_next).t(),
+                        MatRef::new(&links[i].weight_t, n_next, n),
                         false,
                     );
                 } else {
@@ -454,10 +457,14 @@ pub(crate) fn settle(
         .zip(&plan.residual)
         .map(|(&(layer, activation), &residual)| {
             let p = net.layers()[layer].params(net.params());
+            let [inputs, outputs] = p[0].dims();
+            let weight = to_host(&p[0]);
+            let weight_t = kernels::transpose(&weight, inputs, outputs);
             Link {
                 activation,
                 residual,
-                weight: to_host(&p[0]),
+                weight,
+                weight_t,
                 bias: to_host(&p[1]),
             }
         })
