@@ -50,9 +50,9 @@ pub(super) fn adam(m: &mut [f32], v: &mut [f32], g: &mut [f32], s: AdamStep) {
     }
 }
 
-/// The decayed step written over the direction: `d <- p decay - d lr` (the
-/// operations of burn's `p * decay - d * lr`, in that order), by chunks on the pool's workers when the pool
-/// has more than one and the parameter is large.
+/// The decayed step written over the direction: `d <- p decay - d lr` (the operations of
+/// burn's `p * decay - d * lr`, in that order), by chunks on the pool's workers when the
+/// pool has more than one and the parameter is large.
 pub(super) fn decay_descend(d: &mut [f32], p: &[f32], decay: f32, lr: f32) {
     debug_assert_eq!(p.len(), d.len());
     let chunk = |(d, p): (&mut [f32], &[f32])| {

@@ -298,6 +298,11 @@ pub fn newton_schulz_host(
     steps: usize,
     iteration: NsIteration,
 ) -> Vec<f32> {
+    assert_eq!(
+        g.len(),
+        rows * cols,
+        "newton_schulz_host: g is not rows x cols"
+    );
     let (r, c) = (rows.min(cols), rows.max(cols));
     let tall = rows > cols;
     // In f64: the quintic is not scale-invariant, and an f32 running sum over 2e5 squares
