@@ -153,11 +153,38 @@ pub(crate) fn matmul_into(
     // the block of `dst` (row stride `dst_cols`) inside its slice; `dst` is borrowed
     // mutably, so it aliases neither input.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_block(
             dst.as_mut_ptr().add(i * dst_cols + j),
+            dst_cols,
+            accumulate,
+            lhs,
+            rhs,
+        );
+    }
+}
+
+/// `dst = lhs * rhs` (or `dst += lhs * rhs` with `accumulate`) for the `lhs.rows x
+/// rhs.cols` block at `dst`, row stride `dst_cols`, single-threaded.
+///
+/// # Safety
+/// The views must lie in bounds ([`MatRef::in_bounds`]) with `lhs.cols == rhs.rows`, and
+/// `dst` must be valid for writes (with `accumulate`, also reads) of the whole block and
+/// alias neither input. Without `accumulate` gemm only writes the block, which may then be
+/// uninitialised.
+unsafe fn gemm_block(
+    dst: *mut f32,
+    dst_cols: usize,
+    accumulate: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+) {
+    // SAFETY: the caller's contract above is gemm's.
+    unsafe {
+        gemm::gemm(
+            lhs.rows,
+            rhs.cols,
+            lhs.cols,
+            dst,
             1,
             dst_cols as isize,
             accumulate,
@@ -230,32 +257,10 @@ pub(crate) fn product_by_panels(lhs: MatRef<'_>, rhs: MatRef<'_>) -> Vec<f32> {
         }
         let lhs = lhs.sub_rows(p * PANEL_ROWS, count);
         // SAFETY: `rows` holds `count x n` values, the block gemm writes (row stride `n`);
-        // the views' bounds were checked above (`sub_rows` keeps them). With `read_dst`
-        // false gemm only writes `dst`, never reads it, so its being uninitialised is
-        // fine, and `rows` is borrowed mutably, aliasing neither input.
-        unsafe {
-            gemm::gemm(
-                count,
-                n,
-                k,
-                rows.as_mut_ptr().cast::<f32>(),
-                1,
-                n as isize,
-                false,
-                lhs.data.as_ptr(),
-                lhs.col_stride as isize,
-                lhs.row_stride as isize,
-                rhs.data.as_ptr(),
-                rhs.col_stride as isize,
-                rhs.row_stride as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        // the views' bounds were checked above (`sub_rows` keeps them). Without
+        // accumulation gemm only writes `dst`, so its being uninitialised is fine, and
+        // `rows` is borrowed mutably, aliasing neither input.
+        unsafe { gemm_block(rows.as_mut_ptr().cast::<f32>(), n, false, lhs, rhs) }
     };
     let panels = out.spare_capacity_mut()[..len]
         .chunks_mut(PANEL_ROWS * n)
