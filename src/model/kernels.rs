@@ -16,13 +16,18 @@ thread_local! {
     /// Each thread's two buffers for the block products (the im2col columns and the
     /// product), kept between calls: a settle or backprop step runs several convolutions,
     /// each of which allocated and zeroed megabytes before (a tenth of a `cnn` backprop
-    /// step, with the page faults).
+    /// step, with the page faults). Newton–Schulz keeps its `r x r` matrices in the first
+    /// (`crate::optim::linalg::newton_schulz_host`).
     static SCRATCH: RefCell<[Vec<f32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// Runs `f` on this thread's scratch buffers, grown to `a` and `b` values. Their contents
 /// are whatever an earlier call left: `f` writes every value it reads.
-fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+pub(crate) fn with_scratch<R>(
+    a: usize,
+    b: usize,
+    f: impl FnOnce(&mut [f32], &mut [f32]) -> R,
+) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut bufs) => {
             let [x, y] = &mut *bufs;
@@ -33,7 +38,8 @@ fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) ->
             }
             f(&mut x[..a], &mut y[..b])
         }
-        // Not reached (the kernels do not nest), but a nested call must not panic.
+        // Not reached (the kernels and the iteration do not nest), but a nested call must
+        // not panic.
         Err(_) => f(&mut vec![0.0; a], &mut vec![0.0; b]),
     })
 }

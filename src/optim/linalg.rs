@@ -255,13 +255,6 @@ fn panel_sum_of_squares(v: &[f32], cols: usize) -> f64 {
     sums.iter().sum()
 }
 
-thread_local! {
-    /// Each thread's buffer for the `r x r` matrices of [`newton_schulz_host`], kept
-    /// between calls (an optimizer step orthogonalises the same shapes every time; zeroing
-    /// fresh ones cost a serial pass over 1.3 MB per 784 x 256 matrix).
-    static GRAM_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// `src` (row-major `rows x cols`) transposed and scaled into `dst` (`cols x rows`), by
 /// row panels of `dst` shared among the pool's workers, each in tiles so that the strided
 /// side stays in cache.
@@ -326,7 +319,10 @@ pub fn newton_schulz_host(
     };
     let x = MatRef::new(&scaled, r, c);
     let (qa, qb, qc) = iteration.coefficients();
-    with_gram_scratch(5 * r * r, |scratch| {
+    // The `r x r` matrices live in this thread's kernel scratch, kept between calls (an
+    // optimizer step orthogonalises the same shapes every time; zeroing fresh ones cost a
+    // serial pass over 1.3 MB per 784 x 256 matrix). Every value is written before read.
+    crate::model::kernels::with_scratch(5 * r * r, 0, |scratch, _| {
         let (a, rest) = scratch.split_at_mut(r * r);
         let (a2, rest) = rest.split_at_mut(r * r);
         let (p, rest) = rest.split_at_mut(r * r);
@@ -375,21 +371,6 @@ pub fn newton_schulz_host(
         });
     });
     out
-}
-
-/// Runs `f` on this thread's [`GRAM_SCRATCH`], grown to `len` values (whatever an earlier
-/// call left in it: `f` writes every value before it reads it).
-fn with_gram_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    GRAM_SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            f(&mut buf[..len])
-        }
-        // Not reached (the iteration does not nest), but a nested call must not panic.
-        Err(_) => f(&mut vec![0.0; len]),
-    })
 }
 
 /// Whether [`newton_schulz`] iterates in the Gram space: wide enough (`c >= 2r`) for the
