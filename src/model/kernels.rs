@@ -210,29 +210,49 @@ unsafe fn gemm_block(
     }
 }
 
-/// `src` (row-major `rows x cols`) transposed into a new `cols x rows` buffer, by 32 x 32
-/// tiles so that the strided side stays in cache.
+/// `src` (row-major `rows x cols`) transposed into a new `cols x rows` buffer
+/// ([`transpose_rows_into`]).
 ///
 /// The settle loops multiply by `W^T` at every step: as a transposed view the product
 /// runs `gemm` on a strided right side, which on two threads cost a fifth of a
 /// 784-256-128-10 settle step; a contiguous copy made once per settle does not.
 pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 32;
     assert_eq!(src.len(), rows * cols, "transpose: src is not rows x cols");
     let mut dst = vec![0.0; src.len()];
-    for i0 in (0..rows).step_by(TILE) {
-        for j0 in (0..cols).step_by(TILE) {
-            for i in i0..(i0 + TILE).min(rows) {
-                for j in j0..(j0 + TILE).min(cols) {
-                    dst[j * rows + i] = src[i * cols + j];
-                }
-            }
-        }
-    }
+    transpose_rows_into(src, rows, cols, 1.0, 0, &mut dst);
     dst
 }
 
-/// Rows of `dst` that one task of [`matmul_by_panels`] multiplies.
+/// Rows `first..first + dst.len() / rows` of `scale * src^T` (`src` row-major `rows x
+/// cols`) into `dst`, in tiles of 32 source rows so that the strided side stays in cache.
+pub(crate) fn transpose_rows_into(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    scale: f32,
+    first: usize,
+    dst: &mut [f32],
+) {
+    const TILE: usize = 32;
+    if rows == 0 {
+        return;
+    }
+    let count = dst.len() / rows;
+    assert!(
+        first + count <= cols,
+        "transpose: rows past the source's columns"
+    );
+    for i0 in (0..rows).step_by(TILE) {
+        for j in first..first + count {
+            let out = &mut dst[(j - first) * rows..][..rows];
+            for i in i0..(i0 + TILE).min(rows) {
+                out[i] = src[i * cols + j] * scale;
+            }
+        }
+    }
+}
+
+/// Rows of the result that one task of [`product_by_panels`] multiplies.
 const PANEL_ROWS: usize = 32;
 
 /// `lhs * rhs` as a new row-major buffer, by panels of [`PANEL_ROWS`] rows on the pool's

@@ -256,20 +256,11 @@ fn panel_sum_of_squares(v: &[f32], cols: usize) -> f64 {
 }
 
 /// `src` (row-major `rows x cols`) transposed and scaled into `dst` (`cols x rows`), by
-/// row panels of `dst` shared among the pool's workers, each in tiles so that the strided
-/// side stays in cache.
+/// row panels of `dst` shared among the pool's workers
+/// ([`crate::model::kernels::transpose_rows_into`]).
 fn transpose_scaled(src: &[f32], rows: usize, cols: usize, scale: f32, dst: &mut [f32]) {
-    const TILE: usize = 32;
     row_panels(dst, rows, |j0, panel| {
-        let count = panel.len() / rows;
-        for i0 in (0..rows).step_by(TILE) {
-            for j in j0..j0 + count {
-                let out = &mut panel[(j - j0) * rows..][..rows];
-                for i in i0..(i0 + TILE).min(rows) {
-                    out[i] = src[i * cols + j] * scale;
-                }
-            }
-        }
+        crate::model::kernels::transpose_rows_into(src, rows, cols, scale, j0, panel);
     });
 }
 
