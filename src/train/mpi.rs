@@ -11,7 +11,7 @@ use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Equivalence};
 
-use super::parallel::{Collective, CommStats, ParallelError};
+use super::parallel::{Collective, CommStats, ParallelError, split_parts};
 
 /// The world communicator of an MPI job. Dropping it finalises MPI.
 pub struct MpiCollective {
@@ -52,10 +52,13 @@ impl MpiCollective {
         self.world.abort(code)
     }
 
-    fn gather<T: Equivalence + Copy + Default>(
+    /// Every rank's `local`, concatenated in rank order into `out` (its allocation reused:
+    /// a step's gather then costs no fresh pages); returns each rank's length.
+    fn gather_into<T: Equivalence + Copy + Default>(
         &self,
         local: &[T],
-    ) -> Result<Vec<Vec<T>>, ParallelError> {
+        out: &mut Vec<T>,
+    ) -> Result<Vec<usize>, ParallelError> {
         let start = Instant::now();
         let size = self.size();
         let len = Count::try_from(local.len()).map_err(|_| {
@@ -73,14 +76,11 @@ impl MpiCollective {
             })
             .collect();
         let total: usize = counts.iter().map(|&c| c as usize).sum();
-        let mut buf = vec![T::default(); total];
+        // Every value is overwritten by the gather: only new length is initialised.
+        out.resize(total, T::default());
         {
-            let mut partition = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
+            let mut partition = PartitionMut::new(&mut out[..], &counts[..], &displs[..]);
             self.world.all_gather_varcount_into(local, &mut partition);
-        }
-        let mut out = Vec::with_capacity(size);
-        for (&c, &d) in counts.iter().zip(&displs) {
-            out.push(buf[d as usize..(d + c) as usize].to_vec());
         }
         let item = std::mem::size_of::<T>() as u64;
         let mut s = self.stats.get();
@@ -90,7 +90,7 @@ impl MpiCollective {
         s.seconds += start.elapsed().as_secs_f64();
         s.waiting += waited;
         self.stats.set(s);
-        Ok(out)
+        Ok(counts.into_iter().map(|c| c as usize).collect())
     }
 }
 
@@ -103,12 +103,21 @@ impl Collective for MpiCollective {
         self.world.size() as usize
     }
 
-    fn all_gather_f32(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, ParallelError> {
-        self.gather(local)
+    fn all_gather_f32_into(
+        &self,
+        local: &[f32],
+        out: &mut Vec<f32>,
+    ) -> Result<Vec<usize>, ParallelError> {
+        self.gather_into(local, out)
     }
 
     fn all_gather_u64(&self, local: &[u64]) -> Result<Vec<Vec<u64>>, ParallelError> {
-        self.gather(local)
+        let mut out = Vec::new();
+        let counts = self.gather_into(local, &mut out)?;
+        Ok(split_parts(&out, &counts)
+            .into_iter()
+            .map(<[u64]>::to_vec)
+            .collect())
     }
 
     fn stats(&self) -> CommStats {

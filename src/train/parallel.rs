@@ -16,7 +16,7 @@
 use std::fmt::Debug;
 use std::ops::Range;
 
-use crate::device::{Device, Tensor, from_host, to_host};
+use crate::device::{Device, Tensor, from_host, into_host, to_host};
 use crate::ep::SettleStats;
 use crate::model::{BatchMoments, GradFactors};
 
@@ -38,8 +38,22 @@ pub trait Collective: Debug {
     fn rank(&self) -> usize;
     /// Number of ranks.
     fn size(&self) -> usize;
+    /// Every rank's `local` (lengths may differ), concatenated in rank order into `out`
+    /// (its previous values replaced, its allocation reused); returns each rank's length.
+    fn all_gather_f32_into(
+        &self,
+        local: &[f32],
+        out: &mut Vec<f32>,
+    ) -> Result<Vec<usize>, ParallelError>;
     /// Every rank's `local` (lengths may differ), in rank order.
-    fn all_gather_f32(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, ParallelError>;
+    fn all_gather_f32(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, ParallelError> {
+        let mut out = Vec::new();
+        let counts = self.all_gather_f32_into(local, &mut out)?;
+        Ok(split_parts(&out, &counts)
+            .into_iter()
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
     /// Every rank's `local` (lengths may differ), in rank order.
     fn all_gather_u64(&self, local: &[u64]) -> Result<Vec<Vec<u64>>, ParallelError>;
     /// Traffic and time so far.
@@ -61,6 +75,20 @@ pub struct CommStats {
     /// effect waiting for the slowest rank to arrive, so `seconds - waiting` is about the
     /// time the transfers take.
     pub waiting: f64,
+}
+
+/// The consecutive parts of `flat` of lengths `counts` (a gather's result, in rank order);
+/// parts past the end of `flat` come back shortened.
+pub fn split_parts<'a, T>(flat: &'a [T], counts: &[usize]) -> Vec<&'a [T]> {
+    let mut at = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let part = &flat[at.min(flat.len())..(at + c).min(flat.len())];
+            at += c;
+            part
+        })
+        .collect()
 }
 
 /// The contiguous share of `n` items that `rank` of `size` takes: items
@@ -123,8 +151,9 @@ pub struct StepShare<'a> {
     pub correct: usize,
     /// The share's settle statistics, per phase.
     pub settle: &'a [SettleStats],
-    /// The share's mean gradient per parameter.
-    pub grads: &'a [Tensor<2>],
+    /// The share's mean gradient per parameter (moved into the packing: each is read
+    /// once, in place when nothing else holds it).
+    pub grads: Vec<Tensor<2>>,
     /// Parameters whose gradients are not gathered: the optimizer combines them across
     /// the ranks itself ([`crate::optim::Optimizer::reduces_across_ranks`]; empty: none).
     pub local: &'a [bool],
@@ -155,24 +184,35 @@ pub struct StepTotal {
     pub moments: BatchMoments,
 }
 
+/// The host buffers a data-parallel run packs and gathers its steps in, kept from step to
+/// step so that, once grown, a step's exchange allocates and faults in no fresh pages.
+#[derive(Debug, Default)]
+pub struct StepBuffers {
+    packed: Vec<f32>,
+    gathered: Vec<f32>,
+}
+
 const HEADER: usize = 4;
 const PER_PHASE: usize = 4;
 
 impl StepShare<'_> {
-    /// Packs the share (sums weighted by its sample count, so that the combination is a
-    /// plain ordered sum), gathers every rank's and combines them.
+    /// Packs the share, gathers every rank's and combines them: sums in rank order of
+    /// each rank's values weighted by its sample count, over the batch's sample count.
     pub fn combine(
-        &self,
+        self,
         collective: &dyn Collective,
         device: &Device,
+        buffers: &mut StepBuffers,
     ) -> Result<StepTotal, ParallelError> {
         let n = self.samples as f32;
-        let mut packed = vec![
+        let packed = &mut buffers.packed;
+        packed.clear();
+        packed.extend([
             n,
             self.loss * n,
             self.correct as f32,
             self.settle.len() as f32,
-        ];
+        ]);
         for s in self.settle {
             packed.extend([
                 s.sample_steps * n,
@@ -181,9 +221,16 @@ impl StepShare<'_> {
                 s.steps as f32,
             ]);
         }
-        for (k, g) in self.grads.iter().enumerate() {
-            if !self.is_local(k) {
-                packed.extend(to_host(g).into_iter().map(|v| v * n));
+        // Gradients travel as the share's means; the receivers weight them.
+        let mut shapes = Vec::with_capacity(self.grads.len());
+        let mut kept = Vec::with_capacity(self.grads.len());
+        for (k, g) in self.grads.into_iter().enumerate() {
+            shapes.push(g.dims());
+            if self.local.get(k).copied().unwrap_or(false) {
+                kept.push(Some(g));
+            } else {
+                packed.extend_from_slice(&into_host(g));
+                kept.push(None);
             }
         }
         for (mean, var) in self.moments {
@@ -194,27 +241,70 @@ impl StepShare<'_> {
             packed.extend(to_host(&f.inputs));
             packed.extend(to_host(&f.output_grads));
         }
-        let all = collective.all_gather_f32(&packed)?;
-        self.unpack(&all, device)
+        let counts = collective.all_gather_f32_into(packed, &mut buffers.gathered)?;
+        let all = split_parts(&buffers.gathered, &counts);
+        Unpacked {
+            samples: self.samples,
+            settle: self.settle,
+            moments: self.moments,
+            factors: self.factors,
+        }
+        .unpack(&all, shapes, kept, device)
     }
+}
 
-    fn is_local(&self, k: usize) -> bool {
-        self.local.get(k).copied().unwrap_or(false)
+/// `sum_r parts[r][i] weights[r]`, summed in rank order, over `total`, for every `i` (the
+/// parts have equal lengths): one pass over each part, in blocks that stay in the
+/// first-level cache, written straight into the result.
+fn weighted_mean(parts: &[&[f32]], weights: &[f32], total: f32) -> Vec<f32> {
+    const BLOCK: usize = 2048;
+    let len = parts.first().map_or(0, |p| p.len());
+    let mut out = Vec::with_capacity(len);
+    let mut block = [0f32; BLOCK];
+    for start in (0..len).step_by(BLOCK) {
+        let end = (start + BLOCK).min(len);
+        let sum = &mut block[..end - start];
+        sum.fill(0.0);
+        for (part, &w) in parts.iter().zip(weights) {
+            for (s, v) in sum.iter_mut().zip(&part[start..end]) {
+                *s += v * w;
+            }
+        }
+        out.extend(sum.iter().map(|s| s / total));
     }
+    out
+}
 
-    fn unpack(&self, all: &[Vec<f32>], device: &Device) -> Result<StepTotal, ParallelError> {
+/// What combining needs of this rank's share besides the gathered values.
+struct Unpacked<'a> {
+    samples: usize,
+    settle: &'a [SettleStats],
+    moments: &'a BatchMoments,
+    factors: &'a [Option<GradFactors>],
+}
+
+impl Unpacked<'_> {
+    fn unpack(
+        &self,
+        all: &[&[f32]],
+        shapes: Vec<[usize; 2]>,
+        kept: Vec<Option<Tensor<2>>>,
+        device: &Device,
+    ) -> Result<StepTotal, ParallelError> {
         let bad = |rank: usize, what: &str| {
             ParallelError::Mismatch(format!("rank {rank} sent a malformed step ({what})"))
         };
         let mut readers = Vec::with_capacity(all.len());
-        let mut samples = 0usize;
+        let mut weights = Vec::with_capacity(all.len());
         for (rank, p) in all.iter().enumerate() {
-            if p.len() < HEADER || p[3] as usize != self.settle.len() {
+            let phases = HEADER + self.settle.len() * PER_PHASE;
+            if p.len() < phases || p[3] as usize != self.settle.len() {
                 return Err(bad(rank, "header or settle phases"));
             }
-            samples += p[0] as usize;
-            readers.push(HEADER);
+            weights.push(p[0]);
+            readers.push(phases);
         }
+        let samples: usize = weights.iter().map(|&w| w as usize).sum();
         if samples == 0 {
             return Err(ParallelError::Mismatch("a batch without samples".into()));
         }
@@ -223,42 +313,41 @@ impl StepShare<'_> {
         let correct = all.iter().map(|p| p[2] as usize).sum();
         let mut settle = self.settle.to_vec();
         for (phase, s) in settle.iter_mut().enumerate() {
-            let at = |p: &Vec<f32>, k: usize| p[HEADER + phase * PER_PHASE + k];
+            let at = |p: &&[f32], k: usize| p[HEADER + phase * PER_PHASE + k];
             s.sample_steps = all.iter().map(|p| at(p, 0)).sum::<f32>() / total;
             s.residual = all.iter().map(|p| at(p, 1)).fold(0.0, f32::max);
             s.converged = all.iter().all(|p| at(p, 2) > 0.5);
             s.steps = all.iter().map(|p| at(p, 3) as usize).max().unwrap_or(0);
         }
-        for r in &mut readers {
-            *r += self.settle.len() * PER_PHASE;
-        }
-        // Takes the next `len` values of every rank, summed in rank order.
-        let mut summed = |len: usize| -> Result<Vec<f32>, ParallelError> {
-            let mut out = vec![0f32; len];
+        // The next `len` values of every rank, each times its weight (none: as sent),
+        // summed in rank order, over the batch's samples.
+        let mut summed = |len: usize, weighted: bool| -> Result<Vec<f32>, ParallelError> {
+            let mut parts = Vec::with_capacity(all.len());
             for (rank, (p, at)) in all.iter().zip(readers.iter_mut()).enumerate() {
-                let part = p
-                    .get(*at..*at + len)
-                    .ok_or_else(|| bad(rank, "too short"))?;
-                for (o, v) in out.iter_mut().zip(part) {
-                    *o += v;
-                }
+                parts.push(
+                    p.get(*at..*at + len)
+                        .ok_or_else(|| bad(rank, "too short"))?,
+                );
                 *at += len;
             }
-            Ok(out.into_iter().map(|v| v / total).collect())
+            let ones = vec![1.0; parts.len()];
+            Ok(weighted_mean(
+                &parts,
+                if weighted { &weights } else { &ones },
+                total,
+            ))
         };
-        let mut grads = Vec::with_capacity(self.grads.len());
-        for (k, g) in self.grads.iter().enumerate() {
-            if self.is_local(k) {
-                grads.push(g.clone().mul_scalar(self.samples as f32 / total));
-                continue;
-            }
-            let dims = g.dims();
-            grads.push(from_host(summed(dims[0] * dims[1])?, dims, device));
+        let mut grads = Vec::with_capacity(shapes.len());
+        for (dims, kept) in shapes.into_iter().zip(kept) {
+            grads.push(match kept {
+                Some(g) => g.mul_scalar(self.samples as f32 / total),
+                None => from_host(summed(dims[0] * dims[1], true)?, dims, device),
+            });
         }
         let mut moments = Vec::with_capacity(self.moments.len());
         for (mean, _) in self.moments {
-            let m = summed(mean.len())?;
-            let second = summed(mean.len())?;
+            let m = summed(mean.len(), false)?;
+            let second = summed(mean.len(), false)?;
             let var = second
                 .iter()
                 .zip(&m)
@@ -298,5 +387,49 @@ impl StepShare<'_> {
             factors,
             moments,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_mean_is_the_rank_ordered_sum_to_the_bit() {
+        // Lengths around the block size, three ranks with sample-count weights.
+        for len in [0, 1, 2047, 2048, 2049, 5000] {
+            let parts: Vec<Vec<f32>> = (0..3)
+                .map(|r| {
+                    (0..len)
+                        .map(|i| ((i * 7 + r * 13) % 31) as f32 * 0.37 - 5.0 + r as f32 * 1e-3)
+                        .collect()
+                })
+                .collect();
+            let views: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+            let weights = [21.0, 21.0, 22.0];
+            let got = weighted_mean(&views, &weights, 64.0);
+            assert_eq!(got.len(), len);
+            for (i, g) in got.iter().enumerate() {
+                let mut sum = 0f32;
+                for (p, w) in parts.iter().zip(weights) {
+                    sum += p[i] * w;
+                }
+                assert_eq!(g.to_bits(), (sum / 64.0).to_bits(), "element {i} of {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn split_parts_cuts_a_gather_at_the_counts() {
+        let flat = [1, 2, 3, 4, 5, 6];
+        assert_eq!(
+            split_parts(&flat, &[2, 0, 4]),
+            vec![&[1, 2][..], &[][..], &[3, 4, 5, 6][..]]
+        );
+        // Counts that overrun the buffer give short parts, not a panic.
+        assert_eq!(
+            split_parts(&flat, &[4, 4]),
+            vec![&[1, 2, 3, 4][..], &[5, 6][..]]
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use burn::tensor::{Int, TensorData};
 
 use super::Monitor;
-use super::parallel::{Collective, StepShare, check_agreement, digest, share};
+use super::parallel::{Collective, StepBuffers, StepShare, check_agreement, digest, share};
 use super::{EpochMetrics, Penalty, TrainError, TrainObserver};
 use crate::data::{Augment, Batcher, Dataset, Split};
 use crate::device::{Device, Tensor, to_host};
@@ -62,6 +62,8 @@ pub struct Trainer {
     epoch: usize,
     first_loss: Option<f32>,
     collective: Option<Rc<dyn Collective>>,
+    /// A data-parallel step's exchange buffers, reused.
+    exchange: StepBuffers,
 }
 
 /// What one training step did.
@@ -99,6 +101,7 @@ impl Trainer {
             epoch: 0,
             first_loss: None,
             collective: None,
+            exchange: StepBuffers::default(),
         }
     }
 
@@ -266,12 +269,12 @@ impl Trainer {
                 loss: estimate.loss,
                 correct,
                 settle: &estimate.settle,
-                grads: &estimate.grads,
+                grads: std::mem::take(&mut estimate.grads),
                 local: &local,
                 factors: &estimate.factors,
                 moments: &estimate.moments,
             }
-            .combine(c.as_ref(), &self.device)?;
+            .combine(c.as_ref(), &self.device, &mut self.exchange)?;
             (estimate.loss, correct, samples) = (total.loss, total.correct, total.samples);
             estimate.settle = total.settle;
             estimate.grads = total.grads;
