@@ -1363,3 +1363,66 @@ fn dion_across_ranks_exchanges_low_rank_factors_and_takes_the_single_optimizers_
         assert!(factors * 2 < 40 * 64 + 30 * 48);
     }
 }
+
+#[test]
+fn the_in_place_step_takes_the_by_value_steps_bits_and_a_refused_one_changes_nothing() {
+    // The training loop lends the model's own parameters (`step_in_place`), which are then
+    // updated in their own buffers; callers that keep their tensors use the by-value step.
+    // Both must give the same parameters over several steps, for every kind of rule, and a
+    // step refused for a non-finite gradient must leave the lent parameters as they were.
+    let (m, n) = (9, 6);
+    let info = [matrix(n, m), vector("b")];
+    let configs = [
+        CompositeConfig::adam(0.01, 0.1),
+        CompositeConfig {
+            update: UpdateRule::muon(),
+            constraint: Constraint::spectral(1.0),
+            ..CompositeConfig::default()
+        },
+        CompositeConfig {
+            update: UpdateRule::Dion {
+                rank_frac: 0.5,
+                threshold: 1,
+                ns_steps: 5,
+            },
+            ..CompositeConfig::default()
+        },
+        CompositeConfig {
+            feedback: Feedback::ErrorFeedback {
+                beta: 1.0,
+                rank_frac: Some(0.5),
+            },
+            ..CompositeConfig::default()
+        },
+    ];
+    let grads = |s: u64| {
+        vec![
+            t(&gaussianish(m, n, 20 + s), [m, n]),
+            t(&[0.3, -0.1 * s as f64, 0.2], [1, 3]),
+        ]
+    };
+    for config in configs {
+        let start = vec![
+            t(&gaussianish(m, n, 4), [m, n]),
+            t(&[0.1, 0.2, -0.3], [1, 3]),
+        ];
+        let mut by_value = CompositeOptimizer::new(config, &info).unwrap();
+        let mut in_place = by_value.clone();
+        let mut kept = start.clone();
+        let mut lent = start;
+        for s in 0..3 {
+            kept = by_value.step(kept, grads(s)).unwrap();
+            in_place.step_in_place(&mut lent, grads(s), &[]).unwrap();
+        }
+        for (a, b) in kept.iter().zip(&lent) {
+            assert_eq!(h(a), h(b), "{:?}", config.update);
+        }
+        let before: Vec<Vec<f64>> = lent.iter().map(h).collect();
+        let mut bad = grads(7);
+        bad[0] = t(&vec![f64::INFINITY; m * n], [m, n]);
+        let err = in_place.step_in_place(&mut lent, bad, &[]).unwrap_err();
+        assert!(matches!(err, OptimError::NonFinite { .. }), "{err:?}");
+        assert_eq!(lent.iter().map(h).collect::<Vec<_>>(), before);
+        assert_eq!(in_place.steps_taken(), 3);
+    }
+}

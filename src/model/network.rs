@@ -495,6 +495,12 @@ impl Network {
         &self.running
     }
 
+    /// The parameters, to be replaced in place by tensors of the same shapes (the training
+    /// loop's optimizer step, [`crate::optim::Optimizer::step_in_place`]).
+    pub(crate) fn params_mut(&mut self) -> &mut [Tensor<2>] {
+        &mut self.params
+    }
+
     /// Replaces the parameters with tensors of the same count and shapes.
     pub fn set_params(&mut self, params: Vec<Tensor<2>>) -> Result<(), ModelError> {
         let expected: Vec<[usize; 2]> = self.params.iter().map(|p| p.dims()).collect();

@@ -917,6 +917,25 @@ enum GradSet {
     Host(Vec<(Vec<f32>, [usize; 2], crate::device::Device)>),
 }
 
+/// The tensors of `params`, each replaced by an empty one: taken out, a parameter that
+/// nothing else holds is updated in its own buffer.
+fn take_all(params: &mut [Tensor<2>]) -> Vec<Tensor<2>> {
+    params
+        .iter_mut()
+        .map(|p| {
+            let empty = Tensor::empty([0, 0], &p.device());
+            std::mem::replace(p, empty)
+        })
+        .collect()
+}
+
+/// Puts the updated tensors back where [`take_all`] took them from.
+fn put_back(params: &mut [Tensor<2>], updated: Vec<Tensor<2>>) {
+    for (p, u) in params.iter_mut().zip(updated) {
+        *p = u;
+    }
+}
+
 /// `t * s`, or `t` itself when `s` is exactly 1 (the same values without a pass over
 /// them: Muon's shape scale is 1 on every matrix with fewer outputs than inputs).
 fn scaled(t: Tensor<2>, s: f32) -> Tensor<2> {
@@ -1127,13 +1146,13 @@ impl CompositeOptimizer {
     fn descend(p: Tensor<2>, d: Tensor<2>, decay: f32, lr: f32) -> Tensor<2> {
         if host_f32(&p) && host_f32(&d) {
             let (dims, device) = (p.dims(), p.device());
-            // The model still holds `p`: its values are read through one aligned copy (burn's
-            // element-wise product would allocate and fill a copy on this thread at a
-            // third of the speed), and the step is written over the direction's own buffer.
+            // The step is written over the direction's own buffer. `p` is read in place when
+            // nothing else holds it (the training loop's step, [`Optimizer::step_in_place`]),
+            // through one copy otherwise (burn's element-wise product would allocate and
+            // fill one on this thread at a third of the speed).
             let mut d = into_host(d);
-            let p = p.into_data();
-            let p = p.as_slice::<f32>().expect("an f32 tensor");
-            elementwise::decay_descend(&mut d, p, decay, lr);
+            let p = into_host(p);
+            elementwise::decay_descend(&mut d, &p, decay, lr);
             return from_host(d, dims, &device);
         }
         let p = if decay != 1.0 { p.mul_scalar(decay) } else { p };
@@ -1359,10 +1378,22 @@ impl Optimizer for CompositeOptimizer {
 
     fn step_with_factors(
         &mut self,
-        params: Vec<Tensor<2>>,
+        mut params: Vec<Tensor<2>>,
         grads: Vec<Tensor<2>>,
         factors: &[Option<GradFactors>],
     ) -> Result<Vec<Tensor<2>>, OptimError> {
+        self.step_in_place(&mut params, grads, factors)?;
+        Ok(params)
+    }
+
+    /// Every check, the gradient guard and the exchanges with other ranks run before the
+    /// first parameter is taken out of `params`; the updates that follow cannot fail.
+    fn step_in_place(
+        &mut self,
+        params: &mut [Tensor<2>],
+        grads: Vec<Tensor<2>>,
+        factors: &[Option<GradFactors>],
+    ) -> Result<(), OptimError> {
         check_arity(params.len(), grads.len())?;
         check_arity(params.len(), self.info.len())?;
         let grads = self.guard_and_clip(grads)?;
@@ -1379,9 +1410,10 @@ impl Optimizer for CompositeOptimizer {
             && !self.config.update.compresses()
             && self.config.feedback == Feedback::None
         {
-            let out = self.independent_step(params, grads, factors, rates);
+            let out = self.independent_step(take_all(params), grads, factors, rates);
+            put_back(params, out);
             self.step += 1;
-            return Ok(out);
+            return Ok(());
         }
         // With ranks to share it, Muon's Newton–Schulz (most of a Muon step) is split
         // between them. Only without error feedback: its compression draws from the
@@ -1419,7 +1451,8 @@ impl Optimizer for CompositeOptimizer {
             _ => vec![None; grads.len()],
         };
         let mut out = Vec::with_capacity(params.len());
-        for (k, ((p, g), shared_d)) in params.into_iter().zip(grads).zip(directions).enumerate() {
+        let taken = take_all(params);
+        for (k, ((p, g), shared_d)) in taken.into_iter().zip(grads).zip(directions).enumerate() {
             let updated = match self.info[k].kind {
                 ParamKind::Matrix { .. } => {
                     let d = match shared_d {
@@ -1439,8 +1472,9 @@ impl Optimizer for CompositeOptimizer {
             };
             out.push(updated);
         }
+        put_back(params, out);
         self.step += 1;
-        Ok(out)
+        Ok(())
     }
 
     fn set_work_split(&mut self, split: Option<std::rc::Rc<dyn super::WorkSplit>>) {

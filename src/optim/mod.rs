@@ -169,6 +169,24 @@ pub trait Optimizer {
         self.step(params, grads)
     }
 
+    /// [`Optimizer::step_with_factors`] written over `params`, so that parameters nothing
+    /// else holds (the training loop's: it lends the model's own) are updated in their own
+    /// buffers. On error `params` is left as it was. By default the by-value step on
+    /// clones of `params`.
+    fn step_in_place(
+        &mut self,
+        params: &mut [Tensor<2>],
+        grads: Vec<Tensor<2>>,
+        factors: &[Option<GradFactors>],
+    ) -> Result<(), OptimError> {
+        let updated = self.step_with_factors(params.to_vec(), grads, factors)?;
+        check_arity(params.len(), updated.len())?;
+        for (p, u) in params.iter_mut().zip(updated) {
+            *p = u;
+        }
+        Ok(())
+    }
+
     /// Called once before training with the initial parameters; returns them made
     /// feasible for the optimizer's constraint (by default unchanged).
     fn prepare(&mut self, params: Vec<Tensor<2>>) -> Vec<Tensor<2>> {

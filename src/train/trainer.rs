@@ -281,12 +281,15 @@ impl Trainer {
             estimate.factors = total.factors;
             estimate.moments = total.moments;
         }
-        let params = self.model.params().to_vec();
         let mut grads = estimate.grads;
         let penalty = self.penalty.as_deref();
         if let Some(p) = penalty.filter(|p| !p.decoupled()) {
             let rank = self.collective.as_ref().map_or(0, |c| c.rank());
-            for (k, (g, extra)) in grads.iter_mut().zip(p.gradient(&params)).enumerate() {
+            for (k, (g, extra)) in grads
+                .iter_mut()
+                .zip(p.gradient(self.model.params()))
+                .enumerate()
+            {
                 // A gradient kept as rank shares takes the penalty once, on rank 0.
                 let share = local.get(k).copied().unwrap_or(false);
                 if let Some(extra) = extra.filter(|_| !share || rank == 0) {
@@ -295,13 +298,14 @@ impl Trainer {
             }
         }
         let lr = self.optimizer.learning_rate();
-        let mut updated = self
-            .optimizer
-            .step_with_factors(params, grads, &estimate.factors)?;
+        // The model lends its own parameters, which nothing else holds now: each is
+        // updated in its own buffer. A failed step leaves them as they were.
+        self.optimizer
+            .step_in_place(self.model.params_mut(), grads, &estimate.factors)?;
         if let Some(p) = penalty.filter(|p| p.decoupled()) {
-            updated = p.proximal(updated, lr);
+            let updated = p.proximal(self.model.params().to_vec(), lr);
+            self.model.set_params(updated)?;
         }
-        self.model.set_params(updated)?;
         self.model.update_running_stats(&estimate.moments, samples);
         Ok(StepOutcome {
             loss: estimate.loss,
