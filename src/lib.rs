@@ -23,4 +23,5 @@ pub mod experiment;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod simd;
 pub mod train;

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 /// The library's top-level modules, lowest layer first (ARCHITECTURE.md's order). A module
 /// may use only modules listed before it.
-const LAYERS: [&str; 11] = [
+const LAYERS: [&str; 12] = [
+    "simd",
     "device",
     "data",
     "loss",

@@ -149,6 +149,10 @@ fn errors_are_one_clear_line_with_nonzero_exit() {
         "unknown device `tpu`",
     );
     assert_clean_failure(
+        &common::run_mep_with(&["data", "list"], None, &[("MEP_SIMD", "sse9")]),
+        "MEP_SIMD=sse9 names no level: use baseline, avx2 or avx512",
+    );
+    assert_clean_failure(
         &mep(&["train", "--dataset", "xor", "--model", "784-10"], None),
         "the spec's input has 784 features, the data 2",
     );
@@ -364,7 +368,9 @@ fn ep_training_records_settle_statistics_and_bench_settle_writes_results() {
     assert!(acc > 0.3, "accuracy {acc}");
 
     let bench_dir = scratch_dir("cli-bench-settle");
-    let out = mep(
+    // At the baseline vector width (MEP_SIMD), which every x86-64 CPU has; the results
+    // record it.
+    let out = common::run_mep_with(
         &[
             "bench",
             "settle",
@@ -379,10 +385,12 @@ fn ep_training_records_settle_statistics_and_bench_settle_writes_results() {
             "--json",
         ],
         None,
+        &[("MEP_SIMD", "baseline")],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let row = &v["rows"][0];
+    assert_eq!(row["simd"], "baseline", "{row}");
     for key in [
         "settle_step_us",
         "settle_gflops",

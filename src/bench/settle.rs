@@ -22,6 +22,10 @@ pub struct SettleBench {
     pub batch: usize,
     /// Worker threads.
     pub threads: usize,
+    /// Vector width of the host's element-wise loops ([`crate::simd::level`]; empty in
+    /// results written before it was recorded).
+    #[serde(default)]
+    pub simd: String,
     /// Settle steps per phase.
     pub steps: usize,
     /// Median microseconds per settle step.
@@ -207,6 +211,7 @@ pub fn settle_bench(
         model: model.to_string(),
         batch: n,
         threads: crate::device::threads(),
+        simd: crate::simd::level().name().into(),
         steps,
         settle_step_us: step_us,
         settle_step_mflop: step_flops / 1e6,

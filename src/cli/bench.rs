@@ -144,6 +144,7 @@ fn muon(args: MuonArgs, globals: &Globals) -> Result<()> {
             "model": args.model.to_string(),
             "iteration": args.iteration.name(),
             "threads": mep::device::threads(),
+            "simd": mep::simd::level().name(),
             "update_ms": total_ms,
             "optimizer_step_ms": step_ms,
             "rows": rows,

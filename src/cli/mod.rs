@@ -112,6 +112,8 @@ pub struct Globals {
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     device::set_threads(cli.threads).context("setting up worker threads")?;
+    // A misspelt MEP_SIMD would otherwise silently run at the CPU's level.
+    mep::simd::level_from_env().map_err(anyhow::Error::msg)?;
     #[cfg(feature = "mpi")]
     let mpi = mep::train::mpi::launched_by_mpirun()
         .then(mep::train::mpi::MpiCollective::init)

@@ -37,7 +37,14 @@ pub(super) fn heavy_ball(
 ) {
     let layers = states.iter_mut().zip(momentum).zip(grads).zip(widths);
     for ((((s, m), g), &w), _) in layers.zip(moves).filter(|(_, m)| **m) {
-        for ((si, mi), &gi) in s[..active * w].iter_mut().zip(m.iter_mut()).zip(g) {
+        momentum_step(&mut s[..active * w], m, g, mu, lr);
+    }
+}
+
+crate::simd::multiversion! {
+    /// `m <- mu m + g; s <- s - lr m` over `s`'s length.
+    fn momentum_step(s: &mut [f32], m: &mut [f32], g: &[f32], mu: f32, lr: f32) {
+        for ((si, mi), &gi) in s.iter_mut().zip(m.iter_mut()).zip(g) {
             *mi = *mi * mu + gi;
             *si -= lr * *mi;
         }
@@ -178,10 +185,7 @@ impl Perturbation {
     pub fn follow(&mut self, front: &Front, deltas: &[Vec<f32>], widths: &[usize], rows: usize) {
         for (i, &w) in widths.iter().enumerate() {
             if front.predicts(i) {
-                let (full, base) = (&mut self.full[i][..rows * w], &self.base[i]);
-                for ((s, &b), &d) in full.iter_mut().zip(base).zip(&deltas[i]) {
-                    *s = b + d;
-                }
+                crate::simd::add(&mut self.full[i][..rows * w], &self.base[i], &deltas[i]);
             }
         }
     }
@@ -223,35 +227,37 @@ pub(super) fn activation_change(activation: Option<Activation>, b: f32, d: f32) 
     }
 }
 
-/// `out = f(base + delta) - f(base)` elementwise ([`activation_change`]), with the
-/// activation matched once outside the loop and ReLU's selects branch-free, so that the
-/// loop vectorises (the dense loop runs it on every moved state of every step).
-pub(super) fn activation_changes(
-    activation: Option<Activation>,
-    base: &[f32],
-    delta: &[f32],
-    out: &mut [f32],
-) {
-    let pairs = out.iter_mut().zip(base.iter().zip(delta));
-    match activation {
-        None => out.copy_from_slice(&delta[..out.len()]),
-        Some(Activation::Relu) => {
-            for (c, (&b, &d)) in pairs {
-                let y = b + d;
-                let (on, stays) = (b > 0.0, y > 0.0);
-                let crossed = y.max(0.0) - b.max(0.0);
-                *c = if on && stays {
-                    d
-                } else if !on && !stays {
-                    0.0
-                } else {
-                    crossed
-                };
+crate::simd::multiversion! {
+    /// `out = f(base + delta) - f(base)` elementwise ([`activation_change`]), with the
+    /// activation matched once outside the loop and ReLU's selects branch-free, so that the
+    /// loop vectorises (the dense loop runs it on every moved state of every step).
+    pub(super) fn activation_changes(
+        activation: Option<Activation>,
+        base: &[f32],
+        delta: &[f32],
+        out: &mut [f32],
+    ) {
+        let pairs = out.iter_mut().zip(base.iter().zip(delta));
+        match activation {
+            None => out.copy_from_slice(&delta[..out.len()]),
+            Some(Activation::Relu) => {
+                for (c, (&b, &d)) in pairs {
+                    let y = b + d;
+                    let (on, stays) = (b > 0.0, y > 0.0);
+                    let crossed = y.max(0.0) - b.max(0.0);
+                    *c = if on && stays {
+                        d
+                    } else if !on && !stays {
+                        0.0
+                    } else {
+                        crossed
+                    };
+                }
             }
-        }
-        Some(_) => {
-            for (c, (&b, &d)) in pairs {
-                *c = activation_change(activation, b, d);
+            Some(_) => {
+                for (c, (&b, &d)) in pairs {
+                    *c = activation_change(activation, b, d);
+                }
             }
         }
     }

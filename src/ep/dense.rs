@@ -37,52 +37,56 @@ struct Link {
     bias: Vec<f32>,
 }
 
-/// `dst = f(src)` (a copy without an activation). The match is outside the loops, so each
-/// loop is a plain, vectorisable map.
-pub(super) fn apply(activation: Option<Activation>, src: &[f32], dst: &mut [f32]) {
-    let map = |dst: &mut [f32], f: &dyn Fn(f32) -> f32| {
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d = f(x);
-        }
-    };
-    match activation {
-        None => dst.copy_from_slice(src),
-        Some(Activation::Relu) => {
+crate::simd::multiversion! {
+    /// `dst = f(src)` (a copy without an activation). The match is outside the loops, so each
+    /// loop is a plain, vectorisable map.
+    pub(super) fn apply(activation: Option<Activation>, src: &[f32], dst: &mut [f32]) {
+        let map = |dst: &mut [f32], f: &dyn Fn(f32) -> f32| {
             for (d, &x) in dst.iter_mut().zip(src) {
-                *d = x.max(0.0);
+                *d = f(x);
             }
-        }
-        Some(Activation::HardSigmoid) => {
-            for (d, &x) in dst.iter_mut().zip(src) {
-                *d = x.clamp(0.0, 1.0);
+        };
+        match activation {
+            None => dst.copy_from_slice(src),
+            Some(Activation::Relu) => {
+                for (d, &x) in dst.iter_mut().zip(src) {
+                    *d = x.max(0.0);
+                }
             }
+            Some(Activation::HardSigmoid) => {
+                for (d, &x) in dst.iter_mut().zip(src) {
+                    *d = x.clamp(0.0, 1.0);
+                }
+            }
+            Some(a) => map(dst, &|x| {
+                a.scalar(x).expect("planned activations have a host form")
+            }),
         }
-        Some(a) => map(dst, &|x| {
-            a.scalar(x).expect("planned activations have a host form")
-        }),
     }
 }
 
-/// `g = f'(s) g - e`: the feedback already in `g` through the activation, minus the
-/// state's own error.
-pub(super) fn feedback(activation: Option<Activation>, g: &mut [f32], s: &[f32], e: &[f32]) {
-    match activation {
-        None => {
-            for (gi, &ei) in g.iter_mut().zip(e) {
-                *gi -= ei;
+crate::simd::multiversion! {
+    /// `g = f'(s) g - e`: the feedback already in `g` through the activation, minus the
+    /// state's own error.
+    pub(super) fn feedback(activation: Option<Activation>, g: &mut [f32], s: &[f32], e: &[f32]) {
+        match activation {
+            None => {
+                for (gi, &ei) in g.iter_mut().zip(e) {
+                    *gi -= ei;
+                }
             }
-        }
-        Some(Activation::Relu) => {
-            for ((gi, &si), &ei) in g.iter_mut().zip(s).zip(e) {
-                *gi = if si > 0.0 { *gi - ei } else { -ei };
+            Some(Activation::Relu) => {
+                for ((gi, &si), &ei) in g.iter_mut().zip(s).zip(e) {
+                    *gi = if si > 0.0 { *gi - ei } else { -ei };
+                }
             }
-        }
-        Some(a) => {
-            for ((gi, &si), &ei) in g.iter_mut().zip(s).zip(e) {
-                let d = a
-                    .scalar_derivative(si)
-                    .expect("planned activations have a host form");
-                *gi = *gi * d - ei;
+            Some(a) => {
+                for ((gi, &si), &ei) in g.iter_mut().zip(s).zip(e) {
+                    let d = a
+                        .scalar_derivative(si)
+                        .expect("planned activations have a host form");
+                    *gi = *gi * d - ei;
+                }
             }
         }
     }
@@ -230,13 +234,7 @@ impl Chunk {
         }
         if self.front.stale(0) {
             let w0 = widths[0];
-            for ((e, &h), &s) in self.errors[0][..r * w0]
-                .iter_mut()
-                .zip(&self.first)
-                .zip(&self.states[0])
-            {
-                *e = h - s;
-            }
+            crate::simd::sub(&mut self.errors[0][..r * w0], &self.first, &self.states[0]);
         }
         for i in 1..widths.len() {
             let (n_in, n_out) = (widths[i - 1], widths[i]);
@@ -271,16 +269,12 @@ impl Chunk {
                     true,
                 );
                 if link.residual {
-                    for (hi, &b) in h.iter_mut().zip(below) {
-                        *hi += b;
-                    }
+                    crate::simd::add_assign(h, below);
                 }
             }
             if self.front.stale(i) {
                 let e = &mut self.errors[i][..r * n_out];
-                for ((ei, &hi), &si) in e.iter_mut().zip(&self.preds[i - 1]).zip(&self.states[i]) {
-                    *ei = hi - si;
-                }
+                crate::simd::sub(e, &self.preds[i - 1], &self.states[i]);
             }
         }
         self.front.evaluated();
@@ -358,9 +352,7 @@ impl Chunk {
                 let state = state_values(&self.rest, &self.states, i);
                 feedback(links[i].activation, g, state, &self.errors[i]);
                 if links[i].residual && self.front.feeds_back(i) {
-                    for (gi, &ei) in g.iter_mut().zip(&self.errors[i + 1][..r * n_next]) {
-                        *gi += ei;
-                    }
+                    crate::simd::add_assign(g, &self.errors[i + 1][..r * n_next]);
                 }
             } else {
                 let nudge = &mut self.nudge[..r * widths[i]];

@@ -1026,6 +1026,8 @@ struct SpeedSummary {
     settle_step_us: f64,
     /// Worker threads.
     threads: usize,
+    /// Vector width of the host's element-wise loops ([`crate::simd::level`]).
+    simd: &'static str,
     /// Matrix-product FLOPs of the parts of a step.
     cost_model: CostModel,
     /// Cost-model GFLOP of the smep epoch (EP gradients and Muon updates) and the GFLOP/s
@@ -1098,6 +1100,7 @@ fn speed_summary(
         matmul_gflops: settle.matmul_gflops,
         settle_step_us: settle.settle_step_us,
         threads: crate::device::threads(),
+        simd: crate::simd::level().name(),
         cost_model: cost,
         ep_epoch_gflop: ep_flop / 1e9,
         ep_epoch_gflops: ep_flop / 1e9 / ep.seconds_per_epoch,

@@ -761,53 +761,59 @@ where
     }
 }
 
-/// The sum of `x` in sixteen running lanes, added up in a fixed order at the end: the
-/// same result on every run, at vector speed (a plain `sum` is one dependent addition
-/// after another; for the bias gradient of `cnn`'s first convolution that took 70% of
-/// its parameter VJP).
-pub fn lane_sum(x: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for (l, v) in lanes.iter_mut().zip(c) {
-            *l += v;
+crate::simd::multiversion! {
+    /// The sum of `x` in sixteen running lanes, added up in a fixed order at the end: the
+    /// same result on every run, at vector speed (a plain `sum` is one dependent addition
+    /// after another; for the bias gradient of `cnn`'s first convolution that took 70% of
+    /// its parameter VJP).
+    pub fn lane_sum(x: &[f32]) -> f32 {
+        let mut lanes = [0f32; 16];
+        let mut chunks = x.chunks_exact(16);
+        for c in &mut chunks {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l += v;
+            }
         }
+        let tail: f32 = chunks.remainder().iter().sum();
+        lanes.iter().sum::<f32>() + tail
     }
-    let tail: f32 = chunks.remainder().iter().sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
-/// The squared Euclidean norm of `x`, in sixteen running lanes as [`lane_sum`].
-pub fn lane_sum_squares(x: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for (l, v) in lanes.iter_mut().zip(c) {
-            *l += v * v;
+crate::simd::multiversion! {
+    /// The squared Euclidean norm of `x`, in sixteen running lanes as [`lane_sum`].
+    pub fn lane_sum_squares(x: &[f32]) -> f32 {
+        let mut lanes = [0f32; 16];
+        let mut chunks = x.chunks_exact(16);
+        for c in &mut chunks {
+            for (l, v) in lanes.iter_mut().zip(c) {
+                *l += v * v;
+            }
         }
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        lanes.iter().sum::<f32>() + tail
     }
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
-/// The dot product of `x` and `y` (equal lengths) in sixteen running lanes, as
-/// [`lane_sum`].
-pub fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
-    debug_assert_eq!(x.len(), y.len());
-    let mut lanes = [0f32; 16];
-    let (xs, ys) = (x.chunks_exact(16), y.chunks_exact(16));
-    let tail: f32 = xs
-        .remainder()
-        .iter()
-        .zip(ys.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in xs.zip(ys) {
-        for ((l, p), q) in lanes.iter_mut().zip(a).zip(b) {
-            *l += p * q;
+crate::simd::multiversion! {
+    /// The dot product of `x` and `y` (equal lengths) in sixteen running lanes, as
+    /// [`lane_sum`].
+    pub fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
+        debug_assert_eq!(x.len(), y.len());
+        let mut lanes = [0f32; 16];
+        let (xs, ys) = (x.chunks_exact(16), y.chunks_exact(16));
+        let tail: f32 = xs
+            .remainder()
+            .iter()
+            .zip(ys.remainder())
+            .map(|(a, b)| a * b)
+            .sum();
+        for (a, b) in xs.zip(ys) {
+            for ((l, p), q) in lanes.iter_mut().zip(a).zip(b) {
+                *l += p * q;
+            }
         }
+        lanes.iter().sum::<f32>() + tail
     }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// `dst.copy_from_slice(src)` for the short rows of small images: a late convolution's

@@ -58,8 +58,15 @@ fn find_data_dir() -> PathBuf {
 /// Runs the `mep` binary with `args`: data from `data` (none: no data directory at all)
 /// and a scratch user cache, so runs never touch the user's files.
 pub fn run_mep(args: &[&str], data: Option<&Path>) -> Output {
+    run_mep_with(args, data, &[])
+}
+
+/// [`run_mep`] with the environment variables `env` set.
+pub fn run_mep_with(args: &[&str], data: Option<&Path>, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mep"));
-    cmd.args(args).env_remove("MEP_DATA_DIR");
+    cmd.args(args)
+        .env_remove("MEP_DATA_DIR")
+        .envs(env.iter().copied());
     // Shared by concurrent runs, so created, never emptied.
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mep-cache-home");
     std::fs::create_dir_all(&cache).expect("create the scratch cache");
