@@ -123,6 +123,31 @@ struct Chunk {
     rest: Option<Perturbation>,
 }
 
+/// A pooled link's input change: the winner's change `f(b + d) - f(b)`
+/// ([`activation_change`]), plus the difference of the start values where the winner is
+/// another unit than at the start (`start`: the pooled inputs and the states at the start;
+/// `planes`: the values per channel before and after pooling). Inlined into each call, so
+/// that a constant `activation` is matched at compile time rather than per value.
+#[inline(always)]
+fn pooled_changes(
+    activation: Option<Activation>,
+    change: &mut [f32],
+    winners: &[u32],
+    (base_in, base): (&[f32], &[f32]),
+    delta: &[f32],
+    (in_plane, out_plane): (usize, usize),
+) {
+    for (p, ((c, &at), &start)) in change.iter_mut().zip(winners).zip(base_in).enumerate() {
+        let j = p / out_plane * in_plane + at as usize;
+        let (b, d) = (base[j], delta[j]);
+        let rest_value = match activation {
+            Some(a) => a.scalar(b).expect("a piecewise-linear activation"),
+            None => b,
+        };
+        *c = (rest_value - start) + activation_change(activation, b, d);
+    }
+}
+
 impl Chunk {
     /// The block of samples `rows`; `at_rest`: `states` are the forward pass (each state
     /// its own prediction), so no first evaluation is needed (see [`Front`]), and
@@ -228,21 +253,20 @@ impl Chunk {
         match &link.pool {
             None => activation_changes(link.activation, base, delta, change),
             Some(pool) => {
-                // The winner's change, plus the difference of the start values where the
-                // winner is another unit than at the start.
-                let (in_plane, out_plane) = (pool.in_h * pool.in_w, pool.out_h * pool.out_w);
+                let planes = (pool.in_h * pool.in_w, pool.out_h * pool.out_w);
                 let winners = &self.argmax[i][..r * link.input];
-                let base_in = &rest.base_in[i];
-                for (p, ((c, &at), &start)) in
-                    change.iter_mut().zip(winners).zip(base_in).enumerate()
-                {
-                    let j = p / out_plane * in_plane + at as usize;
-                    let (b, d) = (base[j], delta[j]);
-                    let rest_value = match link.activation {
-                        Some(a) => a.scalar(b).expect("a piecewise-linear activation"),
-                        None => b,
-                    };
-                    *c = (rest_value - start) + activation_change(link.activation, b, d);
+                let start = (&rest.base_in[i][..], &base[..]);
+                match link.activation {
+                    // The common case, with the activation a constant of its own loop.
+                    Some(Activation::Relu) => pooled_changes(
+                        Some(Activation::Relu),
+                        change,
+                        winners,
+                        start,
+                        delta,
+                        planes,
+                    ),
+                    other => pooled_changes(other, change, winners, start, delta, planes),
                 }
             }
         }
@@ -258,12 +282,7 @@ impl Chunk {
         }
         if self.front.stale(0) {
             let w0 = widths[0];
-            for (e, (&h, &s)) in self.errors[0][..r * w0]
-                .iter_mut()
-                .zip(self.first.iter().zip(&self.states[0]))
-            {
-                *e = h - s;
-            }
+            crate::simd::sub(&mut self.errors[0][..r * w0], &self.first, &self.states[0]);
         }
         for (i, link) in links.iter().enumerate() {
             let (w, w_next) = (widths[i], widths[i + 1]);
@@ -278,9 +297,7 @@ impl Chunk {
             }
             if self.front.stale(i + 1) {
                 let e = &mut self.errors[i + 1][..r * w_next];
-                for ((ei, &hi), &si) in e.iter_mut().zip(&self.preds[i]).zip(&self.states[i + 1]) {
-                    *ei = hi - si;
-                }
+                crate::simd::sub(e, &self.preds[i], &self.states[i + 1]);
             }
         }
         self.front.evaluated();

@@ -79,6 +79,7 @@ impl Activation {
 
     /// `f(x)` on one number, for host kernels (`None` for GELU, whose exact form needs
     /// erf).
+    #[inline]
     pub fn scalar(&self, x: f32) -> Option<f32> {
         Some(match *self {
             Self::Relu => x.max(0.0),
@@ -111,6 +112,7 @@ impl Activation {
     /// `b + d` lie on one linear piece (`slope * d`: exactly `d` for slope 1), so that a
     /// change of 1e-9 of `b` keeps its digits; where they straddle a kink, the difference
     /// of the two values. `None` for the other activations.
+    #[inline]
     pub fn change(&self, b: f32, d: f32) -> Option<f32> {
         let (x, y) = (b, b + d);
         // (kinks, slope of each piece: below the first kink, between, above the last)
