@@ -698,6 +698,26 @@ fn threads() -> usize {
     mep::device::threads()
 }
 
+/// The vector width the host's element-wise loops run at: `"baseline"`, `"avx2"` or
+/// `"avx512"` (the CPU's widest, or less where `MEP_SIMD` or [`set_simd_level`] asks).
+#[pyfunction]
+fn simd_level() -> &'static str {
+    mep::simd::level().name()
+}
+
+/// Caps the vector width of the host's element-wise loops (`"baseline"`, `"avx2"`,
+/// `"avx512"`; every width gives the same results, only the speed differs); returns the
+/// width now in force, at most the CPU's.
+#[pyfunction]
+fn set_simd_level(level: &str) -> PyResult<&'static str> {
+    let asked = mep::simd::Level::parse(level).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "unknown SIMD level `{level}`: use baseline, avx2 or avx512"
+        ))
+    })?;
+    Ok(mep::simd::set_level(asked).name())
+}
+
 /// The preset names.
 #[pyfunction]
 fn presets() -> Vec<&'static str> {
@@ -966,11 +986,15 @@ fn continual(
 /// The `mep._native` module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // A misspelt MEP_SIMD would otherwise silently run at the CPU's width.
+    mep::simd::level_from_env().map_err(PyValueError::new_err)?;
     m.add("MepError", m.py().get_type::<MepError>())?;
     m.add_class::<Network>()?;
     m.add_class::<Run>()?;
     m.add_function(wrap_pyfunction!(set_threads, m)?)?;
     m.add_function(wrap_pyfunction!(threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(presets, m)?)?;
     m.add_function(wrap_pyfunction!(datasets, m)?)?;
     m.add_function(wrap_pyfunction!(load_dataset, m)?)?;

@@ -356,3 +356,33 @@ def test_the_continual_comparison_runs_as_the_cli_runs_it(tmp_path: Path) -> Non
 
     assert accuracies(ours) == accuracies(theirs)
     assert len(accuracies(ours)) == 5
+
+
+def test_the_vector_width_can_be_capped_and_every_width_trains_the_same_model() -> None:
+    widest = mep.simd_level()
+    try:
+        assert mep.set_simd_level("baseline") == "baseline"
+        assert mep.simd_level() == "baseline"
+        narrow = mep.train("smep", epochs=1, seed=3, **run_kwargs(train_samples=300))
+        assert mep.set_simd_level(widest) == widest
+        wide = mep.train("smep", epochs=1, seed=3, **run_kwargs(train_samples=300))
+        assert without_timing(narrow.history) == without_timing(wide.history)
+        narrow.close()
+        wide.close()
+        with pytest.raises(ValueError, match="unknown SIMD level `sse9`"):
+            mep.set_simd_level("sse9")
+    finally:
+        mep.set_simd_level(widest)
+    # A misspelt MEP_SIMD stops the import with the accepted names, rather than being ignored.
+    import subprocess
+    import sys
+
+    bad = subprocess.run(
+        [sys.executable, "-c", "import mep"],
+        env={**os.environ, "MEP_SIMD": "sse9"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode != 0
+    assert "MEP_SIMD=sse9 names no level: use baseline, avx2 or avx512" in bad.stderr

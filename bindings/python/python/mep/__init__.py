@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _native
-from ._native import MepError, Network, set_threads, threads
+from ._native import MepError, Network, set_simd_level, set_threads, simd_level, threads
 
 __all__ = [
     "MepError",
@@ -38,7 +38,9 @@ __all__ = [
     "load_dataset",
     "presets",
     "run_suite",
+    "set_simd_level",
     "set_threads",
+    "simd_level",
     "threads",
     "train",
 ]
