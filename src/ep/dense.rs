@@ -329,8 +329,8 @@ impl Chunk {
         }
     }
 
-    /// `g_i = -e_i + f'(s_i) (e_{i+1} W_{i+1}^T)` (`+ e_{i+1}` through a residual link) and `g_L = -e_L + beta dL/ds_L`; with
-    /// `norms`, also the per-sample squared norms.
+    /// `g_i = -e_i + f'(s_i) (e_{i+1} W_{i+1}^T)` (`+ e_{i+1}` through a residual link)
+    /// and `g_L = -e_L + beta dL/ds_L`; with `norms`, also the per-sample squared norms.
     fn gradients(&mut self, links: &[Link], widths: &[usize], loss: Loss, beta: f32, norms: bool) {
         let depth = widths.len();
         let r = self.active;

@@ -256,9 +256,9 @@ pub(crate) fn transpose_rows_into(
 const PANEL_ROWS: usize = 32;
 
 /// `lhs * rhs` as a new row-major buffer, by panels of [`PANEL_ROWS`] rows on the pool's
-/// workers when it has more than one ([`crate::device::self_scheduled`]). Each panel is one single-threaded product, so the
-/// result does not depend on the number of workers; the products write the buffer
-/// without its being zeroed first.
+/// workers when it has more than one ([`crate::device::self_scheduled`]). Each panel is
+/// one single-threaded product, so the result does not depend on the number of workers;
+/// the products write the buffer without its being zeroed first.
 ///
 /// For the large outputs of a dense layer's weight gradient (`x^T g`, 784 x 256 from a
 /// batch of 64): burn's product allocates its output zeroed, copies it once more to align

@@ -929,13 +929,6 @@ fn take_all(params: &mut [Tensor<2>]) -> Vec<Tensor<2>> {
         .collect()
 }
 
-/// Puts the updated tensors back where [`take_all`] took them from.
-fn put_back(params: &mut [Tensor<2>], updated: Vec<Tensor<2>>) {
-    for (p, u) in params.iter_mut().zip(updated) {
-        *p = u;
-    }
-}
-
 /// `t * s`, or `t` itself when `s` is exactly 1 (the same values without a pass over
 /// them: Muon's shape scale is 1 on every matrix with fewer outputs than inputs).
 fn scaled(t: Tensor<2>, s: f32) -> Tensor<2> {
@@ -1411,7 +1404,7 @@ impl Optimizer for CompositeOptimizer {
             && self.config.feedback == Feedback::None
         {
             let out = self.independent_step(take_all(params), grads, factors, rates);
-            put_back(params, out);
+            super::put_back(params, out);
             self.step += 1;
             return Ok(());
         }
@@ -1472,7 +1465,7 @@ impl Optimizer for CompositeOptimizer {
             };
             out.push(updated);
         }
-        put_back(params, out);
+        super::put_back(params, out);
         self.step += 1;
         Ok(())
     }

@@ -83,10 +83,10 @@ crate::simd::multiversion! {
 const PARALLEL_VALUES: usize = 1 << 16;
 
 crate::simd::multiversion! {
-/// Multiplies every entry by `s` in place.
-pub(super) fn scale(x: &mut [f32], s: f32) {
-    for v in x {
-        *v *= s;
+    /// Multiplies every entry by `s` in place.
+    pub(super) fn scale(x: &mut [f32], s: f32) {
+        for v in x {
+            *v *= s;
+        }
     }
-}
 }

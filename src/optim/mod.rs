@@ -181,9 +181,7 @@ pub trait Optimizer {
     ) -> Result<(), OptimError> {
         let updated = self.step_with_factors(params.to_vec(), grads, factors)?;
         check_arity(params.len(), updated.len())?;
-        for (p, u) in params.iter_mut().zip(updated) {
-            *p = u;
-        }
+        put_back(params, updated);
         Ok(())
     }
 
@@ -234,6 +232,14 @@ pub(crate) fn check_adam(beta1: f64, beta2: f64, eps: f64) -> Result<(), OptimEr
         check_range(name, b, (0.0..1.0).contains(&b), "must be in [0, 1)")?;
     }
     check_range("eps", eps, eps > 0.0, "must be positive")
+}
+
+/// Writes `updated` over `params`, in order (the end of an in-place step; the composite
+/// optimizer takes its parameters out with `take_all`).
+fn put_back(params: &mut [Tensor<2>], updated: Vec<Tensor<2>>) {
+    for (p, u) in params.iter_mut().zip(updated) {
+        *p = u;
+    }
 }
 
 pub(crate) fn check_arity(params: usize, grads: usize) -> Result<(), OptimError> {
