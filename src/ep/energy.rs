@@ -548,7 +548,7 @@ impl EnergyModel {
         j: usize,
         eval: &Evaluation,
         want_input: bool,
-        mut params: Option<&mut [Option<Tensor<2>>]>,
+        mut params: Option<(&mut [Option<Tensor<2>>], &[bool])>,
         injections: bool,
     ) -> Option<Tensor<2>> {
         let seg = &self.segments[j];
@@ -564,13 +564,17 @@ impl EnergyModel {
         for (pos, &index) in chain.iter().enumerate().rev() {
             let layer = &net.layers()[index];
             let p = layer.params(net.params());
-            if let Some(out) = params.as_deref_mut() {
+            if let Some((out, skip)) = params.as_mut() {
+                let first = layer.first_param;
+                let skip = skip.get(first..first + layer.num_params).unwrap_or(&[]);
                 for (k, grad) in layer
-                    .vjp_params(p, &tape.inputs[pos], &tape.aux[pos], &g)
+                    .vjp_params_except(p, &tape.inputs[pos], &tape.aux[pos], &g, skip)
                     .into_iter()
                     .enumerate()
                 {
-                    accumulate(&mut out[layer.first_param + k], grad);
+                    if let Some(grad) = grad {
+                        accumulate(&mut out[first + k], grad);
+                    }
                 }
             }
             let params_below = chain[..pos].iter().any(|&i| net.layers()[i].num_params > 0);
@@ -649,7 +653,22 @@ impl EnergyModel {
         eval: &Evaluation,
         beta: f32,
     ) -> Vec<Tensor<2>> {
-        self.parameter_terms(net, ctx, eval, beta, true)
+        self.parameter_terms(net, ctx, eval, beta, true, &[])
+    }
+
+    /// [`EnergyModel::param_gradients`] without the parameters marked in `skip` (indexed
+    /// like the parameters), which come back as empty `[0, 0]` tensors: a linear state
+    /// layer's weight is then not multiplied out at all (its gradient left to its
+    /// [`EnergyModel::linear_factors`]).
+    pub fn param_gradients_except(
+        &self,
+        net: &Network,
+        ctx: &BatchContext,
+        eval: &Evaluation,
+        beta: f32,
+        skip: &[bool],
+    ) -> Vec<Tensor<2>> {
+        self.parameter_terms(net, ctx, eval, beta, true, skip)
     }
 
     /// Parameter gradients of every segment's term (with or without the errors that skips
@@ -661,17 +680,23 @@ impl EnergyModel {
         eval: &Evaluation,
         beta: f32,
         injections: bool,
+        skip: &[bool],
     ) -> Vec<Tensor<2>> {
         let mut out: Vec<Option<Tensor<2>>> = vec![None; net.params().len()];
         for j in 0..self.segments.len() {
-            self.segment_backward(net, j, eval, false, Some(&mut out), injections);
+            self.segment_backward(net, j, eval, false, Some((&mut out, skip)), injections);
         }
         if beta != 0.0 && self.suffix.iter().any(|&i| net.layers()[i].num_params > 0) {
             self.nudge_backward(net, ctx, eval, beta, Some(&mut out));
         }
         out.into_iter()
             .zip(net.params())
-            .map(|(g, p)| g.unwrap_or_else(|| Tensor::zeros(p.dims(), &p.device())))
+            .enumerate()
+            .map(|(k, (g, p))| match g {
+                Some(g) => g,
+                None if skip.get(k).copied().unwrap_or(false) => Tensor::empty([0, 0], &p.device()),
+                None => Tensor::zeros(p.dims(), &p.device()),
+            })
             .collect()
     }
 
@@ -687,7 +712,7 @@ impl EnergyModel {
         beta: f32,
     ) -> Vec<Tensor<2>> {
         let eval = self.evaluate(net, ctx, states);
-        self.parameter_terms(net, ctx, &eval, beta, false)
+        self.parameter_terms(net, ctx, &eval, beta, false, &[])
     }
 
     /// Per-sample factors of each linear state layer's parameter term at `eval`: the layer's

@@ -109,6 +109,7 @@ impl GradientEstimator for BackpropEstimator {
         };
         Ok(Estimate {
             factors,
+            factored: Vec::new(),
             grads,
             loss: value,
             output: out.inner(),
@@ -157,6 +158,7 @@ impl BackpropEstimator {
         };
         Estimate {
             factors,
+            factored: Vec::new(),
             grads,
             loss,
             output,

@@ -140,6 +140,7 @@ impl GradientEstimator for CheckpointedBackprop {
             residual_curves: Vec::new(),
             moments: Default::default(),
             factors: Vec::new(),
+            factored: Vec::new(),
         })
     }
 }

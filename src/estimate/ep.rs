@@ -98,6 +98,8 @@ pub struct EpEstimator {
     lambda: Option<f32>,
     local: bool,
     factors: bool,
+    /// Factored gradients asked for ([`GradientEstimator::set_factored`]).
+    factored: bool,
     lean: bool,
 }
 
@@ -134,6 +136,7 @@ impl EpEstimator {
             config,
             local: false,
             factors: false,
+            factored: false,
             lean: false,
         })
     }
@@ -209,6 +212,18 @@ impl EpEstimator {
         &self.energy
     }
 
+    /// Whether the estimates leave the linear state layers' weight gradients as factors:
+    /// asked for, and exact, i.e. one nudged phase (one-sided or random-sign nudging) from
+    /// the forward pass, whose errors are zero, so the contrast is that phase's term alone;
+    /// global EP in f32 on the usual path (not the lean one).
+    fn factoring(&self) -> bool {
+        self.factored
+            && !self.local
+            && self.config.nudging != Nudging::Centered
+            && self.config.precision == Precision::F32
+            && !self.lean
+    }
+
     /// The plan of the lean path, when it applies to `net` (see
     /// [`EpEstimator::with_lean_memory`]).
     fn lean_plan(&self, net: &Network) -> Option<crate::ep::DensePlan> {
@@ -262,6 +277,7 @@ impl EpEstimator {
             residual_curves: phases.into_iter().map(|p| p.curve).collect(),
             moments: Default::default(),
             factors: Vec::new(),
+            factored: Vec::new(),
         })
     }
 
@@ -278,7 +294,8 @@ impl EpEstimator {
         }
     }
 
-    /// `sum_batch dE/dtheta` at a settled evaluation (global or local).
+    /// `sum_batch dE/dtheta` at a settled evaluation (global or local; global EP leaves
+    /// the parameters marked in `skip` empty).
     fn contrast_term(
         &self,
         net: &Network,
@@ -286,11 +303,13 @@ impl EpEstimator {
         states: &[Tensor<2>],
         eval: &Evaluation,
         beta: f32,
+        skip: &[bool],
     ) -> Vec<Tensor<2>> {
         if self.local {
             self.energy.local_param_gradients(net, ctx, states, beta)
         } else {
-            self.energy.param_gradients(net, ctx, eval, beta)
+            self.energy
+                .param_gradients_except(net, ctx, eval, beta, skip)
         }
     }
 }
@@ -310,6 +329,11 @@ impl GradientEstimator for EpEstimator {
             state.push(("curvature".into(), f64::from(lambda)));
         }
         state
+    }
+
+    fn set_factored(&mut self, on: bool) -> bool {
+        self.factored = on;
+        self.factoring()
     }
 
     fn load_state(&mut self, state: &[(String, f64)]) {
@@ -426,6 +450,7 @@ impl EpEstimator {
         let mut settle = Vec::new();
         let mut curves = Vec::new();
         let mut factors = Vec::new();
+        let mut factored = Vec::new();
         let sign = self.next_sign();
         let settler = self.spread_curvature(net, &ctx, &free, &free_eval, sign * beta)?;
         let this = &*self;
@@ -439,10 +464,14 @@ impl EpEstimator {
             let settled = settler.settle(&this.energy, net, &ctx, &free, &free_eval, b)?;
             settle.push(settled.stats);
             curves.push(settled.residual_curve.clone());
-            if this.factors && factors.is_empty() {
+            if (this.factors || this.factoring()) && factors.is_empty() {
                 factors = this.energy.linear_factors(net, &settled.eval, 1.0 / b);
+                if this.factoring() {
+                    // The only phase: its factors are the contrast itself.
+                    factored = factors.iter().map(Option::is_some).collect();
+                }
             }
-            let mut g = this.contrast_term(net, &ctx, &settled.states, &settled.eval, b);
+            let mut g = this.contrast_term(net, &ctx, &settled.states, &settled.eval, b, &factored);
             if let Some(free_term) = &free_term {
                 g = g
                     .into_iter()
@@ -461,6 +490,7 @@ impl EpEstimator {
             residual_curves: curves,
             moments: ctx.moments().clone(),
             factors,
+            factored,
         })
     }
 }

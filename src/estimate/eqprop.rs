@@ -112,6 +112,7 @@ impl GradientEstimator for EqPropEstimator {
             residual_curves: Vec::new(),
             moments: Vec::new(),
             factors: Vec::new(),
+            factored: Vec::new(),
         })
     }
 

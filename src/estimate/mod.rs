@@ -91,8 +91,26 @@ pub struct Estimate {
     /// Batch-norm moments of the forward pass, for the running statistics.
     pub moments: BatchMoments,
     /// Per-sample factors of each linear layer's weight gradient (indexed like the
-    /// parameters; empty unless asked for with `with_factors`).
+    /// parameters; empty unless asked for with `with_factors`, or factored gradients with
+    /// [`GradientEstimator::set_factored`]).
     pub factors: Vec<Option<GradFactors>>,
+    /// The parameters whose gradient the estimate leaves as its factors (indexed like the
+    /// parameters; empty: none): `grads[k]` is an empty `[0, 0]` tensor and the gradient is
+    /// exactly `factors[k].gradient()` over the batch's size ([`Estimate::complete`]).
+    pub factored: Vec<bool>,
+}
+
+impl Estimate {
+    /// Multiplies out the factored gradients ([`Estimate::factored`]) of the parameters
+    /// for which `which(k)` holds, as means over `samples`, and unmarks them.
+    pub fn complete(&mut self, samples: usize, which: impl Fn(usize) -> bool) {
+        for (k, factored) in self.factored.iter_mut().enumerate() {
+            if let (true, true, Some(Some(f))) = (*factored, which(k), self.factors.get(k)) {
+                self.grads[k] = f.gradient().div_scalar(samples as f32);
+                *factored = false;
+            }
+        }
+    }
 }
 
 /// Errors of gradient estimation.
@@ -141,6 +159,17 @@ pub trait GradientEstimator {
     /// Restores [`GradientEstimator::state`].
     fn load_state(&mut self, state: &[(String, f64)]) {
         let _ = state;
+    }
+
+    /// Asks for factored gradients (`on`) or full ones: with them, the estimates leave
+    /// every gradient the estimator can as its exact per-sample factors
+    /// ([`Estimate::factored`]), which cost a fraction of the gradient to send between
+    /// processes and are multiplied out over the whole batch once gathered (the
+    /// data-parallel trainer's use). Returns whether the estimates will have any; default:
+    /// never.
+    fn set_factored(&mut self, on: bool) -> bool {
+        let _ = on;
+        false
     }
 
     /// The model's prediction for `x` (a forward pass, except for EqProp).

@@ -13,3 +13,11 @@ pub struct GradFactors {
     /// nudged prediction error over beta).
     pub output_grads: Tensor<2>,
 }
+
+impl GradFactors {
+    /// `inputs^T output_grads`: the gradient summed over the rows (divide by their count
+    /// for the mean), on the host kernel when the factors live on the host.
+    pub fn gradient(&self) -> Tensor<2> {
+        super::layers::linear::outer_sum(&self.inputs, &self.output_grads)
+    }
+}

@@ -211,4 +211,18 @@ impl Layer {
     ) -> Vec<Tensor<2>> {
         implementation(&self.op).vjp_params(self, p, x, aux, g)
     }
+
+    /// [`Layer::vjp_params`] without the parameters marked in `skip` (indexed like the
+    /// layer's parameters), which come back `None`; a linear layer skips its weight's
+    /// product altogether.
+    pub(crate) fn vjp_params_except(
+        &self,
+        p: &[Tensor<2>],
+        x: &Tensor<2>,
+        aux: &Aux,
+        g: &Tensor<2>,
+        skip: &[bool],
+    ) -> Vec<Option<Tensor<2>>> {
+        implementation(&self.op).vjp_params_except(self, p, x, aux, g, skip)
+    }
 }

@@ -10,6 +10,13 @@
 //! (per-share means weighted by share size instead of one mean over the batch): equal to
 //! rounding, not to the bit.
 //!
+//! Gradients the estimator leaves as per-sample factors (EP's linear weights,
+//! [`crate::estimate::Estimate::factored`]) travel as those factors instead, a fraction of
+//! the bytes while a rank's share of the batch is small against the layer's width: every
+//! rank then multiplies out its [`share`] of each weight's rows over the whole batch, in
+//! batch order, and a second gather assembles the rows. Each such gradient is one product
+//! over the batch whatever the number of ranks.
+//!
 //! The transport is a [`Collective`]: MPI (`mpi` feature, [`super::mpi`]) or anything
 //! else that can gather.
 
@@ -18,6 +25,7 @@ use std::ops::Range;
 
 use crate::device::{Device, Tensor, from_host, into_host, to_host};
 use crate::ep::SettleStats;
+use crate::model::kernels::{self, MatRef};
 use crate::model::{BatchMoments, GradFactors};
 
 /// Errors of a collective operation.
@@ -159,6 +167,10 @@ pub struct StepShare<'a> {
     pub local: &'a [bool],
     /// Per-sample gradient factors (rows of this share), per parameter.
     pub factors: &'a [Option<GradFactors>],
+    /// Parameters whose gradient is left to their factors ([`crate::estimate::Estimate::factored`];
+    /// their `grads` entries are empty): only the factors travel, and every rank multiplies
+    /// out the whole batch's.
+    pub factored: &'a [bool],
     /// Batch-norm moments of the share.
     pub moments: &'a BatchMoments,
 }
@@ -190,6 +202,9 @@ pub struct StepTotal {
 pub struct StepBuffers {
     packed: Vec<f32>,
     gathered: Vec<f32>,
+    /// This rank's rows of the factored gradients, and every rank's.
+    rows: Vec<f32>,
+    gathered_rows: Vec<f32>,
 }
 
 const HEADER: usize = 4;
@@ -225,6 +240,15 @@ impl StepShare<'_> {
         let mut shapes = Vec::with_capacity(self.grads.len());
         let mut kept = Vec::with_capacity(self.grads.len());
         for (k, g) in self.grads.into_iter().enumerate() {
+            if self.factored.get(k).copied().unwrap_or(false) {
+                let f = self.factors.get(k).and_then(Option::as_ref);
+                let f = f.ok_or_else(|| {
+                    ParallelError::Mismatch(format!("parameter {k} is factored without factors"))
+                })?;
+                shapes.push([f.inputs.dims()[1], f.output_grads.dims()[1]]);
+                kept.push(None);
+                continue;
+            }
             shapes.push(g.dims());
             if self.local.get(k).copied().unwrap_or(false) {
                 kept.push(Some(g));
@@ -243,13 +267,40 @@ impl StepShare<'_> {
         }
         let counts = collective.all_gather_f32_into(packed, &mut buffers.gathered)?;
         let all = split_parts(&buffers.gathered, &counts);
-        Unpacked {
+        let mut total = Unpacked {
             samples: self.samples,
             settle: self.settle,
             moments: self.moments,
             factors: self.factors,
+            factored: self.factored,
         }
-        .unpack(&all, shapes, kept, device)
+        .unpack(&all, &shapes, kept, device, collective, &mut buffers.rows)?;
+        if self.factored.iter().any(|&f| f) {
+            // Every rank's rows of the factored gradients, assembled in rank order.
+            let (rank_count, me) = (collective.size(), collective.rank());
+            let counts =
+                collective.all_gather_f32_into(&buffers.rows, &mut buffers.gathered_rows)?;
+            let parts = split_parts(&buffers.gathered_rows, &counts);
+            let mut at = vec![0; rank_count];
+            for (k, &[inputs, outputs]) in shapes.iter().enumerate() {
+                if !self.factored.get(k).copied().unwrap_or(false) {
+                    continue;
+                }
+                let mut full = Vec::with_capacity(inputs * outputs);
+                for (rank, (part, at)) in parts.iter().zip(&mut at).enumerate() {
+                    let len = share(inputs, rank, rank_count).len() * outputs;
+                    let rows = part.get(*at..*at + len).ok_or_else(|| {
+                        ParallelError::Mismatch(format!(
+                            "rank {rank} sent too few gradient rows (rank {me} expected {len})"
+                        ))
+                    })?;
+                    full.extend_from_slice(rows);
+                    *at += len;
+                }
+                total.grads[k] = from_host(full, [inputs, outputs], device);
+            }
+        }
+        Ok(total)
     }
 }
 
@@ -281,15 +332,21 @@ struct Unpacked<'a> {
     settle: &'a [SettleStats],
     moments: &'a BatchMoments,
     factors: &'a [Option<GradFactors>],
+    factored: &'a [bool],
 }
 
 impl Unpacked<'_> {
+    /// The batch's totals from every rank's packed share (`all`); the factored gradients
+    /// are left empty, and this rank's rows of each (its [`share`] of the weight's rows,
+    /// from the whole batch's factors) are written to `rows`.
     fn unpack(
         &self,
         all: &[&[f32]],
-        shapes: Vec<[usize; 2]>,
+        shapes: &[[usize; 2]],
         kept: Vec<Option<Tensor<2>>>,
         device: &Device,
+        collective: &dyn Collective,
+        rows: &mut Vec<f32>,
     ) -> Result<StepTotal, ParallelError> {
         let bad = |rank: usize, what: &str| {
             ParallelError::Mismatch(format!("rank {rank} sent a malformed step ({what})"))
@@ -337,9 +394,12 @@ impl Unpacked<'_> {
                 total,
             ))
         };
+        let factored = |k: usize| self.factored.get(k).copied().unwrap_or(false);
         let mut grads = Vec::with_capacity(shapes.len());
-        for (dims, kept) in shapes.into_iter().zip(kept) {
+        for (k, (&dims, kept)) in shapes.iter().zip(kept).enumerate() {
             grads.push(match kept {
+                // Filled in from the whole batch's factors below.
+                _ if factored(k) => Tensor::empty([0, 0], device),
                 Some(g) => g.mul_scalar(self.samples as f32 / total),
                 None => from_host(summed(dims[0] * dims[1], true)?, dims, device),
             });
@@ -357,7 +417,8 @@ impl Unpacked<'_> {
         }
         // Factor rows are concatenated, not summed: rank r's rows follow rank r-1's.
         let mut factors = Vec::with_capacity(self.factors.len());
-        for f in self.factors {
+        rows.clear();
+        for (k, f) in self.factors.iter().enumerate() {
             let Some(f) = f else {
                 factors.push(None);
                 continue;
@@ -372,6 +433,18 @@ impl Unpacked<'_> {
                 a.extend_from_slice(&part[..rows * inputs]);
                 g.extend_from_slice(&part[rows * inputs..]);
                 *at += rows * (inputs + outputs);
+            }
+            if factored(k) {
+                // This rank's rows of the batch's mean gradient: one product over every
+                // rank's samples, in batch order.
+                let mine = share(inputs, collective.rank(), collective.size());
+                let sum = kernels::product_by_panels(
+                    MatRef::new(&a, samples, inputs)
+                        .t()
+                        .sub_rows(mine.start, mine.len()),
+                    MatRef::new(&g, samples, outputs),
+                );
+                rows.extend(sum.iter().map(|v| v / total));
             }
             factors.push(Some(GradFactors {
                 inputs: from_host(a, [samples, inputs], device),

@@ -110,8 +110,12 @@ impl Trainer {
     /// and the shares' gradients, losses, settle statistics, factors and batch moments are
     /// combined in rank order before the (identical) optimizer step; evaluation splits
     /// the test split the same way. Every rank must run the same trainer on the same data.
+    /// Where the estimator can ([`GradientEstimator::set_factored`]: EP's linear weights),
+    /// the ranks exchange the gradients' per-sample factors instead of the gradients, and
+    /// each rank multiplies out the whole batch's.
     pub fn set_collective(&mut self, collective: Option<Rc<dyn Collective>>) {
         self.collective = collective.filter(|c| c.size() > 1);
+        self.estimator.set_factored(self.collective.is_some());
         let split = self
             .collective
             .clone()
@@ -255,7 +259,10 @@ impl Trainer {
         if let Some(m) = self.monitor.as_mut()
             && m.due(self.steps)
         {
-            m.record(self.steps, self.epoch, &self.model, &batch, &estimate)?;
+            // The monitor looks at this share's own gradients.
+            let mut own = estimate.clone();
+            own.complete(labels.len(), |_| true);
+            m.record(self.steps, self.epoch, &self.model, &batch, &own)?;
         }
         let mut correct = count_correct(estimate.output.clone(), labels);
         let mut samples = labels.len();
@@ -263,6 +270,8 @@ impl Trainer {
             Some(_) => self.optimizer.reduces_across_ranks(),
             None => Vec::new(),
         };
+        // A gradient the optimizer combines across the ranks itself is this share's own.
+        estimate.complete(samples, |k| local.get(k).copied().unwrap_or(false));
         if let Some(c) = &self.collective {
             let total = StepShare {
                 samples,
@@ -272,6 +281,7 @@ impl Trainer {
                 grads: std::mem::take(&mut estimate.grads),
                 local: &local,
                 factors: &estimate.factors,
+                factored: &estimate.factored,
                 moments: &estimate.moments,
             }
             .combine(c.as_ref(), &self.device, &mut self.exchange)?;
@@ -279,8 +289,11 @@ impl Trainer {
             estimate.settle = total.settle;
             estimate.grads = total.grads;
             estimate.factors = total.factors;
+            estimate.factored = Vec::new();
             estimate.moments = total.moments;
         }
+        // Alone (an estimator asked for factored gradients by its owner): multiplied out here.
+        estimate.complete(samples, |_| true);
         let mut grads = estimate.grads;
         let penalty = self.penalty.as_deref();
         if let Some(p) = penalty.filter(|p| !p.decoupled()) {

@@ -39,6 +39,22 @@ pub(crate) fn build(
     Ok((LayerOp::Linear { inputs, outputs }, Shape::Flat(outputs)))
 }
 
+/// `x^T g` (`[inputs, outputs]`): a linear weight's gradient summed over the rows of its
+/// input `x` (`[n, inputs]`) and output signal `g` (`[n, outputs]`), on the host kernel by
+/// row panels on the pool's workers when both live on the host in f32.
+pub(crate) fn outer_sum(x: &Tensor<2>, g: &Tensor<2>) -> Tensor<2> {
+    if host_f32(x) && host_f32(g) {
+        let ([n, inputs], outputs) = (x.dims(), g.dims()[1]);
+        let (xs, gs) = (to_host(x), to_host(g));
+        let gw = kernels::product_by_panels(
+            MatRef::new(&xs, n, inputs).t(),
+            MatRef::new(&gs, n, outputs),
+        );
+        return from_host(gw, inputs, outputs, &x.device());
+    }
+    x.clone().transpose().matmul(g.clone())
+}
+
 /// [`LayerOp::Linear`].
 pub(crate) struct Linear;
 
@@ -60,24 +76,32 @@ impl LayerImpl for Linear {
 
     fn vjp_params(
         &self,
+        layer: &Layer,
+        p: &[Tensor<2>],
+        x: &Tensor<2>,
+        aux: &Aux,
+        g: &Tensor<2>,
+    ) -> Vec<Tensor<2>> {
+        self.vjp_params_except(layer, p, x, aux, g, &[false, false])
+            .into_iter()
+            .map(|t| t.expect("nothing skipped"))
+            .collect()
+    }
+
+    fn vjp_params_except(
+        &self,
         _: &Layer,
         _: &[Tensor<2>],
         x: &Tensor<2>,
         _: &Aux,
         g: &Tensor<2>,
-    ) -> Vec<Tensor<2>> {
-        let bias = g.clone().sum_dim(0);
-        if host_f32(x) && host_f32(g) {
-            // `x^T g` on the host kernel, by row panels on the pool's workers.
-            let ([n, inputs], outputs) = (x.dims(), g.dims()[1]);
-            let (xs, gs) = (to_host(x), to_host(g));
-            let gw = kernels::product_by_panels(
-                MatRef::new(&xs, n, inputs).t(),
-                MatRef::new(&gs, n, outputs),
-            );
-            return vec![from_host(gw, inputs, outputs, &x.device()), bias];
-        }
-        vec![x.clone().transpose().matmul(g.clone()), bias]
+        skip: &[bool],
+    ) -> Vec<Option<Tensor<2>>> {
+        let wanted = |k: usize| !skip.get(k).copied().unwrap_or(false);
+        vec![
+            wanted(0).then(|| outer_sum(x, g)),
+            wanted(1).then(|| g.clone().sum_dim(0)),
+        ]
     }
 
     fn gemms(&self, layer: &Layer, batch: usize) -> Vec<Gemm> {

@@ -57,6 +57,25 @@ pub(crate) trait LayerImpl: Sync {
         Vec::new()
     }
 
+    /// [`LayerImpl::vjp_params`] without the parameters marked in `skip` (indexed like
+    /// the layer's parameters; missing entries: not skipped), which come back `None` and,
+    /// where the layer can, are not computed at all (default: all computed, then dropped).
+    fn vjp_params_except(
+        &self,
+        layer: &Layer,
+        p: &[Tensor<2>],
+        x: &Tensor<2>,
+        aux: &Aux,
+        g: &Tensor<2>,
+        skip: &[bool],
+    ) -> Vec<Option<Tensor<2>>> {
+        self.vjp_params(layer, p, x, aux, g)
+            .into_iter()
+            .enumerate()
+            .map(|(k, t)| (!skip.get(k).copied().unwrap_or(false)).then_some(t))
+            .collect()
+    }
+
     /// The forward pass's matrix products on `batch` samples (default: none).
     fn gemms(&self, _layer: &Layer, _batch: usize) -> Vec<Gemm> {
         Vec::new()
