@@ -7,7 +7,7 @@ use crate::device::{Precision, Tensor};
 use crate::ep::lean::LeanChain;
 use crate::ep::{BatchContext, EnergyModel, Evaluation, SettleConfig, Settler};
 use crate::loss::Loss;
-use crate::model::Network;
+use crate::model::{Factored, GradFactors, LayerOp, Network};
 
 /// How the nudged phases are run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -387,6 +387,20 @@ impl GradientEstimator for EpEstimator {
     }
 }
 
+/// Which gradients the factors of each linear weight carry: the weight's own, and its
+/// layer's bias (the column sums of the same output signal).
+fn factored_marks(net: &Network, factors: &[Option<GradFactors>]) -> Vec<Option<Factored>> {
+    let mut marks = vec![None; factors.len()];
+    for layer in net.layers() {
+        let k = layer.first_param;
+        if let (LayerOp::Linear { .. }, Some(Some(_))) = (&layer.op, factors.get(k)) {
+            marks[k] = Some(Factored::Weight);
+            marks[k + 1] = Some(Factored::BiasOf(k));
+        }
+    }
+    marks
+}
+
 /// `n choose k` as a float.
 fn binomial(n: usize, k: usize) -> f64 {
     (0..k).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64)
@@ -468,10 +482,11 @@ impl EpEstimator {
                 factors = this.energy.linear_factors(net, &settled.eval, 1.0 / b);
                 if this.factoring() {
                     // The only phase: its factors are the contrast itself.
-                    factored = factors.iter().map(Option::is_some).collect();
+                    factored = factored_marks(net, &factors);
                 }
             }
-            let mut g = this.contrast_term(net, &ctx, &settled.states, &settled.eval, b, &factored);
+            let skip: Vec<bool> = factored.iter().map(Option::is_some).collect();
+            let mut g = this.contrast_term(net, &ctx, &settled.states, &settled.eval, b, &skip);
             if let Some(free_term) = &free_term {
                 g = g
                     .into_iter()

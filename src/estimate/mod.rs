@@ -19,7 +19,7 @@ mod eqprop;
 mod fidelity;
 
 /// Re-exported: estimators return them, the Fisher update reads them.
-pub use crate::model::GradFactors;
+pub use crate::model::{Factored, GradFactors};
 pub use backprop::BackpropEstimator;
 pub use checkpointed::CheckpointedBackprop;
 pub use ep::{EpConfig, EpEstimator, Nudging};
@@ -28,10 +28,11 @@ pub use fidelity::{GradientComparison, compare};
 
 use burn::tensor::TensorData;
 
-use crate::device::{Device, Tensor};
+use crate::device::{Device, Tensor, from_host, to_host};
 use crate::ep::{EqPropNetworkError, SettleError, SettleStats};
 use crate::loss::LossError;
 use crate::model::BatchMoments;
+use crate::model::{column_means, weight_rows};
 
 /// A batch on the device: inputs `[B, features]`, one-hot targets `[B, classes]`, labels,
 /// and (optionally) the samples' indices in their split.
@@ -94,21 +95,40 @@ pub struct Estimate {
     /// parameters; empty unless asked for with `with_factors`, or factored gradients with
     /// [`GradientEstimator::set_factored`]).
     pub factors: Vec<Option<GradFactors>>,
-    /// The parameters whose gradient the estimate leaves as its factors (indexed like the
-    /// parameters; empty: none): `grads[k]` is an empty `[0, 0]` tensor and the gradient is
-    /// exactly `factors[k].gradient()` over the batch's size ([`Estimate::complete`]).
-    pub factored: Vec<bool>,
+    /// The parameters whose gradient the estimate leaves to the factors (indexed like the
+    /// parameters; empty: none): `grads[k]` is an empty `[0, 0]` tensor, and
+    /// [`Estimate::complete`] (or a data-parallel step, over the whole batch) forms it.
+    pub factored: Vec<Option<Factored>>,
 }
 
 impl Estimate {
-    /// Multiplies out the factored gradients ([`Estimate::factored`]) of the parameters
-    /// for which `which(k)` holds, as means over `samples`, and unmarks them.
+    /// Forms the factored gradients ([`Estimate::factored`]) of the parameters for which
+    /// `which(k)` holds, as means over `samples`, and unmarks them.
     pub fn complete(&mut self, samples: usize, which: impl Fn(usize) -> bool) {
-        for (k, factored) in self.factored.iter_mut().enumerate() {
-            if let (true, true, Some(Some(f))) = (*factored, which(k), self.factors.get(k)) {
-                self.grads[k] = f.gradient().div_scalar(samples as f32);
-                *factored = false;
-            }
+        let total = samples as f32;
+        for k in 0..self.factored.len() {
+            let (Some(how), true) = (self.factored[k], which(k)) else {
+                continue;
+            };
+            let source = match how {
+                Factored::Weight => k,
+                Factored::BiasOf(j) => j,
+            };
+            let Some(Some(f)) = self.factors.get(source) else {
+                continue;
+            };
+            let (a, g) = (to_host(&f.inputs), to_host(&f.output_grads));
+            let [inputs, outputs] = [f.inputs.dims()[1], f.output_grads.dims()[1]];
+            let (values, dims) = match how {
+                Factored::Weight => {
+                    let mut w = Vec::with_capacity(inputs * outputs);
+                    weight_rows(&a, &g, inputs, 0..inputs, total, &mut w);
+                    (w, [inputs, outputs])
+                }
+                Factored::BiasOf(_) => (column_means(&g, outputs, total), [1, outputs]),
+            };
+            self.grads[k] = from_host(values, dims, &f.inputs.device());
+            self.factored[k] = None;
         }
     }
 }

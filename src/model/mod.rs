@@ -18,7 +18,8 @@ mod spec;
 
 pub use activation::Activation;
 pub use cost::Gemm;
-pub use factors::GradFactors;
+pub use factors::{Factored, GradFactors};
+pub(crate) use factors::{column_means, weight_rows};
 pub(crate) use layer::{Aux, NormStats};
 pub use layer::{Layer, LayerOp};
 pub use network::{

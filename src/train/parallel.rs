@@ -3,19 +3,20 @@
 //!
 //! Every rank draws the same global batches (the batch order depends only on the seed and
 //! the epoch), estimates the gradient of its contiguous share of each batch
-//! ([`share`]), and the shares are combined with one gather per step: every rank receives
-//! every rank's packed results ([`StepShare`]) and sums them **in rank order**, so the
-//! combined gradient depends only on the number of ranks, never on timing, and every rank
-//! then takes the same optimizer step. Against one process the sums are reassociated
-//! (per-share means weighted by share size instead of one mean over the batch): equal to
-//! rounding, not to the bit.
+//! ([`share`]), and the shares are combined through gathers: every rank receives every
+//! rank's packed results ([`StepShare`]), so the combined step depends only on the batch,
+//! never on timing, and every rank then takes the same optimizer step.
 //!
-//! Gradients the estimator leaves as per-sample factors (EP's linear weights,
-//! [`crate::estimate::Estimate::factored`]) travel as those factors instead, a fraction of
-//! the bytes while a rank's share of the batch is small against the layer's width: every
-//! rank then multiplies out its [`share`] of each weight's rows over the whole batch, in
-//! batch order, and a second gather assembles the rows. Each such gradient is one product
-//! over the batch whatever the number of ranks.
+//! - Gradients the estimator leaves to per-sample factors (EP's linear weights and biases,
+//!   [`crate::estimate::Estimate::factored`]) travel as those factors, a fraction of the
+//!   bytes while a rank's share of the batch is small against the layer's width. Every
+//!   rank multiplies out its [`share`] of each weight's rows over the whole batch, in batch
+//!   order, and a second gather assembles the rows; a bias is the column sums of the same
+//!   factors. Each such gradient is then the very computation one process does on the
+//!   whole batch ([`crate::train::Trainer::new`]): the same bits for any number of ranks.
+//! - Other gradients travel whole, as each share's mean, and are summed **in rank order**,
+//!   weighted by share size: against one process, reassociated (equal to rounding, not to
+//!   the bit).
 //!
 //! The transport is a [`Collective`]: MPI (`mpi` feature, [`super::mpi`]) or anything
 //! else that can gather.
@@ -25,8 +26,7 @@ use std::ops::Range;
 
 use crate::device::{Device, Tensor, from_host, into_host, to_host};
 use crate::ep::SettleStats;
-use crate::model::kernels::{self, MatRef};
-use crate::model::{BatchMoments, GradFactors};
+use crate::model::{BatchMoments, Factored, GradFactors, column_means, weight_rows};
 
 /// Errors of a collective operation.
 #[derive(Debug, thiserror::Error)]
@@ -170,7 +170,7 @@ pub struct StepShare<'a> {
     /// Parameters whose gradient is left to their factors ([`crate::estimate::Estimate::factored`];
     /// their `grads` entries are empty): only the factors travel, and every rank multiplies
     /// out the whole batch's.
-    pub factored: &'a [bool],
+    pub factored: &'a [Option<Factored>],
     /// Batch-norm moments of the share.
     pub moments: &'a BatchMoments,
 }
@@ -240,12 +240,20 @@ impl StepShare<'_> {
         let mut shapes = Vec::with_capacity(self.grads.len());
         let mut kept = Vec::with_capacity(self.grads.len());
         for (k, g) in self.grads.into_iter().enumerate() {
-            if self.factored.get(k).copied().unwrap_or(false) {
-                let f = self.factors.get(k).and_then(Option::as_ref);
+            if let Some(how) = self.factored.get(k).copied().flatten() {
+                let source = match how {
+                    Factored::Weight => k,
+                    Factored::BiasOf(j) => j,
+                };
+                let f = self.factors.get(source).and_then(Option::as_ref);
                 let f = f.ok_or_else(|| {
                     ParallelError::Mismatch(format!("parameter {k} is factored without factors"))
                 })?;
-                shapes.push([f.inputs.dims()[1], f.output_grads.dims()[1]]);
+                let outputs = f.output_grads.dims()[1];
+                shapes.push(match how {
+                    Factored::Weight => [f.inputs.dims()[1], outputs],
+                    Factored::BiasOf(_) => [1, outputs],
+                });
                 kept.push(None);
                 continue;
             }
@@ -275,7 +283,8 @@ impl StepShare<'_> {
             factored: self.factored,
         }
         .unpack(&all, &shapes, kept, device, collective, &mut buffers.rows)?;
-        if self.factored.iter().any(|&f| f) {
+        let weight = |k: usize| self.factored.get(k) == Some(&Some(Factored::Weight));
+        if (0..self.factored.len()).any(weight) {
             // Every rank's rows of the factored gradients, assembled in rank order.
             let (rank_count, me) = (collective.size(), collective.rank());
             let counts =
@@ -283,7 +292,7 @@ impl StepShare<'_> {
             let parts = split_parts(&buffers.gathered_rows, &counts);
             let mut at = vec![0; rank_count];
             for (k, &[inputs, outputs]) in shapes.iter().enumerate() {
-                if !self.factored.get(k).copied().unwrap_or(false) {
+                if !weight(k) {
                     continue;
                 }
                 let mut full = Vec::with_capacity(inputs * outputs);
@@ -332,7 +341,7 @@ struct Unpacked<'a> {
     settle: &'a [SettleStats],
     moments: &'a BatchMoments,
     factors: &'a [Option<GradFactors>],
-    factored: &'a [bool],
+    factored: &'a [Option<Factored>],
 }
 
 impl Unpacked<'_> {
@@ -394,7 +403,7 @@ impl Unpacked<'_> {
                 total,
             ))
         };
-        let factored = |k: usize| self.factored.get(k).copied().unwrap_or(false);
+        let factored = |k: usize| self.factored.get(k).is_some_and(Option::is_some);
         let mut grads = Vec::with_capacity(shapes.len());
         for (k, (&dims, kept)) in shapes.iter().zip(kept).enumerate() {
             grads.push(match kept {
@@ -434,17 +443,17 @@ impl Unpacked<'_> {
                 g.extend_from_slice(&part[rows * inputs..]);
                 *at += rows * (inputs + outputs);
             }
-            if factored(k) {
+            if self.factored.get(k) == Some(&Some(Factored::Weight)) {
                 // This rank's rows of the batch's mean gradient: one product over every
                 // rank's samples, in batch order.
                 let mine = share(inputs, collective.rank(), collective.size());
-                let sum = kernels::product_by_panels(
-                    MatRef::new(&a, samples, inputs)
-                        .t()
-                        .sub_rows(mine.start, mine.len()),
-                    MatRef::new(&g, samples, outputs),
-                );
-                rows.extend(sum.iter().map(|v| v / total));
+                weight_rows(&a, &g, inputs, mine, total, rows);
+            }
+            // The bias of the same layer: its column means, over the whole batch.
+            for (b, how) in self.factored.iter().enumerate() {
+                if how == &Some(Factored::BiasOf(k)) {
+                    grads[b] = from_host(column_means(&g, outputs, total), [1, outputs], device);
+                }
             }
             factors.push(Some(GradFactors {
                 inputs: from_host(a, [samples, inputs], device),

@@ -80,12 +80,18 @@ pub struct StepOutcome {
 impl Trainer {
     /// A trainer for `model` (whose parameters live on `device`).
     /// The optimizer first makes the initial parameters feasible ([`Optimizer::prepare`]).
+    ///
+    /// Where the estimator can ([`GradientEstimator::set_factored`]: EP's linear layers),
+    /// a gradient is formed from the batch's per-sample factors in batch order, one and the
+    /// same computation however many processes share the batch (see
+    /// [`Trainer::set_collective`]).
     pub fn new(
         mut model: Network,
-        estimator: Box<dyn GradientEstimator>,
+        mut estimator: Box<dyn GradientEstimator>,
         mut optimizer: Box<dyn Optimizer>,
         device: Device,
     ) -> Self {
+        estimator.set_factored(true);
         let prepared = optimizer.prepare(model.params().to_vec());
         model
             .set_params(prepared)
@@ -110,12 +116,10 @@ impl Trainer {
     /// and the shares' gradients, losses, settle statistics, factors and batch moments are
     /// combined in rank order before the (identical) optimizer step; evaluation splits
     /// the test split the same way. Every rank must run the same trainer on the same data.
-    /// Where the estimator can ([`GradientEstimator::set_factored`]: EP's linear weights),
-    /// the ranks exchange the gradients' per-sample factors instead of the gradients, and
-    /// each rank multiplies out the whole batch's.
+    /// Factored gradients ([`Trainer::new`]) travel as their per-sample factors, and every
+    /// rank multiplies out its share of each weight's rows over the whole batch.
     pub fn set_collective(&mut self, collective: Option<Rc<dyn Collective>>) {
         self.collective = collective.filter(|c| c.size() > 1);
-        self.estimator.set_factored(self.collective.is_some());
         let split = self
             .collective
             .clone()
@@ -292,7 +296,7 @@ impl Trainer {
             estimate.factored = Vec::new();
             estimate.moments = total.moments;
         }
-        // Alone (an estimator asked for factored gradients by its owner): multiplied out here.
+        // Alone: the factored gradients are formed here.
         estimate.complete(samples, |_| true);
         let mut grads = estimate.grads;
         let penalty = self.penalty.as_deref();
