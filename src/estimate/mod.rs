@@ -120,11 +120,10 @@ impl Estimate {
             let (a, g) = (to_host(&f.inputs), to_host(&f.output_grads));
             let [inputs, outputs] = [f.inputs.dims()[1], f.output_grads.dims()[1]];
             let (values, dims) = match how {
-                Factored::Weight => {
-                    let mut w = Vec::with_capacity(inputs * outputs);
-                    weight_rows(&a, &g, inputs, 0..inputs, total, &mut w);
-                    (w, [inputs, outputs])
-                }
+                Factored::Weight => (
+                    weight_rows(&a, &g, inputs, 0..inputs, total),
+                    [inputs, outputs],
+                ),
                 Factored::BiasOf(_) => (column_means(&g, outputs, total), [1, outputs]),
             };
             self.grads[k] = from_host(values, dims, &f.inputs.device());

@@ -447,7 +447,7 @@ impl Unpacked<'_> {
                 // This rank's rows of the batch's mean gradient: one product over every
                 // rank's samples, in batch order.
                 let mine = share(inputs, collective.rank(), collective.size());
-                weight_rows(&a, &g, inputs, mine, total, rows);
+                rows.extend_from_slice(&weight_rows(&a, &g, inputs, mine, total));
             }
             // The bias of the same layer: its column means, over the whole batch.
             for (b, how) in self.factored.iter().enumerate() {
