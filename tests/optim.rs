@@ -1162,6 +1162,7 @@ fn muon_shared_between_two_ranks_takes_exactly_the_single_optimizers_step() {
                         size: 2,
                         table,
                         sent: Default::default(),
+                        calls: Default::default(),
                     });
                     let mut opt = CompositeOptimizer::new(config, info).unwrap();
                     opt.set_work_split(Some(split.clone()));
@@ -1192,6 +1193,78 @@ fn muon_shared_between_two_ranks_takes_exactly_the_single_optimizers_step() {
     );
 }
 
+#[test]
+fn muon_splits_a_dominant_matrix_by_panels_across_ranks_to_the_bit() {
+    // A matrix holding most of the Newton–Schulz work (320 x 96: the Gram-space iteration
+    // on the host, three row panels of every 96 x 96 product) is orthogonalised by all
+    // ranks together, the small ones whole by their owners: two and three ranks take the
+    // single optimizer's steps to the bit.
+    let info = [matrix(320, 96), vector("b"), matrix(40, 24), matrix(12, 6)];
+    let config = Preset::smep().optimizer;
+    let shapes = [[320, 96], [1, 96], [40, 24], [12, 6]];
+    let tensors = |seed: u64| -> Vec<Tensor<2>> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &[m, n])| {
+                let v: Vec<f32> = gaussianish(m, n, seed + i as u64)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect();
+                Tensor::from_data(TensorData::new(v, [m, n]), &dev())
+            })
+            .collect()
+    };
+    let mut single = CompositeOptimizer::new(config, &info).unwrap();
+    let mut p_single = tensors(1);
+    let mut expected = Vec::new();
+    for step in 0..2 {
+        p_single = single.step(p_single, tensors(10 + step)).unwrap();
+        expected.push(p_single.iter().map(h).collect::<Vec<_>>());
+    }
+    for size in [2, 3] {
+        let table = std::sync::Arc::new((
+            std::sync::Mutex::new(vec![Vec::new(); size]),
+            std::sync::Barrier::new(size),
+        ));
+        let (info, tensors) = (&info, &tensors);
+        let ranks: Vec<(Vec<Vec<Vec<f64>>>, usize)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..size)
+                .map(|rank| {
+                    let table = table.clone();
+                    scope.spawn(move || {
+                        let split = std::rc::Rc::new(ThreadRanks {
+                            rank,
+                            size,
+                            table,
+                            sent: Default::default(),
+                            calls: Default::default(),
+                        });
+                        let mut opt = CompositeOptimizer::new(config, info).unwrap();
+                        opt.set_work_split(Some(split.clone()));
+                        let mut params = tensors(1);
+                        let mut steps = Vec::new();
+                        for step in 0..2 {
+                            params = opt.step(params, tensors(10 + step)).unwrap();
+                            steps.push(params.iter().map(h).collect());
+                        }
+                        (steps, split.calls.get())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        for (rank, (steps, calls)) in ranks.iter().enumerate() {
+            assert_eq!(steps, &expected, "rank {rank} of {size}");
+            // One exchange per product of the large matrix's iteration (the Gram matrix,
+            // three per cubic step but the first and last, the final product), then the
+            // small matrices' directions: 15 per step, where a split by whole matrices
+            // makes one.
+            assert_eq!(*calls, 2 * 15, "rank {rank} of {size}");
+        }
+    }
+}
+
 /// Rank `rank` of `size` ranks that run in threads of one process: each exchange puts
 /// every rank's values in a shared table between two barriers.
 #[derive(Debug)]
@@ -1200,6 +1273,7 @@ struct ThreadRanks {
     size: usize,
     table: std::sync::Arc<(std::sync::Mutex<Vec<Vec<f32>>>, std::sync::Barrier)>,
     sent: std::cell::Cell<usize>,
+    calls: std::cell::Cell<usize>,
 }
 
 impl mep::optim::WorkSplit for ThreadRanks {
@@ -1217,6 +1291,7 @@ impl mep::optim::WorkSplit for ThreadRanks {
         // Nobody writes the next exchange before everyone has read this one.
         barrier.wait();
         self.sent.set(self.sent.get() + local.len());
+        self.calls.set(self.calls.get() + 1);
         Ok(all)
     }
 }
@@ -1303,6 +1378,7 @@ fn dion_across_ranks_exchanges_low_rank_factors_and_takes_the_single_optimizers_
                         size: ranks,
                         table,
                         sent: Default::default(),
+                        calls: Default::default(),
                     });
                     let mut opt = CompositeOptimizer::new(config, info).unwrap();
                     opt.set_work_split(Some(split.clone()));

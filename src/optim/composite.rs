@@ -961,9 +961,12 @@ impl CompositeOptimizer {
     }
 
     /// Muon's Newton–Schulz directions for the matrices `xs` (their momenta; `None` for
-    /// vectors), shared between the ranks of `split`: each rank orthogonalises the matrices
-    /// it owns ([`super::assign_owners`] by Newton–Schulz cost), then every rank receives
-    /// every owner's results, so all ranks hold all directions.
+    /// vectors), shared between the ranks of `split`: a matrix costing more than an even
+    /// share of the whole is orthogonalised by every rank together, each multiplying its
+    /// share of every product's row panels ([`super::linalg::newton_schulz_shared`], where it runs
+    /// on the host); each rank orthogonalises the other matrices it owns
+    /// ([`super::assign_owners`] by Newton–Schulz cost), then every rank receives every
+    /// owner's results, so all ranks hold all directions, the single process's bits.
     fn shared_newton_schulz(
         &self,
         split: &dyn super::WorkSplit,
@@ -981,11 +984,27 @@ impl CompositeOptimizer {
                 None => 0.0,
             })
             .collect();
-        let owners = super::assign_owners(&costs, split.size());
+        // One matrix of 784-256-128-10 holds about 85% of the work: split by whole matrices,
+        // one rank would do it alone while the others wait.
+        let even = costs.iter().sum::<f64>() / split.size() as f64;
+        let mut panels: Vec<Option<Tensor<2>>> = vec![None; xs.len()];
+        for (k, x) in xs.iter().enumerate() {
+            if let Some(x) = x
+                && costs[k] > even
+                && super::linalg::runs_on_host(x, steps, iteration)
+            {
+                let d = super::linalg::newton_schulz_shared(x.clone(), steps, iteration, split)?;
+                panels[k] = Some(d.mul_scalar(shape_scale(self.info[k].kind)));
+            }
+        }
+        let whole: Vec<f64> = (0..costs.len())
+            .map(|k| if panels[k].is_some() { 0.0 } else { costs[k] })
+            .collect();
+        let owners = super::assign_owners(&whole, split.size());
         let me = split.rank();
         let mut local = Vec::new();
         for (k, x) in xs.iter().enumerate() {
-            if let (Some(x), true) = (x, owners[k] == me) {
+            if let (Some(x), true, None) = (x, owners[k] == me, &panels[k]) {
                 let d = newton_schulz(x.clone(), steps, iteration)
                     .mul_scalar(shape_scale(self.info[k].kind));
                 local.extend(to_host(&d));
@@ -999,6 +1018,10 @@ impl CompositeOptimizer {
                 out.push(None);
                 continue;
             };
+            if let Some(d) = panels[k].take() {
+                out.push(Some(d));
+                continue;
+            }
             let dims = x.dims();
             let (r, len) = (owners[k], dims[0] * dims[1]);
             let part = all

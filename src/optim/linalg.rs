@@ -7,6 +7,7 @@
 use burn::tensor::TensorData;
 use rayon::prelude::*;
 
+use super::{OptimError, WorkSplit};
 use crate::device::{Tensor, to_host};
 use crate::model::kernels::{MatRef, lane_dot, lane_sum_squares, matmul, matmul_into};
 
@@ -107,6 +108,32 @@ pub fn newton_schulz(g: Tensor<2>, steps: usize, iteration: NsIteration) -> Tens
     newton_schulz_on_device(g, steps, iteration)
 }
 
+/// Whether [`newton_schulz`] of `x` runs on host buffers ([`newton_schulz_host`]), whose
+/// products the ranks of a data-parallel run can share ([`newton_schulz_shared`]).
+pub fn runs_on_host(x: &Tensor<2>, steps: usize, iteration: NsIteration) -> bool {
+    uses_gram_space(x.dims(), steps, iteration) && crate::device::host_f32(x)
+}
+
+/// [`newton_schulz`] of a matrix that [`runs_on_host`], its products shared among the
+/// ranks of `split` ([`newton_schulz_host_shared`]): every rank must call it with the
+/// same matrix; every rank gets the whole result, the same bits as one process. Runs on
+/// the calling thread, which makes the exchanges.
+pub fn newton_schulz_shared(
+    g: Tensor<2>,
+    steps: usize,
+    iteration: NsIteration,
+    split: &dyn WorkSplit,
+) -> Result<Tensor<2>, OptimError> {
+    let [rows, cols] = g.dims();
+    let device = g.device();
+    let g = crate::device::into_host(g);
+    let out = newton_schulz_host_shared(g, rows, cols, steps, iteration, split)?;
+    Ok(Tensor::from_data(
+        TensorData::new(out, [rows, cols]),
+        &device,
+    ))
+}
+
 /// The Gram-space iteration of [`newton_schulz`] with burn's ops, on any device (for a
 /// wide orientation `c >= 2r`; any shape gives the same map).
 pub fn newton_schulz_on_device(g: Tensor<2>, steps: usize, iteration: NsIteration) -> Tensor<2> {
@@ -153,12 +180,25 @@ const SYMMETRIC_BLOCK: usize = 32;
 /// is exactly symmetric. (Mirroring only the blocks below the diagonal left the diagonal
 /// blocks' rounding asymmetric, and the Gram-space iteration amplified that: 3e-3 instead
 /// of 3e-4 relative error on a rank-64 784 x 256 input.)
-fn symmetric_product(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>) {
+///
+/// With `panels` sharing the work among ranks, each rank multiplies the row panels it owns
+/// and every rank receives the others' (their upper parts) before mirroring: the same
+/// products, so the same bits, as one process.
+fn symmetric_product(
+    dst: &mut [f32],
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    panels: &Panels<'_>,
+) -> Result<(), OptimError> {
     let r = lhs.rows();
     debug_assert_eq!(rhs.cols(), r);
+    // Panel p multiplies its row of blocks from the diagonal on.
+    let owners = panels.owners(r.div_ceil(SYMMETRIC_BLOCK), |p| {
+        (r - p * SYMMETRIC_BLOCK) as f64
+    });
     // One product per row panel, from its diagonal block to the right edge: the same
     // blocks, in calls wide enough to run at GEMM speed.
-    row_panels(dst, r, |i, panel| {
+    owned_row_panels(dst, r, &owners, panels.rank(), |i, panel| {
         let bi = panel.len() / r;
         matmul_into(
             panel,
@@ -170,6 +210,7 @@ fn symmetric_product(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>) {
             false,
         );
     });
+    panels.share(dst, r, &owners, |p| p * SYMMETRIC_BLOCK)?;
     // Then each row panel takes its part of the lower triangle from the upper one, tile by
     // tile so that both the reads and the writes stay in cache.
     let n = r.div_ceil(SYMMETRIC_BLOCK);
@@ -191,6 +232,108 @@ fn symmetric_product(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>) {
     };
     // Largest first: panel `i` mirrors `i + 1` tiles.
     crate::device::self_scheduled(n, |t| mirror(n - 1 - t));
+    Ok(())
+}
+
+/// Who multiplies which row panels of [`newton_schulz_host`]'s products: this process
+/// alone, or the ranks of a [`WorkSplit`], each its share of every product's panels
+/// ([`super::assign_owners`] by the panels' costs), exchanged after each product through
+/// buffers kept for the whole iteration.
+struct Panels<'a> {
+    split: Option<&'a dyn WorkSplit>,
+    /// This rank's panels, packed; every rank's, gathered.
+    buffers: std::cell::RefCell<(Vec<f32>, Vec<f32>)>,
+}
+
+impl<'a> Panels<'a> {
+    fn new(split: Option<&'a dyn WorkSplit>) -> Self {
+        Self {
+            split,
+            buffers: Default::default(),
+        }
+    }
+
+    fn rank(&self) -> usize {
+        self.split.map_or(0, |s| s.rank())
+    }
+
+    /// The owner of each of `n` panels costing `cost(p)`.
+    fn owners(&self, n: usize, cost: impl Fn(usize) -> f64) -> Vec<usize> {
+        match self.split {
+            None => vec![0; n],
+            Some(split) => {
+                super::assign_owners(&(0..n).map(cost).collect::<Vec<_>>(), split.size())
+            }
+        }
+    }
+
+    /// Gives every rank the panels of `dst` (row-major, `cols` wide, panels of
+    /// [`SYMMETRIC_BLOCK`] rows) that their owners computed: of panel `p`, columns
+    /// `first(p)..cols` of each row.
+    fn share(
+        &self,
+        dst: &mut [f32],
+        cols: usize,
+        owners: &[usize],
+        first: impl Fn(usize) -> usize,
+    ) -> Result<(), OptimError> {
+        let Some(split) = self.split else {
+            return Ok(());
+        };
+        let me = split.rank();
+        let rows = dst.len() / cols.max(1);
+        let rows_of = |p: usize| p * SYMMETRIC_BLOCK..((p + 1) * SYMMETRIC_BLOCK).min(rows);
+        let mut buffers = self.buffers.borrow_mut();
+        let (local, gathered) = &mut *buffers;
+        local.clear();
+        for (p, _) in owners.iter().enumerate().filter(|(_, o)| **o == me) {
+            for row in rows_of(p) {
+                local.extend_from_slice(&dst[row * cols + first(p)..(row + 1) * cols]);
+            }
+        }
+        let counts = split.exchange_into(local, gathered)?;
+        let mut start = 0;
+        let all: Vec<&[f32]> = counts
+            .iter()
+            .map(|&c| {
+                let part = gathered.get(start..start + c).unwrap_or(&[]);
+                start += c;
+                part
+            })
+            .collect();
+        let mut at = vec![0; all.len()];
+        for (p, &owner) in owners.iter().enumerate().filter(|(_, o)| **o != me) {
+            for row in rows_of(p) {
+                let len = cols - first(p);
+                let part = all
+                    .get(owner)
+                    .and_then(|part| part.get(at[owner]..at[owner] + len))
+                    .ok_or_else(|| {
+                        OptimError::Exchange(format!(
+                            "rank {owner} sent too few Newton–Schulz panel values"
+                        ))
+                    })?;
+                dst[row * cols + first(p)..(row + 1) * cols].copy_from_slice(part);
+                at[owner] += len;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`row_panels`] restricted to the panels `owners` gives to `me`.
+fn owned_row_panels(
+    dst: &mut [f32],
+    cols: usize,
+    owners: &[usize],
+    me: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    row_panels(dst, cols, |i, panel| {
+        if owners.get(i / SYMMETRIC_BLOCK) == Some(&me) {
+            f(i, panel);
+        }
+    });
 }
 
 /// A raw pointer into a buffer whose threads write disjoint elements (`Send` and `Sync`:
@@ -282,6 +425,34 @@ pub fn newton_schulz_host(
     steps: usize,
     iteration: NsIteration,
 ) -> Vec<f32> {
+    newton_schulz_panels(g, rows, cols, steps, iteration, &Panels::new(None))
+        .expect("no exchange without ranks")
+}
+
+/// [`newton_schulz_host`] with every product's row panels shared among the ranks of
+/// `split`: each rank multiplies its share of the panels ([`super::assign_owners`] by
+/// cost) and receives the others' after each product, so every rank returns the whole
+/// result, the same bits as one process. One exchange per product (14 for 5 cubic steps,
+/// each of about half an `r x r` matrix in all), so it pays only on large matrices.
+pub fn newton_schulz_host_shared(
+    g: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    steps: usize,
+    iteration: NsIteration,
+    split: &dyn WorkSplit,
+) -> Result<Vec<f32>, OptimError> {
+    newton_schulz_panels(g, rows, cols, steps, iteration, &Panels::new(Some(split)))
+}
+
+fn newton_schulz_panels(
+    g: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    steps: usize,
+    iteration: NsIteration,
+    panels: &Panels<'_>,
+) -> Result<Vec<f32>, OptimError> {
     assert_eq!(
         g.len(),
         rows * cols,
@@ -318,10 +489,10 @@ pub fn newton_schulz_host(
         let (a2, rest) = rest.split_at_mut(r * r);
         let (p, rest) = rest.split_at_mut(r * r);
         let (mut q, mut tmp) = rest.split_at_mut(r * r);
-        symmetric_product(a, x, x.t());
+        symmetric_product(a, x, x.t(), panels)?;
         for step in 0..steps {
             if qc != 0.0 {
-                symmetric_product(a2, square(a, r), square(a, r));
+                symmetric_product(a2, square(a, r), square(a, r), panels)?;
             }
             // p = qa I + qb A (+ qc A^2), by row panels.
             row_panels(p, r, |i0, panel| {
@@ -342,13 +513,13 @@ pub fn newton_schulz_host(
             if step == 0 {
                 q.copy_from_slice(p);
             } else {
-                symmetric_product(tmp, square(p, r), square(q, r));
+                symmetric_product(tmp, square(p, r), square(q, r), panels)?;
                 std::mem::swap(&mut q, &mut tmp);
             }
             if step + 1 < steps {
                 // A_{k+1} = p(A_k) (p(A_k) A_k).
-                symmetric_product(tmp, square(p, r), square(a, r));
-                symmetric_product(a, square(p, r), square(tmp, r));
+                symmetric_product(tmp, square(p, r), square(a, r), panels)?;
+                symmetric_product(a, square(p, r), square(tmp, r), panels)?;
             }
         }
         let q = MatRef::new(q, r, r);
@@ -356,12 +527,14 @@ pub fn newton_schulz_host(
         // (c x r).
         let (lhs, rhs) = if tall { (x.t(), q) } else { (q, x) };
         let width = rhs.cols();
-        row_panels(&mut out, width, |i, panel| {
+        let owners = panels.owners((out.len() / width).div_ceil(SYMMETRIC_BLOCK), |_| 1.0);
+        owned_row_panels(&mut out, width, &owners, panels.rank(), |i, panel| {
             let rows = panel.len() / width;
             matmul(panel, lhs.sub_rows(i, rows), rhs, false);
         });
-    });
-    out
+        panels.share(&mut out, width, &owners, |_| 0)
+    })?;
+    Ok(out)
 }
 
 /// Whether [`newton_schulz`] iterates in the Gram space: wide enough (`c >= 2r`) for the

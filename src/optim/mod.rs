@@ -98,6 +98,17 @@ pub trait WorkSplit: std::fmt::Debug {
     fn size(&self) -> usize;
     /// Every rank's `local` values (lengths may differ), in rank order.
     fn exchange(&self, local: &[f32]) -> Result<Vec<Vec<f32>>, OptimError>;
+    /// [`WorkSplit::exchange`] concatenated in rank order into `out` (its previous values
+    /// replaced, its allocation reused); returns each rank's length.
+    fn exchange_into(&self, local: &[f32], out: &mut Vec<f32>) -> Result<Vec<usize>, OptimError> {
+        let all = self.exchange(local)?;
+        out.clear();
+        let counts = all.iter().map(Vec::len).collect();
+        for part in all {
+            out.extend(part);
+        }
+        Ok(counts)
+    }
 }
 
 /// The owner rank of each of `costs`' items: largest first, each to the least-loaded rank

@@ -140,6 +140,16 @@ impl crate::optim::WorkSplit for SplitOver {
             .all_gather_f32(local)
             .map_err(|e| crate::optim::OptimError::Exchange(e.to_string()))
     }
+
+    fn exchange_into(
+        &self,
+        local: &[f32],
+        out: &mut Vec<f32>,
+    ) -> Result<Vec<usize>, crate::optim::OptimError> {
+        self.0
+            .all_gather_f32_into(local, out)
+            .map_err(|e| crate::optim::OptimError::Exchange(e.to_string()))
+    }
 }
 
 /// A 64-bit FNV-1a digest of `bytes` (rank agreement checks, not security).
