@@ -1117,6 +1117,84 @@ fn independent_parameter_updates_give_the_same_bits_on_any_number_of_threads() {
     }
 }
 
+/// Gaussian-like tensors of `shapes` (one seed per tensor from `seed`).
+fn seeded_tensors(shapes: &[[usize; 2]], seed: u64) -> Vec<Tensor<2>> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &[m, n])| {
+            let v: Vec<f32> = gaussianish(m, n, seed + i as u64)
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            Tensor::from_data(TensorData::new(v, [m, n]), &dev())
+        })
+        .collect()
+}
+
+/// The parameters after each of two steps of `config` on `info` (parameters from seed 1,
+/// gradients from seeds 10 and 11), in one process.
+fn two_steps_alone(
+    config: CompositeConfig,
+    info: &[ParamInfo],
+    shapes: &[[usize; 2]],
+) -> Vec<Vec<Vec<f64>>> {
+    let mut opt = CompositeOptimizer::new(config, info).unwrap();
+    let mut params = seeded_tensors(shapes, 1);
+    (0..2)
+        .map(|step| {
+            params = opt
+                .step(params.clone(), seeded_tensors(shapes, 10 + step))
+                .unwrap();
+            params.iter().map(h).collect()
+        })
+        .collect()
+}
+
+/// The same two steps on `size` ranks in threads, each with the whole gradient (Muon's
+/// split shares only the Newton–Schulz work): per rank, its parameters after each step,
+/// the values it sent and its exchanges.
+fn two_steps_on_ranks(
+    config: CompositeConfig,
+    info: &[ParamInfo],
+    shapes: &[[usize; 2]],
+    size: usize,
+) -> Vec<(Vec<Vec<Vec<f64>>>, usize, usize)> {
+    let table = std::sync::Arc::new((
+        std::sync::Mutex::new(vec![Vec::new(); size]),
+        std::sync::Barrier::new(size),
+    ));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..size)
+            .map(|rank| {
+                let table = table.clone();
+                scope.spawn(move || {
+                    let split = std::rc::Rc::new(ThreadRanks {
+                        rank,
+                        size,
+                        table,
+                        sent: Default::default(),
+                        calls: Default::default(),
+                    });
+                    let mut opt = CompositeOptimizer::new(config, info).unwrap();
+                    opt.set_work_split(Some(split.clone()));
+                    let mut params = seeded_tensors(shapes, 1);
+                    let steps = (0..2)
+                        .map(|step| {
+                            params = opt
+                                .step(params.clone(), seeded_tensors(shapes, 10 + step))
+                                .unwrap();
+                            params.iter().map(h).collect()
+                        })
+                        .collect();
+                    (steps, split.sent.get(), split.calls.get())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn muon_shared_between_two_ranks_takes_exactly_the_single_optimizers_step() {
     // smep's optimizer (Muon with the cubic iteration, spectral bound) on three matrices
@@ -1125,60 +1203,11 @@ fn muon_shared_between_two_ranks_takes_exactly_the_single_optimizers_step() {
     let info = [matrix(24, 40), vector("b"), matrix(12, 24), matrix(6, 12)];
     let config = Preset::smep().optimizer;
     let shapes = [[24, 40], [1, 40], [12, 24], [6, 12]];
-    let tensors = |seed: u64| -> Vec<Tensor<2>> {
-        shapes
-            .iter()
-            .enumerate()
-            .map(|(i, &[m, n])| {
-                let v: Vec<f32> = gaussianish(m, n, seed + i as u64)
-                    .iter()
-                    .map(|&x| x as f32)
-                    .collect();
-                Tensor::from_data(TensorData::new(v, [m, n]), &dev())
-            })
-            .collect()
-    };
-    let mut single = CompositeOptimizer::new(config, &info).unwrap();
-    let mut p_single = tensors(1);
-    let mut expected = Vec::new();
-    for step in 0..2 {
-        p_single = single.step(p_single, tensors(10 + step)).unwrap();
-        expected.push(p_single.iter().map(h).collect::<Vec<_>>());
-    }
-    // Two ranks in threads, each with the whole gradient (Muon's split shares only the
-    // Newton–Schulz work).
-    let table = std::sync::Arc::new((
-        std::sync::Mutex::new(vec![Vec::new(); 2]),
-        std::sync::Barrier::new(2),
-    ));
-    let (info, tensors) = (&info, &tensors);
-    let ranks: Vec<(Vec<Vec<Vec<f64>>>, usize)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..2)
-            .map(|rank| {
-                let table = table.clone();
-                scope.spawn(move || {
-                    let split = std::rc::Rc::new(ThreadRanks {
-                        rank,
-                        size: 2,
-                        table,
-                        sent: Default::default(),
-                        calls: Default::default(),
-                    });
-                    let mut opt = CompositeOptimizer::new(config, info).unwrap();
-                    opt.set_work_split(Some(split.clone()));
-                    let mut params = tensors(1);
-                    let mut steps = Vec::new();
-                    for step in 0..2 {
-                        params = opt.step(params, tensors(10 + step)).unwrap();
-                        steps.push(params.iter().map(h).collect());
-                    }
-                    (steps, split.sent.get())
-                })
-            })
-            .collect();
-        handles.into_iter().map(|t| t.join().unwrap()).collect()
-    });
-    for (rank, (steps, sent)) in ranks.iter().enumerate() {
+    let expected = two_steps_alone(config, &info, &shapes);
+    for (rank, (steps, sent, _)) in two_steps_on_ranks(config, &info, &shapes, 2)
+        .iter()
+        .enumerate()
+    {
         assert!(*sent > 0, "rank {rank} owns work");
         assert_eq!(steps, &expected, "rank {rank}");
     }
@@ -1202,59 +1231,12 @@ fn muon_splits_a_dominant_matrix_by_panels_across_ranks_to_the_bit() {
     let info = [matrix(320, 96), vector("b"), matrix(40, 24), matrix(12, 6)];
     let config = Preset::smep().optimizer;
     let shapes = [[320, 96], [1, 96], [40, 24], [12, 6]];
-    let tensors = |seed: u64| -> Vec<Tensor<2>> {
-        shapes
+    let expected = two_steps_alone(config, &info, &shapes);
+    for size in [2, 3] {
+        for (rank, (steps, _, calls)) in two_steps_on_ranks(config, &info, &shapes, size)
             .iter()
             .enumerate()
-            .map(|(i, &[m, n])| {
-                let v: Vec<f32> = gaussianish(m, n, seed + i as u64)
-                    .iter()
-                    .map(|&x| x as f32)
-                    .collect();
-                Tensor::from_data(TensorData::new(v, [m, n]), &dev())
-            })
-            .collect()
-    };
-    let mut single = CompositeOptimizer::new(config, &info).unwrap();
-    let mut p_single = tensors(1);
-    let mut expected = Vec::new();
-    for step in 0..2 {
-        p_single = single.step(p_single, tensors(10 + step)).unwrap();
-        expected.push(p_single.iter().map(h).collect::<Vec<_>>());
-    }
-    for size in [2, 3] {
-        let table = std::sync::Arc::new((
-            std::sync::Mutex::new(vec![Vec::new(); size]),
-            std::sync::Barrier::new(size),
-        ));
-        let (info, tensors) = (&info, &tensors);
-        let ranks: Vec<(Vec<Vec<Vec<f64>>>, usize)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..size)
-                .map(|rank| {
-                    let table = table.clone();
-                    scope.spawn(move || {
-                        let split = std::rc::Rc::new(ThreadRanks {
-                            rank,
-                            size,
-                            table,
-                            sent: Default::default(),
-                            calls: Default::default(),
-                        });
-                        let mut opt = CompositeOptimizer::new(config, info).unwrap();
-                        opt.set_work_split(Some(split.clone()));
-                        let mut params = tensors(1);
-                        let mut steps = Vec::new();
-                        for step in 0..2 {
-                            params = opt.step(params, tensors(10 + step)).unwrap();
-                            steps.push(params.iter().map(h).collect());
-                        }
-                        (steps, split.calls.get())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|t| t.join().unwrap()).collect()
-        });
-        for (rank, (steps, calls)) in ranks.iter().enumerate() {
+        {
             assert_eq!(steps, &expected, "rank {rank} of {size}");
             // One exchange per product of the large matrix's iteration (the Gram matrix,
             // three per cubic step but the first and last, the final product), then the
