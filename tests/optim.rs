@@ -1132,13 +1132,12 @@ fn seeded_tensors(shapes: &[[usize; 2]], seed: u64) -> Vec<Tensor<2>> {
         .collect()
 }
 
+/// Parameters (as `f64`) after each step, per step.
+type Steps = Vec<Vec<Vec<f64>>>;
+
 /// The parameters after each of two steps of `config` on `info` (parameters from seed 1,
 /// gradients from seeds 10 and 11), in one process.
-fn two_steps_alone(
-    config: CompositeConfig,
-    info: &[ParamInfo],
-    shapes: &[[usize; 2]],
-) -> Vec<Vec<Vec<f64>>> {
+fn two_steps_alone(config: CompositeConfig, info: &[ParamInfo], shapes: &[[usize; 2]]) -> Steps {
     let mut opt = CompositeOptimizer::new(config, info).unwrap();
     let mut params = seeded_tensors(shapes, 1);
     (0..2)
@@ -1159,7 +1158,7 @@ fn two_steps_on_ranks(
     info: &[ParamInfo],
     shapes: &[[usize; 2]],
     size: usize,
-) -> Vec<(Vec<Vec<Vec<f64>>>, usize, usize)> {
+) -> Vec<(Steps, usize, usize)> {
     let table = std::sync::Arc::new((
         std::sync::Mutex::new(vec![Vec::new(); size]),
         std::sync::Barrier::new(size),
