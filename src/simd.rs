@@ -3,7 +3,7 @@
 //!
 //! The binary targets baseline x86-64, so a loop the compiler vectorises runs on SSE2's
 //! four lanes even where the CPU has AVX-512's sixteen (the matrix products are not
-//! affected: the `gemm` crate dispatches by itself). [`multiversion!`] compiles a loop
+//! affected: the `gemm` crate dispatches by itself). `multiversion!` compiles a loop
 //! three times, for AVX-512, AVX2 and the baseline, and runs the widest [`level`] allows.
 //! Every version performs the same IEEE operations on each element in the same order (Rust
 //! never fuses a multiply and an add on its own, and the loops' sums run in fixed lanes),

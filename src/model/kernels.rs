@@ -624,7 +624,7 @@ impl ConvGeometry {
     /// `y = conv(x, w) + bias` for a batch: `x` `[B, in, H, W]`, `w` `[out, in*k*k]`,
     /// `bias` `[out]`, `y` `[B, out, OH, OW]`.
     ///
-    /// Samples are taken in blocks ([`Self::block_samples`]) whose columns form one
+    /// Samples are taken in blocks (`Self::block_samples`) whose columns form one
     /// product `[out, patch] x [patch, block * pix]`: a late layer of a VGG-style net has
     /// a handful of output pixels per sample, and a product that narrow runs at a fraction
     /// of the kernel's speed.

@@ -415,7 +415,7 @@ fn transpose_scaled(src: &[f32], rows: usize, cols: usize, scale: f32, dst: &mut
 /// 784 x 256, 5 steps: 0.48 instead of 0.78 GFLOP; measured on one thread 4.7-4.8 ms
 /// against 6.4-6.5 ms for [`newton_schulz_on_device`] on the CPU (blocks of 16, 64 and 128
 /// took 5.0, 5.1-5.2 and 5.5 ms). On a pool of several workers every product, mirror,
-/// transposition and `p(A)` is shared among them by row panels (see [`row_panels`]; call
+/// transposition and `p(A)` is shared among them by row panels (see `row_panels`; call
 /// it through [`crate::device::on_workers`]): `mep bench muon`, 784-256-128-10, cubic, one
 /// update of all three matrices, 4.8-4.9 ms on one thread and 2.9-3.2 ms on two.
 pub fn newton_schulz_host(

@@ -18,7 +18,7 @@
 //!   weighted by share size: against one process, reassociated (equal to rounding, not to
 //!   the bit).
 //!
-//! The transport is a [`Collective`]: MPI (`mpi` feature, [`super::mpi`]) or anything
+//! The transport is a [`Collective`]: MPI (`mpi` feature, `train::mpi`) or anything
 //! else that can gather.
 
 use std::fmt::Debug;
