@@ -120,10 +120,11 @@ impl Estimate {
             let (a, g) = (to_host(&f.inputs), to_host(&f.output_grads));
             let [inputs, outputs] = [f.inputs.dims()[1], f.output_grads.dims()[1]];
             let (values, dims) = match how {
-                Factored::Weight => (
-                    weight_rows(&a, &g, inputs, 0..inputs, total),
-                    [inputs, outputs],
-                ),
+                Factored::Weight => {
+                    let mut w = Vec::new();
+                    weight_rows(&a, &g, inputs, 0..inputs, total, &mut w);
+                    (w, [inputs, outputs])
+                }
                 Factored::BiasOf(_) => (column_means(&g, outputs, total), [1, outputs]),
             };
             self.grads[k] = from_host(values, dims, &f.inputs.device());

@@ -26,27 +26,30 @@ pub enum Factored {
     BiasOf(usize),
 }
 
-/// Rows `rows` of `a^T g / total` (`a`: `[n, inputs]`, `g`: `[n, outputs]`, row-major):
-/// each value one product over the `n` samples in order, by panels on the pool's workers.
+/// Rows `rows` of `a^T g / total` (`a`: `[n, inputs]`, `g`: `[n, outputs]`, row-major),
+/// appended to `out`: each value one product over the `n` samples in order, by panels on
+/// the pool's workers, written in place.
 pub(crate) fn weight_rows(
     a: &[f32],
     g: &[f32],
     inputs: usize,
     rows: std::ops::Range<usize>,
     total: f32,
-) -> Vec<f32> {
+    out: &mut Vec<f32>,
+) {
     let n = a.len() / inputs.max(1);
     let outputs = g.len() / n.max(1);
-    let mut sum = crate::model::kernels::product_by_panels(
+    let start = out.len();
+    crate::model::kernels::append_product(
         MatRef::new(a, n, inputs)
             .t()
             .sub_rows(rows.start, rows.len()),
         MatRef::new(g, n, outputs),
+        out,
     );
-    for v in &mut sum {
+    for v in &mut out[start..] {
         *v /= total;
     }
-    sum
 }
 
 /// The column sums of `g` (`[n, outputs]`, row-major), summed over the samples in order,

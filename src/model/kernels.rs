@@ -264,6 +264,13 @@ const PANEL_ROWS: usize = 32;
 /// batch of 64): burn's product allocates its output zeroed, copies it once more to align
 /// it and then writes it, three passes over 0.8 MB on the calling thread.
 pub(crate) fn product_by_panels(lhs: MatRef<'_>, rhs: MatRef<'_>) -> Vec<f32> {
+    let mut out = Vec::new();
+    append_product(lhs, rhs, &mut out);
+    out
+}
+
+/// [`product_by_panels`] appended to `out` (its earlier values kept).
+pub(crate) fn append_product(lhs: MatRef<'_>, rhs: MatRef<'_>, out: &mut Vec<f32>) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(k, rhs.rows, "inner dimensions differ");
     assert!(
@@ -271,10 +278,11 @@ pub(crate) fn product_by_panels(lhs: MatRef<'_>, rhs: MatRef<'_>) -> Vec<f32> {
         "matrix view out of bounds"
     );
     let len = m * n;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
     if len == 0 {
-        return out;
+        return;
     }
+    out.reserve(len);
+    let start = out.len();
     let panel = |p: usize, rows: &mut [MaybeUninit<f32>]| {
         let count = rows.len() / n;
         if k == 0 {
@@ -292,10 +300,9 @@ pub(crate) fn product_by_panels(lhs: MatRef<'_>, rhs: MatRef<'_>) -> Vec<f32> {
         .chunks_mut(PANEL_ROWS * n)
         .collect();
     crate::device::each_self_scheduled(panels, panel);
-    // SAFETY: the panels cover the first `len` values of the capacity, and each panel's
-    // product (or its zero fill) wrote every one of its values.
-    unsafe { out.set_len(len) };
-    out
+    // SAFETY: the panels cover the first `len` values of the spare capacity (reserved
+    // above), and each panel's product (or its zero fill) wrote every one of its values.
+    unsafe { out.set_len(start + len) };
 }
 
 /// Sample groups whose kernel gradients are summed separately (in parallel) and then in

@@ -128,10 +128,7 @@ pub fn newton_schulz_shared(
     let device = g.device();
     let g = crate::device::into_host(g);
     let out = newton_schulz_host_shared(g, rows, cols, steps, iteration, split)?;
-    Ok(Tensor::from_data(
-        TensorData::new(out, [rows, cols]),
-        &device,
-    ))
+    Ok(crate::device::from_host(out, [rows, cols], &device))
 }
 
 /// The Gram-space iteration of [`newton_schulz`] with burn's ops, on any device (for a
@@ -292,15 +289,7 @@ impl<'a> Panels<'a> {
             }
         }
         let counts = split.exchange_into(local, gathered)?;
-        let mut start = 0;
-        let all: Vec<&[f32]> = counts
-            .iter()
-            .map(|&c| {
-                let part = gathered.get(start..start + c).unwrap_or(&[]);
-                start += c;
-                part
-            })
-            .collect();
+        let all = super::split_parts(gathered, &counts);
         let mut at = vec![0; all.len()];
         for (p, &owner) in owners.iter().enumerate().filter(|(_, o)| **o != me) {
             for row in rows_of(p) {

@@ -111,6 +111,20 @@ pub trait WorkSplit: std::fmt::Debug {
     }
 }
 
+/// The consecutive parts of `flat` of lengths `counts` (a gather's result, in rank order);
+/// parts past the end of `flat` come back shortened.
+pub fn split_parts<'a, T>(flat: &'a [T], counts: &[usize]) -> Vec<&'a [T]> {
+    let mut at = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let part = &flat[at.min(flat.len())..(at + c).min(flat.len())];
+            at += c;
+            part
+        })
+        .collect()
+}
+
 /// The owner rank of each of `costs`' items: largest first, each to the least-loaded rank
 /// (ties to the lower rank), the same on every rank.
 pub fn assign_owners(costs: &[f64], size: usize) -> Vec<usize> {

@@ -27,6 +27,7 @@ use std::ops::Range;
 use crate::device::{Device, Tensor, from_host, into_host, to_host};
 use crate::ep::SettleStats;
 use crate::model::{BatchMoments, Factored, GradFactors, column_means, weight_rows};
+pub use crate::optim::split_parts;
 
 /// Errors of a collective operation.
 #[derive(Debug, thiserror::Error)]
@@ -83,20 +84,6 @@ pub struct CommStats {
     /// effect waiting for the slowest rank to arrive, so `seconds - waiting` is about the
     /// time the transfers take.
     pub waiting: f64,
-}
-
-/// The consecutive parts of `flat` of lengths `counts` (a gather's result, in rank order);
-/// parts past the end of `flat` come back shortened.
-pub fn split_parts<'a, T>(flat: &'a [T], counts: &[usize]) -> Vec<&'a [T]> {
-    let mut at = 0;
-    counts
-        .iter()
-        .map(|&c| {
-            let part = &flat[at.min(flat.len())..(at + c).min(flat.len())];
-            at += c;
-            part
-        })
-        .collect()
 }
 
 /// The contiguous share of `n` items that `rank` of `size` takes: items
@@ -457,7 +444,7 @@ impl Unpacked<'_> {
                 // This rank's rows of the batch's mean gradient: one product over every
                 // rank's samples, in batch order.
                 let mine = share(inputs, collective.rank(), collective.size());
-                rows.extend_from_slice(&weight_rows(&a, &g, inputs, mine, total));
+                weight_rows(&a, &g, inputs, mine, total, rows);
             }
             // The bias of the same layer: its column means, over the whole batch.
             for (b, how) in self.factored.iter().enumerate() {
